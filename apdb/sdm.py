@@ -1,0 +1,178 @@
+"""Rubin's SDM APDB schema (``apdb.yaml`` from ``lsst-sdm-schemas``) as Python.
+
+This is the single source of column names and types for the DiaObject,
+DiaSource and DiaForcedSource tables: the SQL tables (:mod:`apdb.sql`), the
+calibrated catalogs of the stages and the alert packets all derive from it.
+
+Type mapping (Felis datatype → pandas dtype): ``double`` → float64, ``float``
+→ float32, ``long``/``int``/``short`` → int64/int32/int16 (the pandas nullable
+``Int64``/``Int32``/``Int16`` when the column is nullable), ``boolean`` → bool
+(nullable: ``boolean``), ``char``/``string``/``text``/``timestamp`` → object.
+Floating-point nulls are NaN.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from tasks.errors import InputError
+
+__all__ = [
+    "Column",
+    "columns",
+    "conform",
+    "dtypes",
+    "empty_frame",
+    "schema_version",
+    "table_names",
+]
+
+_NUMERIC = {
+    "double": ("float64", "float64"),
+    "float": ("float32", "float32"),
+    "long": ("int64", "Int64"),
+    "int": ("int32", "Int32"),
+    "short": ("int16", "Int16"),
+    "byte": ("int8", "Int8"),
+    "boolean": ("bool", "boolean"),
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of an SDM table."""
+
+    name: str
+    datatype: str
+    nullable: bool
+    description: str
+    unit: str | None
+
+    @property
+    def dtype(self) -> str:
+        """The pandas dtype used for this column in memory."""
+        if self.datatype in _NUMERIC:
+            plain, nullable = _NUMERIC[self.datatype]
+            return nullable if self.nullable else plain
+        return "object"
+
+
+@functools.cache
+def _schema() -> dict:
+    text = resources.files("lsst.sdm.schemas").joinpath("apdb.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def schema_version() -> str:
+    """Version string of the SDM APDB schema in use (e.g. ``"10.0.0"``)."""
+    return str(_schema()["version"])
+
+
+def table_names() -> list[str]:
+    """All table names in the SDM APDB schema."""
+    return [t["name"] for t in _schema()["tables"]]
+
+
+@functools.cache
+def columns(table: str) -> tuple[Column, ...]:
+    """The columns of ``table`` in schema order.
+
+    Raises
+    ------
+    KeyError
+        If the schema has no such table.
+    """
+    for t in _schema()["tables"]:
+        if t["name"] == table:
+            return tuple(
+                Column(
+                    name=c["name"],
+                    datatype=c["datatype"],
+                    nullable=bool(c.get("nullable", True)),
+                    description=str(c.get("description", "")).strip(),
+                    unit=c.get("fits:tunit"),
+                )
+                for c in t["columns"]
+            )
+    raise KeyError(f"apdb.yaml has no table {table!r}")
+
+
+@functools.cache
+def dtypes(table: str) -> dict[str, str]:
+    """Column name → pandas dtype for ``table``."""
+    return {c.name: c.dtype for c in columns(table)}
+
+
+def empty_frame(table: str) -> pd.DataFrame:
+    """An empty DataFrame with all of ``table``'s columns and dtypes."""
+    return pd.DataFrame(
+        {name: pd.Series([], dtype=dt) for name, dt in dtypes(table).items()}
+    )
+
+
+def _null_column(dtype: str, n: int):
+    if dtype in ("float64", "float32"):
+        return np.full(n, np.nan, dtype=dtype)
+    if dtype == "object":
+        return np.full(n, None, dtype=object)
+    return pd.array([pd.NA] * n, dtype=dtype)
+
+
+def conform(df: pd.DataFrame, table: str, *, extra: str = "drop") -> pd.DataFrame:
+    """Return ``df`` with exactly ``table``'s columns, in schema order and dtype.
+
+    Missing nullable columns are filled with nulls. ``df`` is not modified.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Input rows.
+    table : str
+        SDM table name.
+    extra : {"drop", "keep", "raise"}
+        What to do with columns the table does not have.
+
+    Raises
+    ------
+    InputError
+        If a non-nullable column is missing, or a value cannot be cast.
+    """
+    n = len(df)
+    out: dict[str, object] = {}
+    for col in columns(table):
+        if col.name in df.columns:
+            values = df[col.name]
+            try:
+                if col.dtype in ("int64", "int32", "int16", "int8", "bool") and values.hasnans:
+                    raise InputError(
+                        f"{table}.{col.name}: column is not nullable but has "
+                        f"{int(values.isna().sum())} null value(s)"
+                    )
+                out[col.name] = values.to_numpy() if values.dtype == col.dtype else values.astype(col.dtype).to_numpy()
+            except (TypeError, ValueError) as exc:
+                if isinstance(exc, InputError):
+                    raise
+                raise InputError(
+                    f"{table}.{col.name}: cannot convert {values.dtype} to {col.dtype}: {exc}"
+                ) from exc
+        elif col.nullable:
+            out[col.name] = _null_column(col.dtype, n)
+        else:
+            raise InputError(f"{table}: required column {col.name!r} is missing")
+    result = pd.DataFrame(out, index=df.index)
+    for name, dt in dtypes(table).items():
+        if str(result[name].dtype) != dt:
+            result[name] = result[name].astype(dt)
+    if extra != "drop":
+        others = [c for c in df.columns if c not in out]
+        if others and extra == "raise":
+            raise InputError(f"{table}: unknown column(s) {others}")
+        for c in others:
+            result[c] = df[c]
+    return result

@@ -1,0 +1,47 @@
+"""The one error hierarchy of diapipe.
+
+Every error the pipeline raises on purpose derives from :class:`PipelineError`.
+Messages name the file, table, column and value that is wrong, e.g.
+``"science.fits: PHOTCALIB must be > 0, got -1.0"``.
+
+Retry policy hangs on this hierarchy: Prefect tasks retry on
+:class:`TransientError` only; everything else fails the detector at once.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of every error diapipe raises on purpose."""
+
+
+class InputError(PipelineError, ValueError):
+    """Bad input data: a missing file or column, NaN where a value is required, ..."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A configuration that cannot work (e.g. an unknown alert schema version)."""
+
+
+class TransientError(PipelineError):
+    """A fault that may pass if the same call is made again (network, lock, broker)."""
+
+
+class ApdbError(PipelineError):
+    """The APDB refused an operation (incompatible schema, integrity conflict)."""
+
+
+class SchemaVersionError(ApdbError):
+    """The database was made with a schema version this code cannot use."""
+
+
+class TooManyNewObjectsError(PipelineError):
+    """Association would create more new DiaObjects than ``maxNewDiaObjects`` allows."""
+
+
+class IdOverflowError(PipelineError, OverflowError):
+    """A value does not fit in its bit field of a packed 64-bit ID."""
+
+
+class AlertError(PipelineError):
+    """An alert could not be built, validated or distributed."""

@@ -111,9 +111,7 @@ def dtypes(table: str) -> dict[str, str]:
 
 def empty_frame(table: str) -> pd.DataFrame:
     """An empty DataFrame with all of ``table``'s columns and dtypes."""
-    return pd.DataFrame(
-        {name: pd.Series([], dtype=dt) for name, dt in dtypes(table).items()}
-    )
+    return pd.DataFrame({name: pd.Series([], dtype=dt) for name, dt in dtypes(table).items()})
 
 
 def _null_column(dtype: str, n: int):
@@ -154,7 +152,11 @@ def conform(df: pd.DataFrame, table: str, *, extra: str = "drop") -> pd.DataFram
                         f"{table}.{col.name}: column is not nullable but has "
                         f"{int(values.isna().sum())} null value(s)"
                     )
-                out[col.name] = values.to_numpy() if values.dtype == col.dtype else values.astype(col.dtype).to_numpy()
+                out[col.name] = (
+                    values.to_numpy()
+                    if values.dtype == col.dtype
+                    else values.astype(col.dtype).to_numpy()
+                )
             except (TypeError, ValueError) as exc:
                 if isinstance(exc, InputError):
                     raise

@@ -17,8 +17,8 @@ import datetime as dt
 import importlib
 import json
 import os
-import platform
 import pkgutil
+import platform
 import sys
 from pathlib import Path
 

@@ -19,11 +19,23 @@ header carries a celestial FITS WCS and ``PHOTCALIB`` (nJy per count,
 
 from __future__ import annotations
 
+import io
+import json
+import math
+import warnings
 from dataclasses import dataclass, field
 
+import fsspec
 import numpy as np
 import pandas as pd
-from astropy.wcs import WCS
+import pyarrow as pa
+import pyarrow.parquet as pq
+from astropy.io import fits
+from astropy.utils.exceptions import AstropyWarning
+from astropy.wcs import WCS, FITSFixedWarning
+from pydantic import BaseModel, Field
+
+from tasks.errors import InputError, TransientError
 
 __all__ = [
     "BANDS",
@@ -32,8 +44,13 @@ __all__ = [
     "MASK_PLANES",
     "DetectorBundle",
     "Exposure",
+    "ReaderConfig",
     "VisitInfo",
     "detector_path",
+    "read_detector_bundle",
+    "read_exposure",
+    "read_sources",
+    "read_visit_info",
     "visit_path",
 ]
 
@@ -152,3 +169,419 @@ class DetectorBundle:
     def image(self, kind: str) -> Exposure:
         """The exposure named ``kind`` (one of :data:`IMAGE_KINDS`)."""
         return getattr(self, kind)
+
+
+# --------------------------------------------------------------------------- reading
+
+_VISIT_FIELDS: dict[str, tuple[type, ...]] = {
+    "visit": (int,),
+    "band": (str,),
+    "midpointMjdTai": (int, float),
+    "exposureTime": (int, float),
+    "boresightRa": (int, float),
+    "boresightDec": (int, float),
+    "rotAngle": (int, float),
+    "observation_reason": (str,),
+    "target_name": (str,),
+    "detectors": (list,),
+}
+_HDUS = ("IMAGE", "MASK", "VARIANCE", "PSF")
+_OPTIONAL_FLOAT = (
+    "xErr",
+    "yErr",
+    "apInstFlux",
+    "apInstFluxErr",
+    "scienceInstFlux",
+    "scienceInstFluxErr",
+    "templateInstFlux",
+    "templateInstFluxErr",
+    "snr",
+    "reliability",
+    "trailLength",
+)
+_ERROR_COLUMNS = (
+    "psfInstFluxErr",
+    "xErr",
+    "yErr",
+    "apInstFluxErr",
+    "scienceInstFluxErr",
+    "templateInstFluxErr",
+)
+
+
+class ReaderConfig(BaseModel, frozen=True, extra="forbid"):
+    """Checks applied when a detector bundle is read."""
+
+    psf_sum_tolerance: float = Field(
+        1e-3, gt=0, description="The PSF kernel must sum to 1 within this absolute tolerance."
+    )
+    max_pointing_offset_deg: float = Field(
+        5.0,
+        gt=0,
+        description="A detector centre further than this from the visit boresight means a "
+        "WCS that does not belong to the visit (LSSTCam's field radius is ~1.75 deg).",
+    )
+    max_sources: int = Field(
+        2_000_000,
+        gt=0,
+        description="Refuse catalogs longer than this (a runaway detection run), "
+        "before any science is done on them.",
+    )
+
+
+def _fs(root: str):
+    fs, _, _ = fsspec.get_fs_token_paths(root)
+    return fs
+
+
+def _ukey(fs, path: str) -> str:
+    try:
+        return str(fs.ukey(path))
+    except Exception:
+        return ""
+
+
+def _read_bytes(fs, path: str, what: str) -> bytes:
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise InputError(f"{path}: {what} is missing") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{path}: {what} is a directory, not a file") from exc
+    except OSError as exc:
+        raise TransientError(f"{path}: could not read {what}: {exc}") from exc
+
+
+def read_visit_info(root: str, visit: int) -> VisitInfo:
+    """Read and validate ``{root}/{visit}/visit.json``.
+
+    Raises
+    ------
+    InputError
+        If the file is missing, not JSON, lacks a field, has a field of the wrong
+        type, a band outside ``ugrizy``, or a ``visit`` that disagrees with its folder.
+    """
+    path = f"{visit_path(root, visit)}/visit.json"
+    raw = _read_bytes(_fs(root), path, "visit.json")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in _VISIT_FIELDS if k not in data]
+    if missing:
+        raise InputError(f"{path}: missing field(s) {', '.join(missing)}")
+    for key, types in _VISIT_FIELDS.items():
+        value = data[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise InputError(
+                f"{path}: field {key!r} must be {'/'.join(t.__name__ for t in types)}, "
+                f"got {value!r}"
+            )
+        if float in types and not math.isfinite(value):
+            raise InputError(f"{path}: field {key!r} must be finite, got {value!r}")
+    if data["band"] not in BANDS:
+        raise InputError(f"{path}: band must be one of {''.join(BANDS)}, got {data['band']!r}")
+    if data["visit"] != int(visit):
+        raise InputError(f"{path}: visit is {data['visit']} but the folder says {visit}")
+    if data["exposureTime"] <= 0:
+        raise InputError(f"{path}: exposureTime must be > 0, got {data['exposureTime']}")
+    if not -90 <= data["boresightDec"] <= 90:
+        raise InputError(f"{path}: boresightDec must be in [-90, 90], got {data['boresightDec']}")
+    dets = data["detectors"]
+    if any(isinstance(d, bool) or not isinstance(d, int) for d in dets):
+        raise InputError(f"{path}: detectors must be a list of integers, got {dets!r}")
+    if len(set(dets)) != len(dets):
+        raise InputError(f"{path}: detectors has duplicates")
+    return VisitInfo(
+        visit=int(data["visit"]),
+        band=data["band"],
+        midpointMjdTai=float(data["midpointMjdTai"]),
+        exposureTime=float(data["exposureTime"]),
+        boresightRa=float(data["boresightRa"]),
+        boresightDec=float(data["boresightDec"]),
+        rotAngle=float(data["rotAngle"]),
+        observation_reason=data["observation_reason"],
+        target_name=data["target_name"],
+        detectors=tuple(int(d) for d in dets),
+    )
+
+
+def _check_wcs(header, path: str, shape: tuple[int, int]) -> WCS:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(header, naxis=2)
+    except Exception as exc:
+        raise InputError(f"{path}: IMAGE header has no usable WCS: {exc}") from exc
+    if not wcs.has_celestial or not wcs.is_celestial:
+        raise InputError(f"{path}: IMAGE header has no celestial WCS (CTYPE1/2 missing)")
+    ny, nx = shape
+    px = np.array([[(nx - 1) / 2.0, (ny - 1) / 2.0], [0.0, 0.0], [nx - 1.0, ny - 1.0]])
+    try:
+        with np.errstate(all="ignore"):
+            sky = wcs.all_pix2world(px, 0)
+    except Exception as exc:
+        raise InputError(f"{path}: WCS cannot be evaluated: {exc}") from exc
+    if not np.all(np.isfinite(sky)):
+        raise InputError(f"{path}: WCS gives non-finite sky coordinates on the image")
+    try:
+        cd = wcs.pixel_scale_matrix
+    except Exception as exc:
+        raise InputError(f"{path}: WCS has no pixel scale matrix: {exc}") from exc
+    det = float(np.linalg.det(cd)) if np.all(np.isfinite(cd)) else float("nan")
+    if not math.isfinite(det) or abs(det) < 1e-20:
+        raise InputError(f"{path}: WCS pixel matrix is singular (determinant {det:g})")
+    return wcs
+
+
+def read_exposure(
+    fs, path: str, config: ReaderConfig | None = None, band: str | None = None
+) -> Exposure:
+    """Read and validate one multi-extension FITS image of the bundle.
+
+    Raises
+    ------
+    InputError
+        Missing file, not FITS, missing HDU, wrong dimensions or dtypes, negative
+        variance, bad PSF (not finite, even or non-square, not normalised), missing or
+        non-positive ``PHOTCALIB``, a WCS that cannot be evaluated, a band that
+        disagrees with the visit.
+    """
+    config = config or ReaderConfig()
+    raw = _read_bytes(fs, path, "image file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyWarning)
+            hdus = fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=False)
+            names = [h.name for h in hdus]
+            planes = {}
+            for name in _HDUS:
+                if name not in names:
+                    raise InputError(f"{path}: HDU {name} is missing (have {names})")
+                planes[name] = hdus[name]
+            data = {name: planes[name].data for name in _HDUS}
+            header = planes["IMAGE"].header
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable FITS file: {exc}") from exc
+
+    image, mask, variance, psf = (data[n] for n in _HDUS)
+    if image is None or image.ndim != 2:
+        raise InputError(
+            f"{path}: IMAGE must be a 2-d array, got {None if image is None else image.shape}"
+        )
+    for name, arr in (("MASK", mask), ("VARIANCE", variance)):
+        if arr is None or arr.shape != image.shape:
+            raise InputError(
+                f"{path}: {name} shape {None if arr is None else arr.shape} "
+                f"differs from IMAGE {image.shape}"
+            )
+    if image.dtype.kind != "f":
+        raise InputError(f"{path}: IMAGE must be floating point, got {image.dtype}")
+    if variance.dtype.kind != "f":
+        raise InputError(f"{path}: VARIANCE must be floating point, got {variance.dtype}")
+    if mask.dtype.kind not in "iu":
+        raise InputError(f"{path}: MASK must be integer bit planes, got {mask.dtype}")
+    image = image.astype(np.float32, copy=False)
+    variance = variance.astype(np.float32, copy=False)
+    mask = mask.astype(np.int32, copy=False)
+    neg = np.count_nonzero(variance < 0)
+    if neg:
+        raise InputError(f"{path}: VARIANCE has {neg} negative pixel(s)")
+
+    if psf is None or psf.ndim != 2 or psf.shape[0] != psf.shape[1] or psf.shape[0] % 2 == 0:
+        raise InputError(
+            f"{path}: PSF must be an odd-sized square kernel, got shape "
+            f"{None if psf is None else psf.shape}"
+        )
+    psf = psf.astype(np.float64)
+    if not np.all(np.isfinite(psf)):
+        raise InputError(f"{path}: PSF has non-finite values")
+    total = float(psf.sum())
+    if abs(total - 1.0) > config.psf_sum_tolerance:
+        raise InputError(f"{path}: PSF must sum to 1 (normalised), sums to {total:.6g}")
+
+    if "PHOTCALIB" not in header:
+        raise InputError(f"{path}: IMAGE header has no PHOTCALIB")
+    calib = header["PHOTCALIB"]
+    if (
+        isinstance(calib, bool)
+        or not isinstance(calib, (int, float))
+        or not math.isfinite(calib)
+        or calib <= 0
+    ):
+        raise InputError(f"{path}: PHOTCALIB must be > 0, got {calib!r}")
+    calib_err = header.get("PHOTCERR", 0.0)
+    if (
+        isinstance(calib_err, bool)
+        or not isinstance(calib_err, (int, float))
+        or not math.isfinite(calib_err)
+        or calib_err < 0
+    ):
+        raise InputError(f"{path}: PHOTCERR must be >= 0, got {calib_err!r}")
+    file_band = header.get("BAND", header.get("FILTER"))
+    if band is not None and file_band is not None and str(file_band).strip()[:1] != band:
+        raise InputError(
+            f"{path}: band {file_band!r} in the header disagrees with visit band {band!r}"
+        )
+
+    wcs = _check_wcs(header, path, image.shape)
+    keep = {k: header[k] for k in ("ROTPA", "BUNIT", "VISIT", "DETECTOR") if k in header}
+    return Exposure(
+        image=image,
+        mask=mask,
+        variance=variance,
+        psf=psf,
+        wcs=wcs,
+        photo_calib=float(calib),
+        photo_calib_err=float(calib_err),
+        path=path,
+        header=keep,
+    )
+
+
+def read_sources(fs, path: str, config: ReaderConfig | None = None) -> pd.DataFrame:
+    """Read and validate ``diaSources.parquet``.
+
+    An empty catalog is valid and gives an empty frame.
+
+    Raises
+    ------
+    InputError
+        Missing file, not Parquet, a required column missing, a column of the
+        wrong type, NaN/inf in a required column, a negative error, duplicate or
+        null ``diaSourceId``, or more rows than ``max_sources``.
+    """
+    config = config or ReaderConfig()
+    raw = _read_bytes(fs, path, "DiaSource catalog")
+    try:
+        df = pq.read_table(pa.BufferReader(raw)).to_pandas()
+    except Exception as exc:
+        raise InputError(f"{path}: not a readable Parquet file: {exc}") from exc
+    if len(df) > config.max_sources:
+        raise InputError(f"{path}: {len(df)} rows is more than max_sources={config.max_sources}")
+    missing = [c for c in DIA_SOURCE_REQUIRED if c not in df.columns]
+    if missing:
+        raise InputError(f"{path}: required column(s) missing: {', '.join(missing)}")
+    for col in DIA_SOURCE_REQUIRED + tuple(c for c in _OPTIONAL_FLOAT if c in df.columns):
+        if not (
+            pd.api.types.is_float_dtype(df[col]) or pd.api.types.is_integer_dtype(df[col])
+        ) or pd.api.types.is_bool_dtype(df[col]):
+            raise InputError(f"{path}: column {col!r} must be numeric, got {df[col].dtype}")
+    for col in DIA_SOURCE_REQUIRED:
+        values = df[col].to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(values)
+        if bad.any():
+            raise InputError(
+                f"{path}: column {col!r} has {int(bad.sum())} NaN/inf value(s) "
+                f"(first at row {int(np.flatnonzero(bad)[0])})"
+            )
+    for col in _ERROR_COLUMNS:
+        if col in df.columns:
+            values = df[col].to_numpy(dtype=np.float64, na_value=np.nan)
+            if np.any(values < 0):
+                raise InputError(f"{path}: column {col!r} has negative error(s)")
+    if "bboxSize" in df.columns and not pd.api.types.is_integer_dtype(df["bboxSize"]):
+        if not pd.api.types.is_float_dtype(df["bboxSize"]):
+            raise InputError(
+                f"{path}: column 'bboxSize' must be numeric, got {df['bboxSize'].dtype}"
+            )
+    for col in df.columns:
+        if (
+            col.startswith("pixelFlags")
+            or col.endswith("_flag")
+            or col in ("isDipole", "glint_trail")
+        ) and not pd.api.types.is_bool_dtype(df[col]):
+            raise InputError(f"{path}: flag column {col!r} must be boolean, got {df[col].dtype}")
+    if "diaSourceId" in df.columns:
+        ids = df["diaSourceId"]
+        if not pd.api.types.is_integer_dtype(ids) or ids.isna().any():
+            raise InputError(f"{path}: diaSourceId must be non-null integers, got {ids.dtype}")
+        dup = ids.duplicated()
+        if dup.any():
+            raise InputError(
+                f"{path}: diaSourceId has {int(dup.sum())} duplicate(s), e.g. {int(ids[dup].iloc[0])}"
+            )
+    return df.reset_index(drop=True)
+
+
+def read_detector_bundle(
+    root: str,
+    visit: int,
+    detector: int,
+    *,
+    visit_info: VisitInfo | None = None,
+    config: ReaderConfig | None = None,
+) -> DetectorBundle:
+    """Read and validate everything one detector of one visit needs.
+
+    Parameters
+    ----------
+    root : str
+        Bundle root: a local path or an fsspec URL such as ``s3://bucket/prefix``.
+    visit, detector : int
+        Which detector of which visit.
+    visit_info : VisitInfo, optional
+        Already-read ``visit.json`` (read here when not given).
+    config : ReaderConfig, optional
+        Validation tolerances.
+
+    Raises
+    ------
+    InputError
+        Anything wrong with the inputs, naming the file and the problem.
+    TransientError
+        The storage could not be read (e.g. the object store is down).
+    """
+    config = config or ReaderConfig()
+    info = visit_info or read_visit_info(root, visit)
+    if int(detector) not in info.detectors:
+        raise InputError(
+            f"{visit_path(root, visit)}/visit.json: detector {detector} is not in the visit's "
+            f"detectors list"
+        )
+    fs = _fs(root)
+    base = detector_path(root, visit, detector)
+    images = {
+        kind: read_exposure(fs, f"{base}/{kind}.fits", config, band=info.band)
+        for kind in IMAGE_KINDS
+    }
+    shape = images["difference"].shape
+    for kind in ("science", "template"):
+        if images[kind].shape != shape:
+            raise InputError(
+                f"{base}/{kind}.fits: image shape {images[kind].shape} differs from "
+                f"difference.fits {shape}"
+            )
+    ny, nx = shape
+    centre = images["difference"].wcs.all_pix2world([[(nx - 1) / 2, (ny - 1) / 2]], 0)[0]
+    offset = _separation_deg(centre[0], centre[1], info.boresightRa, info.boresightDec)
+    if offset > config.max_pointing_offset_deg:
+        raise InputError(
+            f"{base}/difference.fits: WCS puts the detector {offset:.2f} deg from the visit "
+            f"boresight (limit {config.max_pointing_offset_deg} deg)"
+        )
+    sources = read_sources(fs, f"{base}/diaSources.parquet", config)
+    checksums = {
+        name: _ukey(fs, f"{base}/{name}")
+        for name in ("diaSources.parquet", *(f"{k}.fits" for k in IMAGE_KINDS))
+    }
+    return DetectorBundle(
+        visit=info,
+        detector=int(detector),
+        sources=sources,
+        difference=images["difference"],
+        science=images["science"],
+        template=images["template"],
+        root=root,
+        checksums=checksums,
+    )
+
+
+def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
+    r1, d1, r2, d2 = map(math.radians, (ra1, dec1, ra2, dec2))
+    s = math.sin((d2 - d1) / 2) ** 2 + math.cos(d1) * math.cos(d2) * math.sin((r2 - r1) / 2) ** 2
+    return math.degrees(2 * math.asin(min(1.0, math.sqrt(s))))

@@ -61,9 +61,7 @@ class IdPacker:
         """Pack (visit, detector) into a ccdVisitId, checking both fields."""
         visit, detector = int(visit), int(detector)
         if not 0 <= detector < self.config.n_detectors:
-            raise IdOverflowError(
-                f"detector {detector} outside 0..{self.config.n_detectors - 1}"
-            )
+            raise IdOverflowError(f"detector {detector} outside 0..{self.config.n_detectors - 1}")
         if not 0 <= visit <= self.max_visit:
             raise IdOverflowError(
                 f"visit {visit} outside 0..{self.max_visit} "

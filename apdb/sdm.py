@@ -29,6 +29,7 @@ __all__ = [
     "conform",
     "dtypes",
     "empty_frame",
+    "primary_key",
     "schema_version",
     "table_names",
 ]
@@ -100,6 +101,23 @@ def columns(table: str) -> tuple[Column, ...]:
                 )
                 for c in t["columns"]
             )
+    raise KeyError(f"apdb.yaml has no table {table!r}")
+
+
+@functools.cache
+def primary_key(table: str) -> tuple[str, ...]:
+    """Column names of ``table``'s primary key, in key order.
+
+    Raises
+    ------
+    KeyError
+        If the schema has no such table.
+    """
+    for t in _schema()["tables"]:
+        if t["name"] == table:
+            key = t.get("primaryKey", [])
+            refs = [key] if isinstance(key, str) else list(key)
+            return tuple(ref.rsplit(".", 1)[-1] for ref in refs)
     raise KeyError(f"apdb.yaml has no table {table!r}")
 
 

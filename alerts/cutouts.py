@@ -1,0 +1,421 @@
+"""Image stamps ("cutouts") for alerts (SPEC §4.7).
+
+For every new DiaSource, three square stamps of side ``clip(bboxSize,
+minCutoutSize, maxCutoutSize)`` pixels centred on the source are cut from the
+difference, science and template images and serialised as multi-extension FITS
+bytes, laid out like the stamps in Rubin's alerts (which Rubin makes with
+``astropy.nddata.CCDData.write``)::
+
+    PRIMARY   float32 image, BUNIT = 'nJy', CUTMINX, CUTMINY, ROTPA, local WCS
+    UNCERT    float32 variance (nJy²), UTYPE = 'VarianceUncertainty'
+    MASK      int32 mask bit planes (header MP_<PLANE> = bit); Rubin omits it
+    PSFIMAGE  float64 PSF kernel image (sums to 1)
+
+``astropy.nddata.CCDData.read`` opens them: data in nJy, a
+``VarianceUncertainty``, ``mask`` = any mask bit set, ``psf`` and ``wcs``.
+
+The WCS is a local linear (tangent-plane) approximation of the image WCS at
+the source: ``CRVAL`` = the sky position of the source, ``CRPIX`` = the
+source's position in the stamp in 1-based FITS pixels, and ``CDi_j`` = the
+Jacobian of the image WCS there, projected on the tangent plane at ``CRVAL``.
+Unlike Rubin's stamps, which carry ``PCi_j``/``CDELTi`` with no ``CTYPEi`` (so
+a FITS reader sees a plain linear transformation rather than sky coordinates),
+diapipe writes ``CTYPE1 = 'RA---TAN'``, ``CTYPE2 = 'DEC--TAN'`` and
+``RADESYS = 'ICRS'``, and its ``CRPIX`` is 1-based (Rubin's stamps have
+``CRPIX1 = x - CUTMINX``, the 0-based position). The stamp origin is
+``CUTMINX = round(x - (side - 1) / 2)`` so that the source falls within half a
+pixel of the stamp centre; Rubin's ``Box2I.makeCenteredBox`` gives
+``floor(x - side / 2)``, up to one pixel lower.
+
+Stamps that run off the image are padded with NaN (image and variance) and the
+``NO_DATA`` mask bit. A source whose centre is off the image (or whose position
+is NaN) gets no stamps: ``(None, None, None)``.
+
+The hot path builds no astropy objects: the stamps are gathered with one numpy
+fancy index per stamp side, the FITS headers are fixed 80-character card
+templates (those of the extensions are built once per side), and the data are
+written as big-endian numpy buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field
+
+from tasks.bundle import IMAGE_KINDS, MASK_PLANES, DetectorBundle, Exposure
+from tasks.errors import InputError
+
+__all__ = [
+    "CutoutConfig",
+    "cutout_origin",
+    "cutout_side",
+    "local_wcs",
+    "make_cutouts",
+    "make_cutouts_task",
+]
+
+log = logging.getLogger(__name__)
+
+_BLOCK = 2880
+_NO_DATA = np.int32(1 << MASK_PLANES["NO_DATA"])
+REQUIRED_COLUMNS = ("diaSourceId", "x", "y")
+
+
+class CutoutConfig(BaseModel, frozen=True, extra="forbid"):
+    """How alert stamps are cut."""
+
+    min_cutout_size: int = Field(
+        30, ge=1, description="Smallest stamp side in pixels (Rubin: minCutoutSize)."
+    )
+    max_cutout_size: int = Field(
+        102, ge=1, description="Largest stamp side in pixels (Rubin: maxCutoutSize)."
+    )
+    use_average_psf: bool = Field(
+        False,
+        description=(
+            "Attach one PSF image per detector instead of one per source (Rubin: "
+            "useAveragePsf). The visit bundle carries one PSF kernel per image, so "
+            "both settings give the same PSFIMAGE; the PSF extension is always "
+            "serialised once per image and shared by its stamps."
+        ),
+    )
+
+
+# --------------------------------------------------------------------------
+# geometry
+# --------------------------------------------------------------------------
+
+
+def cutout_side(bbox_size: np.ndarray, config: CutoutConfig) -> np.ndarray:
+    """Stamp side per source: ``clip(bboxSize, min, max)`` in pixels (int64).
+
+    A missing ``bboxSize`` (NaN / NA) gives the minimum side.
+    """
+    b = pd.to_numeric(pd.Series(bbox_size), errors="coerce").astype("float64").to_numpy()
+    b = np.where(np.isfinite(b), b, config.min_cutout_size)
+    lo, hi = config.min_cutout_size, max(config.min_cutout_size, config.max_cutout_size)
+    return np.clip(np.rint(b), lo, hi).astype(np.int64)
+
+
+def cutout_origin(x: np.ndarray, y: np.ndarray, side: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lower-left pixel (0-based) of stamps of ``side`` centred on (x, y).
+
+    The stamp covers pixel centres ``min .. min + side - 1``; the origin is
+    ``round(x - (side - 1) / 2)`` so that the source lies within half a pixel
+    of the stamp centre.
+    """
+    half = (np.asarray(side, dtype=np.float64) - 1.0) / 2.0
+    return (
+        np.floor(np.asarray(x, dtype=np.float64) - half + 0.5).astype(np.int64),
+        np.floor(np.asarray(y, dtype=np.float64) - half + 0.5).astype(np.int64),
+    )
+
+
+def _gnomonic(ra0, dec0, ra, dec):
+    """Tangent-plane coordinates (deg) of (ra, dec) about (ra0, dec0); all in deg."""
+    a0, d0, a, d = (np.deg2rad(v) for v in (ra0, dec0, ra, dec))
+    da = a - a0
+    cosc = np.sin(d0) * np.sin(d) + np.cos(d0) * np.cos(d) * np.cos(da)
+    xi = np.cos(d) * np.sin(da) / cosc
+    eta = (np.cos(d0) * np.sin(d) - np.sin(d0) * np.cos(d) * np.cos(da)) / cosc
+    return np.rad2deg(xi), np.rad2deg(eta)
+
+
+def local_wcs(exposure: Exposure, x: np.ndarray, y: np.ndarray, step: float = 0.5):
+    """Sky position and tangent-plane Jacobian of ``exposure.wcs`` at 0-based (x, y).
+
+    Parameters
+    ----------
+    exposure : Exposure
+        Its ``wcs`` is evaluated with origin 0.
+    x, y : numpy.ndarray
+        Pixel positions (0-based).
+    step : float
+        Half-width of the central difference, pixels.
+
+    Returns
+    -------
+    ra, dec : numpy.ndarray
+        Degrees.
+    cd : numpy.ndarray
+        Shape (n, 2, 2), degrees per pixel: ``cd[:, i, j] = d(xi_i)/d(p_j)``
+        with ``xi = (ξ, η)`` the gnomonic coordinates about (ra, dec) and
+        ``p = (x, y)``, i.e. the FITS ``CDi_j`` matrix.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = x.size
+    px = np.concatenate([x, x + step, x - step, x, x])
+    py = np.concatenate([y, y, y, y + step, y - step])
+    try:
+        world = exposure.wcs.all_pix2world(np.column_stack([px, py]), 0)
+    except Exception as exc:  # astropy raises several types for a bad WCS
+        raise InputError(f"{exposure.path or 'image'}: WCS cannot be evaluated: {exc}") from exc
+    ra, dec = world[:, 0].reshape(5, n), world[:, 1].reshape(5, n)
+    xi, eta = _gnomonic(ra[0], dec[0], ra[1:], dec[1:])
+    cd = np.empty((n, 2, 2))
+    cd[:, 0, 0] = (xi[0] - xi[1]) / (2 * step)
+    cd[:, 0, 1] = (xi[2] - xi[3]) / (2 * step)
+    cd[:, 1, 0] = (eta[0] - eta[1]) / (2 * step)
+    cd[:, 1, 1] = (eta[2] - eta[3]) / (2 * step)
+    return ra[0], dec[0], cd
+
+
+# --------------------------------------------------------------------------
+# FITS byte layout
+# --------------------------------------------------------------------------
+
+
+def _card(key: str, value: str, comment: str = "") -> str:
+    """One 80-character header card; ``value`` is already FITS-formatted."""
+    # Fixed format: strings start in column 11, numbers end in column 30.
+    text = f"{key:<8}= {value:<20}" if value.startswith("'") else f"{key:<8}= {value:>20}"
+    if comment:
+        text += f" / {comment}"
+    if len(text) > 80:
+        raise ValueError(f"FITS card too long: {text!r}")
+    return f"{text:<80}"
+
+
+def _str(s: str) -> str:
+    """A FITS character-string value (at least 8 characters inside quotes)."""
+    return "'" + f"{s:<8}".replace("'", "''") + "'"
+
+
+def _float(v: float) -> str:
+    """A FITS real value: shortest round-trip repr, upper-case exponent, ≤ 20 chars."""
+    r = repr(float(v)).upper()
+    if "." not in r and "E" not in r and "N" not in r:
+        r += ".0"
+    if len(r) > 20:
+        r = f"{float(v):.13E}"
+    return r
+
+
+def _int(v: int) -> str:
+    return str(int(v))
+
+
+def _end(cards: list[str]) -> bytes:
+    text = "".join(cards) + f"{'END':<80}"
+    pad = -len(text) % _BLOCK
+    return (text + " " * pad).encode("ascii")
+
+
+def _pad(nbytes: int) -> bytes:
+    return b"\0" * (-nbytes % _BLOCK)
+
+
+def _image_cards(bitpix: int, nx: int, ny: int, primary: bool) -> list[str]:
+    if primary:
+        head = [_card("SIMPLE", "T", "conforms to FITS standard")]
+    else:
+        head = [_card("XTENSION", _str("IMAGE"), "Image extension")]
+    head += [
+        _card("BITPIX", _int(bitpix), "array data type"),
+        _card("NAXIS", "2", "number of array dimensions"),
+        _card("NAXIS1", _int(nx)),
+        _card("NAXIS2", _int(ny)),
+    ]
+    if primary:
+        head.append(_card("EXTEND", "T"))
+    else:
+        head += [
+            _card("PCOUNT", "0", "number of parameters"),
+            _card("GCOUNT", "1", "number of groups"),
+        ]
+    return head
+
+
+class _SideTemplates:
+    """Header bytes that depend only on the stamp side (built once per side)."""
+
+    def __init__(self, side: int):
+        self.primary_head = "".join(_image_cards(-32, side, side, primary=True))
+        self.uncert = _end(
+            _image_cards(-32, side, side, primary=False)
+            + [
+                _card("UTYPE", _str("VarianceUncertainty")),
+                _card("EXTNAME", _str("UNCERT"), "extension name"),
+            ]
+        )
+        self.mask = _end(
+            _image_cards(32, side, side, primary=False)
+            + [_card("EXTNAME", _str("MASK"), "extension name")]
+            + [f"{'HIERARCH MP_' + p + ' = ' + str(b):<80}" for p, b in MASK_PLANES.items()]
+        )
+        self.data_pad = _pad(4 * side * side)
+
+
+def _psf_hdu(psf: np.ndarray) -> bytes:
+    """The PSFIMAGE extension (header + float64 data) of one image."""
+    psf = np.asarray(psf, dtype=np.float64)
+    ny, nx = psf.shape
+    data = psf.astype(">f8").tobytes()
+    head = _end(
+        _image_cards(-64, nx, ny, primary=False)
+        + [_card("EXTNAME", _str("PSFIMAGE"), "extension name")]
+    )
+    return head + data + _pad(len(data))
+
+
+def _primary_header(tpl: _SideTemplates, cutmin_x, cutmin_y, rotpa, crpix, crval, cd) -> bytes:
+    cards = [
+        tpl.primary_head,
+        _card("CUTMINX", _int(cutmin_x), "stamp origin x on the detector (0-based)"),
+        _card("CUTMINY", _int(cutmin_y), "stamp origin y on the detector (0-based)"),
+        _card("ROTPA", _float(rotpa), "Pos angle in deg of focal plane +Y wrt North"),
+        _card("BUNIT", _str("nJy")),
+        _card("WCSAXES", "2", "Number of coordinate axes"),
+        _card("CTYPE1", _str("RA---TAN"), "Right ascension, gnomonic projection"),
+        _card("CTYPE2", _str("DEC--TAN"), "Declination, gnomonic projection"),
+        _card("CUNIT1", _str("deg"), "Units of coordinate increment and value"),
+        _card("CUNIT2", _str("deg"), "Units of coordinate increment and value"),
+        _card("CRPIX1", _float(crpix[0]), "Pixel coordinate of reference point"),
+        _card("CRPIX2", _float(crpix[1]), "Pixel coordinate of reference point"),
+        _card("CD1_1", _float(cd[0, 0]), "Coordinate transformation matrix element"),
+        _card("CD1_2", _float(cd[0, 1]), "Coordinate transformation matrix element"),
+        _card("CD2_1", _float(cd[1, 0]), "Coordinate transformation matrix element"),
+        _card("CD2_2", _float(cd[1, 1]), "Coordinate transformation matrix element"),
+        _card("CRVAL1", _float(crval[0]), "[deg] Coordinate value at reference point"),
+        _card("CRVAL2", _float(crval[1]), "[deg] Coordinate value at reference point"),
+        _card("RADESYS", _str("ICRS"), "Equatorial coordinate system"),
+    ]
+    return _end(cards)
+
+
+def _gather(plane: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: int, fill):
+    """Stamps (n, side, side) of ``plane`` with lower-left corners (x0, y0); ``fill`` off-image."""
+    ny, nx = plane.shape
+    r = np.arange(side)
+    yy = y0[:, None] + r[None, :]  # (n, side)
+    xx = x0[:, None] + r[None, :]
+    yin = (yy >= 0) & (yy < ny)
+    xin = (xx >= 0) & (xx < nx)
+    out = plane[np.clip(yy, 0, ny - 1)[:, :, None], np.clip(xx, 0, nx - 1)[:, None, :]]
+    inside = yin[:, :, None] & xin[:, None, :]
+    if not inside.all():
+        out = np.where(inside, out, fill).astype(plane.dtype, copy=False)
+    return out
+
+
+def _exposure_stamps(
+    exposure: Exposure,
+    x: np.ndarray,
+    y: np.ndarray,
+    side: np.ndarray,
+    rotpa: float,
+    templates: dict[int, _SideTemplates],
+) -> list[bytes]:
+    """FITS bytes of the stamps of one image, in the order of ``x``."""
+    n = x.size
+    out: list[bytes] = [b""] * n
+    if n == 0:
+        return out
+    x0, y0 = cutout_origin(x, y, side)
+    ra, dec, cd = local_wcs(exposure, x, y)
+    crpix1 = x - x0 + 1.0
+    crpix2 = y - y0 + 1.0
+    calib = np.float32(exposure.photo_calib)
+    psf = _psf_hdu(exposure.psf)
+    for s in np.unique(side):
+        s = int(s)
+        tpl = templates.setdefault(s, _SideTemplates(s))
+        idx = np.flatnonzero(side == s)
+        img = _gather(exposure.image, x0[idx], y0[idx], s, np.nan)
+        var = _gather(exposure.variance, x0[idx], y0[idx], s, np.nan)
+        msk = _gather(exposure.mask, x0[idx], y0[idx], s, _NO_DATA)
+        img = (img.astype(np.float32, copy=False) * calib).astype(">f4")
+        var = (var.astype(np.float32, copy=False) * (calib * calib)).astype(">f4")
+        msk = msk.astype(">i4")
+        for k, i in enumerate(idx):
+            head = _primary_header(
+                tpl, x0[i], y0[i], rotpa, (crpix1[i], crpix2[i]), (ra[i], dec[i]), cd[i]
+            )
+            out[i] = b"".join(
+                (
+                    head,
+                    img[k].tobytes(),
+                    tpl.data_pad,
+                    tpl.uncert,
+                    var[k].tobytes(),
+                    tpl.data_pad,
+                    tpl.mask,
+                    msk[k].tobytes(),
+                    tpl.data_pad,
+                    psf,
+                )
+            )
+    return out
+
+
+def make_cutouts(
+    sources: pd.DataFrame, bundle: DetectorBundle, config: CutoutConfig | None = None
+) -> dict[int, tuple[bytes | None, bytes | None, bytes | None]]:
+    """Cut difference, science and template stamps for each source.
+
+    Parameters
+    ----------
+    sources : pandas.DataFrame
+        Calibrated DiaSource rows; needs ``diaSourceId`` and ``x``, ``y``
+        (0-based pixels on the detector); ``bboxSize`` (pixels) sets the side
+        and defaults to the minimum when absent. Not modified.
+    bundle : DetectorBundle
+        The detector's difference, science and template exposures. Pixels are
+        multiplied by each image's ``photo_calib`` (nJy per count), variances
+        by its square.
+    config : CutoutConfig, optional
+        Side limits.
+
+    Returns
+    -------
+    dict
+        ``diaSourceId -> (difference, science, template)`` FITS bytes, each
+        ``None`` when the source centre is off the image or its position is
+        NaN. Empty input gives an empty dict.
+
+    Raises
+    ------
+    InputError
+        If a required column is missing or an image WCS cannot be evaluated.
+    """
+    config = config or CutoutConfig()
+    missing = [c for c in REQUIRED_COLUMNS if c not in sources.columns]
+    if missing:
+        raise InputError(f"DiaSource: column(s) {missing} required for cutouts are missing")
+    if len(sources) == 0:
+        return {}
+    ids = sources["diaSourceId"].to_numpy(dtype=np.int64)
+    x = pd.to_numeric(sources["x"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    y = pd.to_numeric(sources["y"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    bbox = sources["bboxSize"] if "bboxSize" in sources.columns else np.full(len(x), np.nan)
+    side = cutout_side(bbox, config)
+    ny, nx = bundle.difference.shape
+    on = np.isfinite(x) & np.isfinite(y) & (x >= -0.5) & (x < nx - 0.5)
+    on &= (y >= -0.5) & (y < ny - 0.5)
+    result: dict[int, tuple[bytes | None, bytes | None, bytes | None]] = {
+        int(i): (None, None, None) for i in ids[~on]
+    }
+    if on.any():
+        templates: dict[int, _SideTemplates] = {}
+        per_kind = []
+        for kind in IMAGE_KINDS:
+            exposure = bundle.image(kind)
+            rotpa = float(exposure.header.get("ROTPA", bundle.visit.rotAngle))
+            per_kind.append(
+                _exposure_stamps(exposure, x[on], y[on], side[on], rotpa, templates)
+            )
+        for i, d, s, t in zip(ids[on].tolist(), *per_kind, strict=True):
+            result[i] = (d, s, t)
+    n_off = int((~on).sum())
+    if n_off:
+        log.info("cutouts: %d of %d sources are off the image; no stamps", n_off, len(ids))
+    return result
+
+
+make_cutouts_task = task(make_cutouts, name="make_cutouts", cache_policy=NO_CACHE)

@@ -407,9 +407,7 @@ def make_cutouts(
         for kind in IMAGE_KINDS:
             exposure = bundle.image(kind)
             rotpa = float(exposure.header.get("ROTPA", bundle.visit.rotAngle))
-            per_kind.append(
-                _exposure_stamps(exposure, x[on], y[on], side[on], rotpa, templates)
-            )
+            per_kind.append(_exposure_stamps(exposure, x[on], y[on], side[on], rotpa, templates))
         for i, d, s, t in zip(ids[on].tolist(), *per_kind, strict=True):
             result[i] = (d, s, t)
     n_off = int((~on).sum())

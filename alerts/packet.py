@@ -1,0 +1,822 @@
+"""Alert packets in Rubin's official Avro schema (SPEC §4.8).
+
+One alert per new DiaSource, in the schema shipped by ``lsst-alert-packet``
+(default: its latest version, 11.1 at the time of writing)::
+
+    diaSourceId, observation_reason, target_name,
+    diaSource            the new DiaSource (SDM row → schema record, by field name)
+    prvDiaSources        its DiaObject's DiaSources of the last ``history_days``,
+                         without this one; null when there are none
+    prvDiaForcedSources  its DiaObject's DiaForcedSources of the same window, only
+                         when the DiaObject has ≥ ``forced_source_history_threshold``
+                         DiaSources (Rubin: forcedSourceHistoryThreshold); else null
+    diaObject            the updated DiaObject; null for a source without one
+    ssSource, mpc_orbits null (solar-system association is not part of diapipe)
+    cutoutDifference, cutoutScience, cutoutTemplate   FITS bytes or null
+
+Encoding
+--------
+Avro's binary encoding is a plain concatenation: a record is its fields in
+order, an array is ``count`` + the items + ``0``, a ``["null", T]`` union is
+the branch index (``0`` or ``1`` as a zig-zag varint, i.e. byte ``0x00`` or
+``0x02``) followed by the value. So instead of turning every row into a Python
+dict and handing it to an Avro writer, this module encodes whole tables
+column by column with numpy (varints, little-endian floats, UTF-8 strings),
+giving one byte string per row, and assembles each alert from byte pieces:
+each history row is encoded once per batch and an object's history is one
+contiguous slice of the encoded table. History rows never change once stored,
+so nothing else is needed to reuse their encoding.
+
+Nulls: a pandas ``NA``/``None`` or a float ``NaN`` in a nullable field is
+written as Avro ``null``; a null in a field the schema declares non-nullable
+is an :class:`~tasks.errors.AlertError` naming the record and field (a NaN in a
+non-nullable float is written as NaN, which Avro allows).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import fastavro
+import numpy as np
+import pandas as pd
+from lsst.alert.packet import Schema, get_latest_schema_version, get_schema_path
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field, field_validator
+
+from tasks.bundle import VisitInfo
+from tasks.errors import AlertError, ConfigError
+
+__all__ = [
+    "AlertBatch",
+    "AlertSchema",
+    "PackagingConfig",
+    "clean_alert_record",
+    "decode_alert",
+    "encode_alert_records",
+    "encode_table",
+    "load_schema",
+    "package_alerts",
+    "package_alerts_task",
+    "wire_header",
+]
+
+log = logging.getLogger(__name__)
+
+_PRIMITIVES = ("long", "int", "float", "double", "boolean", "string", "bytes")
+#: Avro logical types on ``long``: microseconds / milliseconds since 1970 UTC.
+_TIMESTAMPS = {"timestamp-micros": 1_000_000, "timestamp-millis": 1_000}
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_NULL = b"\x00"
+_SOME = b"\x02"
+
+
+# --------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------
+
+
+class PackagingConfig(BaseModel, frozen=True, extra="forbid"):
+    """How alerts are packaged."""
+
+    schema_version: str | None = Field(
+        None,
+        description=(
+            "Alert schema version 'MAJOR.MINOR' from lsst-alert-packet; None = the "
+            "latest it ships (Rubin: alertSchemaVersion)."
+        ),
+    )
+    forced_source_history_threshold: int = Field(
+        2,
+        ge=0,
+        description=(
+            "An alert carries prvDiaForcedSources only when its DiaObject has at "
+            "least this many DiaSources (Rubin: forcedSourceHistoryThreshold)."
+        ),
+    )
+    history_days: float = Field(
+        360.0,
+        gt=0,
+        description=(
+            "Days of DiaSource/DiaForcedSource history sent with an alert "
+            "(Rubin: historyMonths = 12, i.e. 360 days)."
+        ),
+    )
+    do_package: bool = Field(True, description="Build alerts at all (Rubin: doPackageAlerts).")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_version(cls, v: str | None) -> str | None:
+        if v is not None:
+            load_schema(v)  # raises ConfigError for an unknown version
+        return v
+
+
+# --------------------------------------------------------------------------
+# schema
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """The fields of one record type: (name, primitive type, nullable)."""
+
+    name: str
+    fields: tuple[tuple[str, str, bool], ...]
+
+
+@dataclass(frozen=True, eq=False)
+class AlertSchema:
+    """An official alert schema, resolved and parsed.
+
+    Attributes
+    ----------
+    version : str
+        ``"MAJOR.MINOR"``.
+    schema_id : int
+        ``major * 100 + minor``, the id of the Confluent wire format.
+    definition : dict
+        The fully resolved Avro schema (nested named types inlined).
+    parsed : dict
+        ``fastavro.parse_schema(definition)``.
+    top : tuple
+        The alert's top-level fields as (name, kind) with kind one of
+        ``long``, ``string?``, ``record``, ``record?``, ``array?``, ``bytes?``, ``null``.
+    records : dict
+        Top-level field name → :class:`RecordLayout` of its record (or array item).
+    """
+
+    version: str
+    schema_id: int
+    definition: dict
+    parsed: dict
+    top: tuple[tuple[str, str], ...]
+    records: Mapping[str, RecordLayout]
+
+
+def _layout(record: dict) -> RecordLayout:
+    fields = []
+    for f in record["fields"]:
+        t = f["type"]
+        nullable = isinstance(t, list)
+        if nullable:
+            others = [x for x in t if x != "null"]
+            if len(t) != 2 or "null" not in t or len(others) != 1:
+                raise ConfigError(f"{record['name']}.{f['name']}: unsupported union {t}")
+            t = others[0]
+        if isinstance(t, dict) and t.get("logicalType") in _TIMESTAMPS and t.get("type") == "long":
+            t = t["logicalType"]
+        elif isinstance(t, dict) and t.get("type") in _PRIMITIVES and "logicalType" not in t:
+            t = t["type"]
+        if t not in _PRIMITIVES and t not in _TIMESTAMPS:
+            raise ConfigError(f"{record['name']}.{f['name']}: unsupported type {t}")
+        fields.append((f["name"], t, nullable))
+    return RecordLayout(record["name"], tuple(fields))
+
+
+@functools.cache
+def load_schema(version: str | None = None) -> AlertSchema:
+    """The official alert schema ``version`` (``"11.1"``; None = latest).
+
+    Raises
+    ------
+    ConfigError
+        If lsst-alert-packet has no such version or its layout is not one
+        diapipe can write.
+    """
+    if version is None:
+        major, minor = get_latest_schema_version()
+    else:
+        try:
+            major, minor = (int(p) for p in str(version).split("."))
+        except ValueError as exc:
+            raise ConfigError(f"alert schema version {version!r} is not 'MAJOR.MINOR'") from exc
+    path = os.path.join(get_schema_path(major, minor), f"lsst.v{major}_{minor}.alert.avsc")
+    if not os.path.exists(path):
+        raise ConfigError(f"lsst-alert-packet has no alert schema {major}.{minor} ({path})")
+    definition = Schema.from_file(path).definition
+    top = []
+    records: dict[str, RecordLayout] = {}
+    named: dict[str, dict] = {}
+
+    def resolve(t):
+        if isinstance(t, str) and t in named:
+            return named[t]
+        if isinstance(t, dict) and t.get("type") == "record":
+            named[t["name"]] = t
+            if "namespace" in t:
+                named[f"{t['namespace']}.{t['name']}"] = t
+        if isinstance(t, dict) and t.get("type") == "array":
+            return {**t, "items": resolve(t["items"])}
+        return t
+
+    for f in definition["fields"]:
+        name, t = f["name"], f["type"]
+        nullable = isinstance(t, list)
+        inner = resolve(next((x for x in t if x != "null"), None) if nullable else t)
+        if isinstance(inner, dict) and inner.get("type") == "record":
+            records[name] = _layout(inner)
+            kind = "record?" if nullable else "record"
+        elif isinstance(inner, dict) and inner.get("type") == "array":
+            if not nullable:
+                raise ConfigError(f"alert schema {major}.{minor}: array {name} must be nullable")
+            records[name] = _layout(inner["items"])
+            kind = "array?"
+        elif inner in ("long", "string", "bytes"):
+            kind = inner + ("?" if nullable else "")
+        else:
+            raise ConfigError(f"alert schema {major}.{minor}: unsupported field {name}: {t}")
+        top.append((name, kind))
+    required = {"diaSource"}
+    if not required <= records.keys():
+        raise ConfigError(f"alert schema {major}.{minor} has no diaSource record")
+    return AlertSchema(
+        version=f"{major}.{minor}",
+        schema_id=major * 100 + minor,
+        definition=definition,
+        parsed=fastavro.parse_schema(definition),
+        top=tuple(top),
+        records=records,
+    )
+
+
+def wire_header(schema_id: int) -> bytes:
+    """The 5-byte Confluent wire-format prefix: magic 0 + big-endian schema id."""
+    return b"\x00" + int(schema_id).to_bytes(4, "big", signed=False)
+
+
+# --------------------------------------------------------------------------
+# column-wise Avro encoding
+# --------------------------------------------------------------------------
+
+
+def _zigzag_varint(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Avro ``long``/``int`` encoding of int64 ``v``: (bytes (n, 10) uint8, lengths (n,))."""
+    v = np.asarray(v, dtype=np.int64)
+    z = ((v << np.int64(1)) ^ (v >> np.int64(63))).view(np.uint64)
+    shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
+    groups = (z[:, None] >> shifts[None, :]) & np.uint64(0x7F)
+    nonzero = (z[:, None] >> shifts[None, :]) != 0
+    lens = np.maximum(1, nonzero.sum(axis=1)).astype(np.int64)
+    cont = np.arange(10)[None, :] < (lens[:, None] - 1)
+    out = (groups | (cont.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
+    return out, lens
+
+
+def varint(n: int) -> bytes:
+    """Avro zig-zag varint of one Python int."""
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while True:
+        b = z & 0x7F
+        z >>= 7
+        if z:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _fixed(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    arr = np.ascontiguousarray(values, dtype=dtype)
+    width = arr.dtype.itemsize
+    return arr.view(np.uint8).reshape(-1, width), np.full(len(arr), width, dtype=np.int64)
+
+
+def _strings(values: np.ndarray, null: np.ndarray, what: str) -> list:
+    texts = np.where(null, "", values.astype(object))
+    try:
+        encoded = np.char.encode(texts.astype(str), "utf-8")
+    except UnicodeEncodeError as exc:
+        raise AlertError(f"{what}: cannot encode string as UTF-8: {exc}") from exc
+    n = len(encoded)
+    width = max(encoded.dtype.itemsize, 1)
+    chars = (
+        np.frombuffer(encoded.tobytes(), dtype=np.uint8).reshape(n, width)
+        if n
+        else (np.zeros((0, 1), dtype=np.uint8))
+    )
+    lens = np.char.str_len(encoded).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
+    head, hlens = _zigzag_varint(lens)
+    return [(head, hlens), (chars, lens)]
+
+
+def _column(values, null: np.ndarray | None, kind: str, what: str) -> list:
+    """Byte pieces [(matrix (n, w) uint8, lengths (n,)), ...] of one non-null value column."""
+    if kind in ("long", "int") or kind in _TIMESTAMPS:
+        try:
+            ints = np.asarray(values).astype(np.int64)
+        except (TypeError, ValueError) as exc:
+            raise AlertError(f"{what}: values are not integers: {exc}") from exc
+        return [_zigzag_varint(ints)]
+    if kind == "float":
+        return [_fixed(values, "<f4")]
+    if kind == "double":
+        return [_fixed(values, "<f8")]
+    if kind == "boolean":
+        return [_fixed(np.asarray(values).astype(bool), "u1")]
+    if kind == "string":
+        return _strings(
+            np.asarray(values, dtype=object),
+            null if null is not None else np.zeros(len(values), bool),
+            what,
+        )
+    raise AlertError(f"{what}: cannot encode Avro type {kind} column-wise")
+
+
+def _series_values(s: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(values with nulls filled, null mask) for one DataFrame column."""
+    null = s.isna().to_numpy()
+    if kind in _TIMESTAMPS:
+        ticks = pd.to_datetime(s, utc=True).astype("int64") // (1_000_000_000 // _TIMESTAMPS[kind])
+        return ticks.to_numpy(dtype=np.int64), null
+    if kind in ("long", "int"):
+        if null.any():
+            return s.astype("Int64").to_numpy(dtype=np.int64, na_value=0), null
+        return s.to_numpy(dtype=np.int64), null
+    if kind in ("float", "double"):
+        return s.to_numpy(dtype="float64", na_value=np.nan), null
+    if kind == "boolean":
+        return s.to_numpy(dtype=object, na_value=False).astype(bool), null
+    return s.to_numpy(dtype=object), null
+
+
+def encode_table(
+    columns: Mapping[str, tuple[np.ndarray, np.ndarray]] | pd.DataFrame,
+    layout: RecordLayout,
+    n: int | None = None,
+) -> tuple[bytes, np.ndarray]:
+    """Avro-encode every row of a table as ``layout``'s record.
+
+    Parameters
+    ----------
+    columns : pandas.DataFrame or mapping
+        A DataFrame (NaN/NA in a nullable field → null), or a mapping
+        field name → (values, null mask). Fields the table lacks are null.
+    layout : RecordLayout
+        The record's fields.
+    n : int, optional
+        Row count, needed when ``columns`` is a mapping.
+
+    Returns
+    -------
+    buffer : bytes
+        All rows' encodings, concatenated.
+    offsets : numpy.ndarray
+        int64, length n + 1: row ``i`` is ``buffer[offsets[i]:offsets[i+1]]``.
+
+    Raises
+    ------
+    AlertError
+        If a field the schema declares non-nullable is missing or null.
+    """
+    if isinstance(columns, pd.DataFrame):
+        frame = columns
+        n = len(frame)
+        get = lambda name, kind: (  # noqa: E731
+            _series_values(frame[name], kind) if name in frame.columns else None
+        )
+    else:
+        if n is None:
+            raise ValueError("encode_table: n is required with a column mapping")
+        get = lambda name, kind: columns.get(name)  # noqa: E731
+    pieces: list[tuple[np.ndarray, np.ndarray]] = []
+    for name, kind, nullable in layout.fields:
+        what = f"{layout.name}.{name}"
+        col = get(name, kind)
+        if col is None:
+            if not nullable:
+                raise AlertError(f"{what}: required by the alert schema but missing")
+            pieces.append((np.zeros((n, 1), np.uint8), np.ones(n, np.int64)))
+            continue
+        values, null = col
+        values = np.asarray(values)
+        null = np.asarray(null, dtype=bool)
+        if kind in ("float", "double") and nullable and values.dtype.kind == "f":
+            null = null | np.isnan(values)
+        if null.any() and not nullable:
+            bad = int(np.flatnonzero(null)[0])
+            raise AlertError(
+                f"{what}: null at row {bad} but the alert schema field is not nullable"
+            )
+        if nullable:
+            pieces.append(((~null).astype(np.uint8)[:, None] * np.uint8(2), np.ones(n, np.int64)))
+            if null.any() and kind in ("long", "int", "boolean"):
+                values = np.where(null, 0, values)
+        for mat, lens in _column(values, null, kind, what):
+            pieces.append((mat, np.where(null, 0, lens) if nullable else lens))
+    if n == 0:
+        return b"", np.zeros(1, dtype=np.int64)
+    big = np.concatenate([m for m, _ in pieces], axis=1)
+    keep = np.concatenate(
+        [np.arange(m.shape[1])[None, :] < lens[:, None] for m, lens in pieces], axis=1
+    )
+    row_len = keep.sum(axis=1)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(row_len, out=offsets[1:])
+    return big[keep].tobytes(), offsets
+
+
+# --------------------------------------------------------------------------
+# alerts
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class AlertBatch:
+    """The alerts of one detector of one visit.
+
+    Attributes
+    ----------
+    payloads : list of bytes
+        Schemaless Avro encodings (no wire header), one per alert.
+    dia_source_ids : numpy.ndarray
+        int64, the triggering DiaSource of each payload.
+    schema : AlertSchema
+        The schema they were written with.
+    visit, detector : int
+        Where they come from (names the alert files).
+    n_history_sources, n_history_forced : int
+        DiaSource / DiaForcedSource history rows encoded (each once).
+    n_without_object, n_without_cutouts : int
+        Alerts whose diaObject / cutoutDifference is null.
+    """
+
+    payloads: list[bytes]
+    dia_source_ids: np.ndarray
+    schema: AlertSchema
+    visit: int
+    detector: int
+    n_history_sources: int = 0
+    n_history_forced: int = 0
+    n_without_object: int = 0
+    n_without_cutouts: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def subset(self, mask: np.ndarray) -> AlertBatch:
+        """The alerts where ``mask`` is true (same schema, visit, detector)."""
+        idx = np.flatnonzero(mask)
+        return AlertBatch(
+            payloads=[self.payloads[i] for i in idx],
+            dia_source_ids=self.dia_source_ids[idx],
+            schema=self.schema,
+            visit=self.visit,
+            detector=self.detector,
+        )
+
+    def records(self) -> list[dict]:
+        """Decode every payload (slow; for tests and inspection)."""
+        return [decode_alert(p, self.schema) for p in self.payloads]
+
+
+def decode_alert(payload: bytes, schema: AlertSchema | None = None) -> dict:
+    """One schemaless payload (with or without a Confluent wire header) → dict."""
+    import io
+
+    schema = schema or load_schema(None)
+    if payload[:1] == b"\x00" and len(payload) > 5:
+        sid = int.from_bytes(payload[1:5], "big")
+        if sid == schema.schema_id:
+            payload = payload[5:]
+    return fastavro.schemaless_reader(io.BytesIO(payload), schema.parsed, None)
+
+
+def _group_slices(keys: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For sorted ``keys``, the [start, stop) row range of each value in ``wanted``."""
+    start = np.searchsorted(keys, wanted, side="left")
+    stop = np.searchsorted(keys, wanted, side="right")
+    return start, stop
+
+
+def _window(df: pd.DataFrame, what: str, start_mjd: float) -> pd.DataFrame:
+    if len(df) == 0:
+        return df
+    for col in ("diaObjectId", "midpointMjdTai"):
+        if col not in df.columns:
+            raise AlertError(f"{what}: column {col!r} is missing")
+    mjd = df["midpointMjdTai"].to_numpy(dtype="float64", na_value=np.nan)
+    obj = df["diaObjectId"]
+    keep = (mjd >= start_mjd) & obj.notna().to_numpy()
+    return df.loc[keep]
+
+
+def _sorted_history(df: pd.DataFrame, id_col: str) -> pd.DataFrame:
+    if len(df) == 0:
+        return df
+    order = np.lexsort(
+        (
+            df[id_col].to_numpy(dtype=np.int64),
+            df["midpointMjdTai"].to_numpy(dtype="float64"),
+            df["diaObjectId"].to_numpy(dtype=np.int64),
+        )
+    )
+    return df.iloc[order]
+
+
+def _opt_string(s: str | None) -> bytes:
+    if s is None:
+        return _NULL
+    raw = str(s).encode("utf-8")
+    return _SOME + varint(len(raw)) + raw
+
+
+def _opt_bytes(b: bytes | None) -> bytes:
+    if b is None:
+        return _NULL
+    return _SOME + varint(len(b)) + b
+
+
+def package_alerts(
+    new_sources: pd.DataFrame,
+    objects: pd.DataFrame,
+    history_sources: pd.DataFrame,
+    history_forced: pd.DataFrame,
+    cutouts: Mapping[int, tuple[bytes | None, bytes | None, bytes | None]],
+    visit: VisitInfo,
+    config: PackagingConfig | None = None,
+    *,
+    detector: int | None = None,
+) -> AlertBatch:
+    """Build one Avro alert per new DiaSource.
+
+    Parameters
+    ----------
+    new_sources : pandas.DataFrame
+        SDM ``DiaSource`` rows of this detector that get alerts (need
+        ``diaSourceId`` and ``diaObjectId``; other schema fields by name).
+    objects : pandas.DataFrame
+        SDM ``DiaObject`` rows (updated), at least those of ``new_sources``.
+    history_sources : pandas.DataFrame
+        SDM ``DiaSource`` rows loaded from the APDB for those objects; rows
+        older than ``visit.midpointMjdTai - history_days`` (days, TAI) and the
+        new sources themselves are left out of ``prvDiaSources``.
+    history_forced : pandas.DataFrame
+        SDM ``DiaForcedSource`` rows (loaded, plus this visit's new ones),
+        same time window.
+    cutouts : mapping
+        ``diaSourceId -> (difference, science, template)`` FITS bytes or None,
+        as made by :func:`alerts.cutouts.make_cutouts`; a missing id gives
+        null stamps.
+    visit : VisitInfo
+        Supplies ``observation_reason``, ``target_name``, the time window and
+        the visit number.
+    config : PackagingConfig, optional
+    detector : int, optional
+        Detector number for the batch; default: ``new_sources.detector``.
+
+    Returns
+    -------
+    AlertBatch
+        Payloads in the order of ``new_sources``. Empty input (or
+        ``do_package=False``) gives an empty batch.
+
+    Raises
+    ------
+    AlertError
+        A required column is missing, or a non-nullable schema field is null.
+    """
+    config = config or PackagingConfig()
+    schema = load_schema(config.schema_version)
+    if detector is None:
+        detector = (
+            int(new_sources["detector"].iloc[0])
+            if len(new_sources) and ("detector" in new_sources.columns)
+            else -1
+        )
+    empty = AlertBatch([], np.zeros(0, np.int64), schema, int(visit.visit), int(detector))
+    if not config.do_package or len(new_sources) == 0:
+        return empty
+    for col in ("diaSourceId", "diaObjectId"):
+        if col not in new_sources.columns:
+            raise AlertError(f"DiaSource: column {col!r} needed for alerts is missing")
+    n = len(new_sources)
+    src_ids = new_sources["diaSourceId"].to_numpy(dtype=np.int64)
+    obj_null = new_sources["diaObjectId"].isna().to_numpy()
+    obj_ids = new_sources["diaObjectId"].astype("Int64").to_numpy(dtype=np.int64, na_value=-1)
+
+    start_mjd = float(visit.midpointMjdTai) - config.history_days
+    hist = _window(history_sources, "DiaSource history", start_mjd)
+    if len(hist):
+        hist = hist.loc[~np.isin(hist["diaSourceId"].to_numpy(dtype=np.int64), src_ids)]
+        hist = hist.loc[np.isin(hist["diaObjectId"].to_numpy(dtype=np.int64), obj_ids)]
+    hist = _sorted_history(hist, "diaSourceId")
+    forced = _window(history_forced, "DiaForcedSource history", start_mjd)
+    if len(forced):
+        forced = forced.loc[np.isin(forced["diaObjectId"].to_numpy(dtype=np.int64), obj_ids)]
+    if len(forced) and "diaForcedSourceId" not in forced.columns:
+        raise AlertError("DiaForcedSource history: column 'diaForcedSourceId' is missing")
+    forced = _sorted_history(forced, "diaForcedSourceId")
+
+    pieces: dict[str, list[bytes]] = {}
+    records = schema.records
+
+    # diaSource of each alert
+    buf, off = encode_table(new_sources, records["diaSource"])
+    pieces["diaSource"] = [buf[off[i] : off[i + 1]] for i in range(n)]
+
+    # histories: one encoding per row, one slice per alert
+    def arrays(name: str, table: pd.DataFrame, include: np.ndarray) -> list[bytes]:
+        if name not in records:
+            return [_NULL] * n
+        if len(table) == 0:
+            return [_NULL] * n
+        hbuf, hoff = encode_table(table, records[name])
+        keys = table["diaObjectId"].to_numpy(dtype=np.int64)
+        start, stop = _group_slices(keys, obj_ids)
+        count = stop - start
+        out = []
+        for i in range(n):
+            c = int(count[i])
+            if c == 0 or not include[i]:
+                out.append(_NULL)
+            else:
+                out.append(_SOME + varint(c) + hbuf[hoff[start[i]] : hoff[stop[i]]] + _NULL)
+        return out
+
+    has_obj = ~obj_null
+    pieces["prvDiaSources"] = arrays("prvDiaSources", hist, has_obj)
+
+    # diaObject rows, matched by id
+    obj_pieces = [_NULL] * n
+    n_dia = np.zeros(n, dtype=np.int64)
+    if "diaObject" in records and len(objects):
+        if "diaObjectId" not in objects.columns:
+            raise AlertError("DiaObject: column 'diaObjectId' is missing")
+        oid = objects["diaObjectId"].to_numpy(dtype=np.int64)
+        order = np.argsort(oid, kind="stable")
+        pos = np.searchsorted(oid[order], obj_ids)
+        pos = np.minimum(pos, len(oid) - 1)
+        found = has_obj & (oid[order][pos] == obj_ids)
+        rows = order[pos[found]]
+        sub = objects.iloc[rows]
+        obuf, ooff = encode_table(sub, records["diaObject"])
+        for k, i in enumerate(np.flatnonzero(found)):
+            obj_pieces[i] = _SOME + obuf[ooff[k] : ooff[k + 1]]
+        if "nDiaSources" in objects.columns:
+            n_dia[found] = sub["nDiaSources"].to_numpy(dtype="float64", na_value=0).astype(np.int64)
+    # history count + this source when nDiaSources is not known
+    hist_keys = hist["diaObjectId"].to_numpy(dtype=np.int64) if len(hist) else np.zeros(0, np.int64)
+    hs, he = _group_slices(hist_keys, obj_ids)
+    n_dia = np.where(n_dia > 0, n_dia, (he - hs) + 1)
+    pieces["diaObject"] = obj_pieces
+    include_forced = has_obj & (n_dia >= config.forced_source_history_threshold)
+    pieces["prvDiaForcedSources"] = arrays("prvDiaForcedSources", forced, include_forced)
+
+    # fixed parts
+    reason = _opt_string(visit.observation_reason)
+    target = _opt_string(visit.target_name)
+    null_stamps = (None, None, None)
+    stamps = [cutouts.get(int(i), null_stamps) for i in src_ids]
+    stamp_names = ("cutoutDifference", "cutoutScience", "cutoutTemplate")
+    id_mat, id_len = _zigzag_varint(src_ids)
+
+    payloads = []
+    for i in range(n):
+        parts = []
+        for name, kind in schema.top:
+            if name in ("diaSourceId", "alertId"):
+                parts.append(id_mat[i, : id_len[i]].tobytes())
+            elif name == "observation_reason":
+                parts.append(reason)
+            elif name == "target_name":
+                parts.append(target)
+            elif name in pieces:
+                parts.append(pieces[name][i])
+            elif name in stamp_names:
+                parts.append(_opt_bytes(stamps[i][stamp_names.index(name)]))
+            elif kind.endswith("?"):
+                parts.append(_NULL)
+            else:
+                raise AlertError(f"alert schema {schema.version}: cannot fill field {name!r}")
+        payloads.append(b"".join(parts))
+    return AlertBatch(
+        payloads=payloads,
+        dia_source_ids=src_ids,
+        schema=schema,
+        visit=int(visit.visit),
+        detector=int(detector),
+        n_history_sources=len(hist),
+        n_history_forced=len(forced),
+        n_without_object=sum(p == _NULL for p in obj_pieces),
+        n_without_cutouts=int(sum(s[0] is None for s in stamps)),
+    )
+
+
+package_alerts_task = task(package_alerts, name="package_alerts", cache_policy=NO_CACHE)
+
+
+# --------------------------------------------------------------------------
+# dict records (reading real alerts, round trips)
+# --------------------------------------------------------------------------
+
+
+def clean_alert_record(record: Mapping, schema: AlertSchema | None = None) -> dict:
+    """An alert dict reduced to ``schema``'s fields, as a broker may have extended it.
+
+    Fields the schema does not have are dropped (e.g. Fink's ``lc_features``,
+    ``clf``, ``xm``); a nested record whose fields are all null (as Fink's Spark
+    export writes a null ``diaObject``) becomes None; missing nullable fields
+    become None.
+    """
+    schema = schema or load_schema(None)
+    out = {}
+    for name, kind in schema.top:
+        v = record.get(name)
+        if kind.startswith("record") and isinstance(v, Mapping):
+            if all(x is None for x in v.values()):
+                v = None
+            else:
+                v = {f: v.get(f) for f, _, _ in schema.records[name].fields}
+        elif kind == "array?" and v is not None:
+            fields = [f for f, _, _ in schema.records[name].fields]
+            v = [{f: item.get(f) for f in fields} for item in v]
+        out[name] = v
+    return out
+
+
+def _ticks(v, scale: int) -> int:
+    """A datetime (or an int already in ticks) → integer ticks since 1970-01-01 UTC."""
+    if isinstance(v, dt.datetime):
+        if v.tzinfo is None:
+            v = v.replace(tzinfo=dt.UTC)
+        delta = v - _EPOCH
+        return (
+            delta.days * 86_400 + delta.seconds
+        ) * scale + delta.microseconds * scale // 1_000_000
+    return int(v)
+
+
+def _dict_columns(rows: list[Mapping], layout: RecordLayout) -> dict:
+    """Field → (values, null mask) from dict rows; only ``None`` is null (NaN stays NaN)."""
+    cols = {}
+    for name, kind, _ in layout.fields:
+        raw = [r.get(name) for r in rows]
+        null = np.array([v is None for v in raw], dtype=bool)
+        if kind in _TIMESTAMPS:
+            scale = _TIMESTAMPS[kind]
+            vals = np.array([0 if v is None else _ticks(v, scale) for v in raw], dtype=np.int64)
+        elif kind in ("long", "int", "boolean"):
+            vals = np.array([0 if v is None else v for v in raw], dtype=np.int64)
+        elif kind in ("float", "double"):
+            vals = np.array([0.0 if v is None else v for v in raw], dtype=np.float64)
+        else:
+            vals = np.array(["" if v is None else v for v in raw], dtype=object)
+        cols[name] = (vals, null)
+    return cols
+
+
+def encode_alert_records(
+    records: Iterable[Mapping], schema: AlertSchema | None = None
+) -> list[bytes]:
+    """Encode alert dicts (already reduced to the schema) with the column encoder.
+
+    Only ``None`` is written as null here, so a NaN stored in a nullable field
+    survives a decode → encode round trip unchanged.
+    """
+    schema = schema or load_schema(None)
+    out = []
+    for rec in records:
+        parts = []
+        for name, kind in schema.top:
+            v = rec.get(name)
+            if kind in ("long",):
+                parts.append(varint(int(v)))
+            elif kind == "string?":
+                parts.append(_opt_string(v))
+            elif kind == "bytes?":
+                parts.append(_opt_bytes(v))
+            elif kind.startswith("record"):
+                if v is None:
+                    if kind == "record":
+                        raise AlertError(f"alert {rec.get('diaSourceId')}: {name} is null")
+                    parts.append(_NULL)
+                    continue
+                buf, _ = encode_table(
+                    _dict_columns([v], schema.records[name]), schema.records[name], 1
+                )
+                parts.append(buf if kind == "record" else _SOME + buf)
+            elif kind == "array?":
+                if v is None:
+                    parts.append(_NULL)
+                elif len(v) == 0:
+                    parts.append(_SOME + _NULL)
+                else:
+                    buf, _ = encode_table(
+                        _dict_columns(v, schema.records[name]), schema.records[name], len(v)
+                    )
+                    parts.append(_SOME + varint(len(v)) + buf + _NULL)
+            elif v is None and kind.endswith("?"):
+                parts.append(_NULL)
+            else:
+                raise AlertError(f"alert schema {schema.version}: cannot encode {name}={v!r}")
+        out.append(b"".join(parts))
+    return out

@@ -1,0 +1,296 @@
+"""Forced PSF photometry at DiaObject positions (SPEC §4.5).
+
+For every DiaObject with at least ``min_dia_sources`` DiaSources whose
+position falls on the detector, measure on the difference image (``psfFlux``)
+and on the science image (``scienceFlux``), each with its own PSF kernel::
+
+    F = Σ P·I / Σ P²        σF = sqrt(Σ P²·V) / Σ P²
+
+(counts, then × ``PHOTCALIB`` → nJy), over the kernel footprint centred on the
+object's pixel, skipping pixels that are off the image, have a bad mask plane
+set or a non-finite value/variance. For a point source of flux F0, E[F] = F0
+on any subset of the footprint, so dropping pixels costs signal-to-noise but
+adds no bias; an object whose footprint leaves the image is flagged
+(``ForcedResult.edge``), not crashed on.
+
+Sub-pixel shift
+---------------
+The kernel image is centred on a pixel centre; the object lies at
+``(x, y) = (ix + dx, iy + dy)`` with ``ix = floor(x + 0.5)``, ``|dx|, |dy| ≤ 0.5``.
+The kernel is shifted by ``(dx, dy)`` in Fourier space (multiplying its DFT by
+the phase ramp ``exp(−2πi(u·dx + v·dy))``), for all objects at once as one
+batched FFT. This is exact sinc interpolation for a band-limited kernel and
+keeps the kernel's sum exactly (the DC term is untouched). Its bias comes from
+the power the pixelised kernel has beyond Nyquist (aliasing) and from the
+circular wrap of the kernel's outermost pixels: for a pixel-integrated
+Gaussian of σ = 1.5 px the flux bias is below 1e-6 at any shift, 1e-5 at
+σ = 1.0 px (measured in ``tests/tasks/test_forced.py``). A separable
+Lanczos-3 resampling, tried first, was biased by 0.1–0.3 % at σ = 1.5 px,
+which is a third of a σ on a bright star's science-image flux.
+
+This plays the role of Rubin's ``DiaForcedSourceTask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field, field_validator
+
+from apdb import sdm
+from tasks.bundle import MASK_PLANES, DetectorBundle, Exposure
+from tasks.calibrate import require_columns
+from tasks.errors import InputError
+from tasks.ids import IdPacker
+
+__all__ = [
+    "ForcedConfig",
+    "ForcedResult",
+    "forced_photometry",
+    "forced_photometry_task",
+    "measure_psf_flux",
+    "shifted_psf",
+]
+
+
+class ForcedConfig(BaseModel, frozen=True, extra="forbid"):
+    """Configuration of :func:`forced_photometry`."""
+
+    do_run: bool = Field(
+        True,
+        description="Run forced photometry; off gives no DiaForcedSources. "
+        "Rubin: DiaPipelineTask.doRunForcedMeasurement.",
+    )
+    min_dia_sources: int = Field(
+        2,
+        ge=0,
+        description="Only DiaObjects with at least this many DiaSources (nDiaSources) are "
+        "measured (SPEC §4.5).",
+    )
+    bad_mask_planes: tuple[str, ...] = Field(
+        ("BAD", "SAT", "NO_DATA"),
+        description="Pixels with any of these mask planes set are left out of the sums "
+        "(names of tasks.bundle.MASK_PLANES). Rubin: the forced measurement's badMaskPlanes.",
+    )
+
+    @field_validator("bad_mask_planes")
+    @classmethod
+    def _planes(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [p for p in v if p not in MASK_PLANES]
+        if bad:
+            raise ValueError(f"bad_mask_planes: unknown plane(s) {bad}; known {list(MASK_PLANES)}")
+        return v
+
+
+@dataclass(frozen=True, eq=False)
+class ForcedResult:
+    """Result of :func:`forced_photometry`.
+
+    Attributes
+    ----------
+    sources : pandas.DataFrame
+        SDM ``DiaForcedSource`` rows (nJy), one per measured object.
+    edge : numpy.ndarray
+        bool, aligned with ``sources``: the difference or science PSF
+        footprint left the image (measured on the pixels inside).
+    n_off_image : int
+        Eligible objects whose position is off the image (not measured).
+    n_ineligible : int
+        Objects with fewer than ``min_dia_sources`` DiaSources.
+    """
+
+    sources: pd.DataFrame
+    edge: np.ndarray
+    n_off_image: int = 0
+    n_ineligible: int = 0
+
+
+def shifted_psf(psf: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Kernel images shifted by sub-pixel offsets (Fourier phase ramp).
+
+    Parameters
+    ----------
+    psf : numpy.ndarray
+        (k, k) kernel, odd k, centred on its middle pixel.
+    dx, dy : numpy.ndarray
+        Shifts (pixels), |d| ≤ 0.5 expected; positive moves the kernel to
+        larger x / y.
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, k, k) shifted kernels, each with the sum of ``psf``.
+    """
+    psf = np.asarray(psf, dtype=np.float64)
+    ky, kx = psf.shape
+    dx = np.asarray(dx, dtype=np.float64)
+    dy = np.asarray(dy, dtype=np.float64)
+    ramp_x = np.exp(-2j * np.pi * np.fft.fftfreq(kx)[None, :] * dx[:, None])
+    ramp_y = np.exp(-2j * np.pi * np.fft.fftfreq(ky)[None, :] * dy[:, None])
+    spec = np.fft.fft2(psf)[None, :, :] * ramp_y[:, :, None] * ramp_x[:, None, :]
+    return np.fft.ifft2(spec, axes=(-2, -1)).real
+
+
+def measure_psf_flux(
+    exposure: Exposure,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    bad_mask_planes: tuple[str, ...] = ("BAD", "SAT", "NO_DATA"),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PSF-weighted forced flux at 0-based pixel positions.
+
+    Parameters
+    ----------
+    exposure : Exposure
+        Image (counts), variance (counts²), mask, PSF and ``photo_calib``.
+    x, y : numpy.ndarray
+        Positions (pixels, 0-based), finite.
+    bad_mask_planes : tuple of str
+        Mask planes whose pixels are skipped.
+    Returns
+    -------
+    flux, flux_err : numpy.ndarray
+        nJy (``F·PHOTCALIB``); NaN where no usable pixel remains.
+    edge : numpy.ndarray
+        bool: part of the kernel footprint is off the image.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n = x.size
+    if n == 0:
+        return np.empty(0), np.empty(0), np.empty(0, dtype=bool)
+    psf = np.asarray(exposure.psf, dtype=np.float64)
+    k = psf.shape[0]
+    h = k // 2
+    ix = np.floor(x + 0.5).astype(np.int64)
+    iy = np.floor(y + 0.5).astype(np.int64)
+    kern = shifted_psf(psf, x - ix, y - iy)
+    ny, nx = exposure.shape
+    off = np.arange(-h, h + 1)
+    yy = iy[:, None, None] + off[None, :, None]
+    xx = ix[:, None, None] + off[None, None, :]
+    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
+    yc = np.clip(yy, 0, ny - 1)
+    xc = np.clip(xx, 0, nx - 1)
+    img = exposure.image[yc, xc].astype(np.float64)
+    var = exposure.variance[yc, xc].astype(np.float64)
+    bits = 0
+    for plane in bad_mask_planes:
+        bits |= 1 << MASK_PLANES[plane]
+    good = inside & np.isfinite(img) & np.isfinite(var)
+    if bits:
+        good &= (exposure.mask[yc, xc] & bits) == 0
+    p = np.where(good, kern, 0.0)
+    p2 = np.einsum("oij,oij->o", p, p)
+    num = np.einsum("oij,oij->o", p, np.where(good, img, 0.0))
+    var_sum = np.einsum("oij,oij->o", p * p, np.where(good, var, 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        flux = np.where(p2 > 0, num / p2, np.nan)
+        err = np.where(p2 > 0, np.sqrt(var_sum) / p2, np.nan)
+    edge = ~inside.all(axis=(1, 2))
+    return flux * exposure.photo_calib, err * exposure.photo_calib, edge
+
+
+def forced_photometry(
+    objects: pd.DataFrame,
+    bundle: DetectorBundle,
+    config: ForcedConfig,
+    *,
+    id_packer: IdPacker,
+    time_processed_mjd: float,
+) -> ForcedResult:
+    """Forced photometry of DiaObjects on one detector's difference and science images.
+
+    Parameters
+    ----------
+    objects : pandas.DataFrame
+        DiaObjects: ``diaObjectId``, ``ra``, ``dec`` (deg), ``nDiaSources``.
+        Not modified.
+    bundle : DetectorBundle
+        Difference and science exposures (WCS from the difference image) and
+        visit metadata.
+    config : ForcedConfig
+        Options.
+    id_packer : IdPacker
+        ``diaForcedSourceId = (ccdVisitId << counterBits) | row`` in the
+        DiaForcedSource ID space, ``row`` = 0.. over the measured objects in
+        the order of ``objects``.
+    time_processed_mjd : float
+        ``timeProcessedMjdTai`` (MJD, TAI).
+
+    Returns
+    -------
+    ForcedResult
+        ``sources`` has every SDM ``DiaForcedSource`` column; empty (with
+        those columns) when ``config.do_run`` is false or no object qualifies.
+
+    Raises
+    ------
+    InputError
+        A required column is missing, or the WCS cannot be evaluated.
+    """
+    require_columns(objects, ["diaObjectId", "ra", "dec", "nDiaSources"], "DiaObject")
+    if not config.do_run or len(objects) == 0:
+        return ForcedResult(sdm.empty_frame("DiaForcedSource"), np.zeros(0, dtype=bool))
+    nsrc = pd.to_numeric(objects["nDiaSources"]).to_numpy(dtype=np.float64, na_value=0)
+    ra = pd.to_numeric(objects["ra"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    dec = pd.to_numeric(objects["dec"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    eligible = (nsrc >= config.min_dia_sources) & np.isfinite(ra) & np.isfinite(dec)
+    n_inel = int((~eligible).sum())
+    sel = np.flatnonzero(eligible)
+    diff = bundle.difference
+    try:
+        x, y = diff.wcs.all_world2pix(ra[sel], dec[sel], 0)
+    except Exception as exc:  # astropy raises several types for a broken WCS
+        raise InputError(
+            f"{diff.path or 'difference image'}: WCS cannot be inverted: {exc}"
+        ) from exc
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    ny, nx = diff.shape
+    on = (
+        np.isfinite(x)
+        & np.isfinite(y)
+        & (x >= -0.5)
+        & (x < nx - 0.5)
+        & (y >= -0.5)
+        & (y < ny - 0.5)
+    )
+    n_off = int((~on).sum())
+    sel, x, y = sel[on], x[on], y[on]
+    opts = {"bad_mask_planes": config.bad_mask_planes}
+    psf_flux, psf_err, edge_d = measure_psf_flux(diff, x, y, **opts)
+    sci_flux, sci_err, edge_s = measure_psf_flux(bundle.science, x, y, **opts)
+    n = sel.size
+    v = bundle.visit
+    frame = pd.DataFrame(
+        {
+            "diaForcedSourceId": id_packer.pack(v.visit, bundle.detector, np.arange(n)),
+            "diaObjectId": objects["diaObjectId"].to_numpy(dtype=np.int64)[sel],
+            "ra": ra[sel],
+            "dec": dec[sel],
+            "visit": np.full(n, v.visit, dtype=np.int64),
+            "detector": np.full(n, bundle.detector, dtype=np.int16),
+            "psfFlux": psf_flux,
+            "psfFluxErr": psf_err,
+            "midpointMjdTai": np.full(n, v.midpointMjdTai),
+            "scienceFlux": sci_flux,
+            "scienceFluxErr": sci_err,
+            "band": np.full(n, v.band, dtype=object),
+            "timeProcessedMjdTai": np.full(n, float(time_processed_mjd)),
+        }
+    )
+    return ForcedResult(
+        sources=sdm.conform(frame, "DiaForcedSource"),
+        edge=edge_d | edge_s,
+        n_off_image=n_off,
+        n_ineligible=n_inel,
+    )
+
+
+forced_photometry_task = task(forced_photometry, name="forced_photometry", cache_policy=NO_CACHE)

@@ -1,0 +1,149 @@
+"""The APDB interface every backend implements (:class:`Apdb`)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from apdb.config import ApdbConfig
+from apdb.region import Region
+
+__all__ = ["Apdb", "StoreResult"]
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """What :meth:`Apdb.store` did for one (visit, detector).
+
+    Attributes
+    ----------
+    visit, detector : int
+        The marker written (or found).
+    already_stored : bool
+        True when the (visit, detector) had been stored before: nothing was
+        written and the counts are zero.
+    n_objects : int
+        DiaObject versions written (new objects plus new versions of old ones).
+    n_objects_updated : int
+        Of those, objects that already had a version, now closed
+        (``validityEndMjdTai`` set).
+    n_sources, n_forced_sources : int
+        DiaSource and DiaForcedSource rows written.
+    """
+
+    visit: int
+    detector: int
+    already_stored: bool
+    n_objects: int = 0
+    n_objects_updated: int = 0
+    n_sources: int = 0
+    n_forced_sources: int = 0
+
+
+class Apdb(ABC):
+    """The Alert Production Database: DiaObjects, DiaSources, DiaForcedSources.
+
+    Frames returned carry exactly the columns of the SDM table
+    (:mod:`apdb.sdm`), in schema order and dtype; an empty result is an empty
+    frame with those columns. Row order is not defined.
+    """
+
+    config: ApdbConfig
+
+    def history_start(self, visit_mjd: float) -> float:
+        """Earliest ``midpointMjdTai`` (MJD TAI) loaded for a visit at ``visit_mjd``."""
+        return float(visit_mjd) - self.config.history_days
+
+    @abstractmethod
+    def get_objects(self, region: Region) -> pd.DataFrame:
+        """The latest version of every DiaObject inside ``region``.
+
+        Parameters
+        ----------
+        region : apdb.region.Region
+            Sky region; rows come from its pixel cover, then are filtered exactly.
+
+        Returns
+        -------
+        pandas.DataFrame
+            All SDM ``DiaObject`` columns; positions in deg.
+        """
+
+    @abstractmethod
+    def get_sources(
+        self, object_ids: Iterable[int] | np.ndarray, since_mjd: float | None
+    ) -> pd.DataFrame:
+        """DiaSources of the given DiaObjects with ``midpointMjdTai >= since_mjd``.
+
+        ``since_mjd`` None reads the whole history. Returns all SDM
+        ``DiaSource`` columns; no IDs gives an empty frame.
+        """
+
+    @abstractmethod
+    def get_forced_sources(
+        self, object_ids: Iterable[int] | np.ndarray, since_mjd: float | None
+    ) -> pd.DataFrame:
+        """DiaForcedSources of the given DiaObjects with ``midpointMjdTai >= since_mjd``."""
+
+    @abstractmethod
+    def store(
+        self,
+        visit: int,
+        detector: int,
+        objects: pd.DataFrame,
+        sources: pd.DataFrame,
+        forced_sources: pd.DataFrame,
+        *,
+        time_mjd: float | None = None,
+    ) -> StoreResult:
+        """Store one detector's results in one transaction, with its marker.
+
+        Parameters
+        ----------
+        visit, detector : int
+            The (visit, detector) marker written in the same transaction.
+        objects : pandas.DataFrame
+            New DiaObjects and new versions of existing ones (SDM ``DiaObject``
+            columns; ``validityStartMjdTai``/``validityEndMjdTai`` are set here).
+        sources, forced_sources : pandas.DataFrame
+            New DiaSources and DiaForcedSources of this (visit, detector).
+        time_mjd : float, optional
+            Validity start (MJD TAI) of the new object versions; default the
+            first ``midpointMjdTai`` of ``sources`` or ``forced_sources``.
+
+        Returns
+        -------
+        StoreResult
+            ``already_stored`` is True, and nothing is written, when the
+            (visit, detector) was stored before.
+        """
+
+    @abstractmethod
+    def is_done(self, visit: int, detector: int) -> bool:
+        """Whether (visit, detector) has been stored."""
+
+    @abstractmethod
+    def done_detectors(self, visit: int) -> set[int]:
+        """Detectors of ``visit`` that have been stored."""
+
+    @abstractmethod
+    def visit_summary(self, visit: int) -> pd.DataFrame:
+        """Per stored detector of ``visit``: row counts written and store time."""
+
+    @abstractmethod
+    def row_counts(self) -> dict[str, int]:
+        """Number of rows in each APDB table."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the connections."""
+
+    def __enter__(self) -> Apdb:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

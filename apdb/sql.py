@@ -1,0 +1,802 @@
+"""The SQL backend of the APDB (:class:`ApdbSql`): SQLite and PostgreSQL.
+
+One class serves both databases, chosen by the URL. SQLAlchemy provides the
+engine, the connection pool, the URL handling and the DDL (compiled from
+:mod:`apdb.sdm`); the hot paths talk to the DB-API driver underneath it, in
+columns:
+
+* reads fetch tuples and build each DataFrame column with one numpy call
+  (never a Python object per row);
+* writes bind whole columns: ``executemany`` on SQLite, ``COPY ... FROM
+  STDIN`` (psycopg 3) on PostgreSQL;
+* long DiaObject ID lists go to the server as one parameter: a JSON array
+  expanded by ``json_each`` on SQLite, ``= ANY(%s)`` on a bigint array on
+  PostgreSQL — no chunking, no 999-parameter limit.
+
+Layout
+------
+``DiaObject``
+    Every version of every DiaObject (SDM columns). A new version closes the
+    previous one by setting its ``validityEndMjdTai``, as Rubin's dax_apdb does.
+``DiaObjectLast``
+    The latest version of each DiaObject: all SDM ``DiaObject`` columns (a
+    superset of the SDM ``DiaObjectLast``, so a region query reads one table)
+    plus ``pixelId``, the HEALPix nest pixel of (ra, dec) at the database's
+    order, indexed. A region query reads the pixel ranges covering the region
+    and then filters exactly.
+``DiaSource``, ``DiaForcedSource``
+    SDM columns; indexed on ``(diaObjectId, midpointMjdTai)`` (DiaSource) and
+    by the SDM primary key ``(diaObjectId, visit, detector)`` (DiaForcedSource).
+``ApdbVisitDetector``
+    One row per stored (visit, detector), written in the same transaction as
+    the data: the idempotency marker, with the row counts written.
+``metadata``
+    SDM ``metadata`` (name, value): ``version:schema`` (SDM version),
+    ``version:ApdbSql`` (this layout), ``config:healpix_order``.
+
+Concurrency
+-----------
+SQLite runs in WAL mode with ``busy_timeout``; writes open with ``BEGIN
+IMMEDIATE`` so two writers queue on the lock instead of failing on a
+read-to-write upgrade. PostgreSQL writes are one READ COMMITTED transaction;
+concurrent stores of the same (visit, detector) serialise on the marker's
+primary key and the second one finds it stored.
+
+Errors
+------
+Connection and lock problems (``OperationalError`` that is not a schema
+problem, pool timeouts) raise :class:`tasks.errors.TransientError`;
+integrity and schema problems raise :class:`tasks.errors.ApdbError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+
+import hpgeom
+import numpy as np
+import pandas as pd
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+from apdb import sdm
+from apdb.config import ApdbConfig
+from apdb.interface import Apdb, StoreResult
+from apdb.region import Region
+from tasks.errors import ApdbError, InputError, SchemaVersionError, TransientError
+
+__all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
+
+_LOG = logging.getLogger(__name__)
+
+#: Version of this table layout; a different major version cannot be opened.
+IMPLEMENTATION_VERSION = "1.0.0"
+
+MARKER_TABLE = "ApdbVisitDetector"
+LAST_TABLE = "DiaObjectLast"
+PIXEL_COLUMN = "pixelId"
+
+_SA_TYPES = {
+    "double": sa.Double,
+    "float": sa.REAL,
+    "long": sa.BigInteger,
+    "int": sa.Integer,
+    "short": sa.SmallInteger,
+    "byte": sa.SmallInteger,
+    "boolean": sa.Boolean,
+}
+
+_FLOAT = ("float64", "float32")
+_INT = ("int64", "int32", "int16", "int8")
+_NULLABLE_INT = ("Int64", "Int32", "Int16", "Int8")
+
+
+def _q(name: str) -> str:
+    """Quote an SDM identifier (camelCase must survive PostgreSQL)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _major(version: str) -> str:
+    return str(version).split(".", 1)[0]
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _sdm_columns(table: str) -> list[sa.Column]:
+    return [
+        sa.Column(c.name, _SA_TYPES.get(c.datatype, sa.Text)(), nullable=c.nullable)
+        for c in sdm.columns(table)
+    ]
+
+
+def build_metadata() -> sa.MetaData:
+    """The SQLAlchemy tables of the APDB, generated from the SDM schema."""
+    md = sa.MetaData()
+    sa.Table(
+        "DiaObject",
+        md,
+        *_sdm_columns("DiaObject"),
+        sa.PrimaryKeyConstraint(*sdm.primary_key("DiaObject")),
+        sa.Index("IDX_DiaObject_validityStart", "validityStartMjdTai"),
+    )
+    sa.Table(
+        LAST_TABLE,
+        md,
+        *_sdm_columns("DiaObject"),
+        sa.Column(PIXEL_COLUMN, sa.BigInteger, nullable=False),
+        sa.PrimaryKeyConstraint("diaObjectId"),
+        sa.Index("IDX_DiaObjectLast_pixelId", PIXEL_COLUMN),
+    )
+    sa.Table(
+        "DiaSource",
+        md,
+        *_sdm_columns("DiaSource"),
+        sa.PrimaryKeyConstraint(*sdm.primary_key("DiaSource")),
+        sa.Index("IDX_DiaSource_visitDetector", "visit", "detector"),
+        sa.Index("IDX_DiaSource_diaObjectId", "diaObjectId", "midpointMjdTai"),
+    )
+    sa.Table(
+        "DiaForcedSource",
+        md,
+        *_sdm_columns("DiaForcedSource"),
+        sa.PrimaryKeyConstraint(*sdm.primary_key("DiaForcedSource")),
+        sa.Index("IDX_DiaForcedSource_visitDetector", "visit", "detector"),
+    )
+    sa.Table(
+        "metadata",
+        md,
+        sa.Column("name", sa.Text, primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+    )
+    sa.Table(
+        MARKER_TABLE,
+        md,
+        sa.Column("visit", sa.BigInteger, nullable=False),
+        sa.Column("detector", sa.SmallInteger, nullable=False),
+        sa.Column("validityStartMjdTai", sa.Double, nullable=False),
+        sa.Column("storedUtc", sa.Text, nullable=False),
+        sa.Column("nDiaObjects", sa.Integer, nullable=False),
+        sa.Column("nDiaObjectsUpdated", sa.Integer, nullable=False),
+        sa.Column("nDiaSources", sa.Integer, nullable=False),
+        sa.Column("nDiaForcedSources", sa.Integer, nullable=False),
+        sa.PrimaryKeyConstraint("visit", "detector"),
+    )
+    return md
+
+
+TABLES = ("DiaObject", LAST_TABLE, "DiaSource", "DiaForcedSource", MARKER_TABLE, "metadata")
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def _frame(rows: Sequence[tuple], names: Sequence[str], dtypes: dict[str, str]) -> pd.DataFrame:
+    """Build a DataFrame from fetched tuples, one numpy conversion per column.
+
+    NULL becomes NaN in float columns and ``pd.NA`` in nullable integer and
+    boolean columns.
+    """
+    if not rows:
+        return pd.DataFrame({n: pd.Series([], dtype=dtypes[n]) for n in names})
+    data: dict[str, object] = {}
+    for name, values in zip(names, zip(*rows, strict=True), strict=True):
+        dtype = dtypes[name]
+        if dtype in _FLOAT:
+            data[name] = np.array(values, dtype=dtype)
+        elif dtype in _INT or dtype == "bool":
+            data[name] = np.array(values, dtype=dtype)
+        elif dtype in _NULLABLE_INT or dtype == "boolean":
+            arr = np.array(values, dtype=object)
+            mask = np.equal(arr, None)
+            if mask.any():
+                arr[mask] = 0
+            if dtype == "boolean":
+                data[name] = pd.arrays.BooleanArray(arr.astype(bool), mask)
+            else:
+                data[name] = pd.arrays.IntegerArray(arr.astype(dtype.lower()), mask)
+        else:
+            data[name] = pd.Series(np.array(values, dtype=object), dtype=object)
+    return pd.DataFrame(data)
+
+
+def _column_values(series: pd.Series, dtype: str, nan_to_none: bool) -> list:
+    """One column as a Python list for the driver, nulls as None."""
+    if dtype in _FLOAT:
+        arr = series.to_numpy()
+        if nan_to_none:
+            nan = np.isnan(arr)
+            if nan.any():
+                obj = arr.astype(object)
+                obj[nan] = None
+                return obj.tolist()
+        return arr.tolist()
+    if dtype in _INT or dtype == "bool":
+        return series.to_numpy().tolist()
+    if dtype in _NULLABLE_INT or dtype == "boolean":
+        return series.to_numpy(dtype=object, na_value=None).tolist()
+    arr = series.to_numpy(dtype=object)
+    null = pd.isna(arr)
+    if null.any():
+        arr = arr.copy()
+        arr[null] = None
+    return arr.tolist()
+
+
+def _rows(df: pd.DataFrame, dtypes: dict[str, str], nan_to_none: bool) -> list[tuple]:
+    cols = [_column_values(df[name], dtypes[name], nan_to_none) for name in df.columns]
+    return list(zip(*cols, strict=True))
+
+
+def _ids_array(object_ids: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
+    arr = np.asarray(object_ids if not isinstance(object_ids, pd.Series) else object_ids.to_numpy())
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        if arr.dtype == object or arr.dtype.kind == "f":
+            if pd.isna(arr).any():
+                raise InputError(f"{what}: object IDs contain null values")
+        try:
+            arr = arr.astype(np.int64)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{what}: object IDs must be integers: {exc}") from exc
+    return np.unique(arr.astype(np.int64).ravel())
+
+
+# --------------------------------------------------------------------------- errors
+
+
+_SCHEMA_WORDS = ("no such table", "no such column", "has no column", "syntax error")
+
+
+@contextlib.contextmanager
+def _mapped_errors(what: str, url: str) -> Iterator[None]:
+    """Translate driver errors: transient ones are retryable, the rest are ApdbError."""
+    try:
+        yield
+    except (InputError, ApdbError, TransientError):
+        raise
+    except sa.exc.TimeoutError as exc:
+        raise TransientError(f"APDB {url}: {what}: connection pool timeout: {exc}") from exc
+    except sa.exc.DBAPIError as exc:
+        orig = exc.orig if exc.orig is not None else exc
+        if exc.connection_invalidated or isinstance(
+            orig, (sqlite3.OperationalError, psycopg.OperationalError)
+        ):
+            if not any(w in str(orig).lower() for w in _SCHEMA_WORDS):
+                raise TransientError(f"APDB {url}: {what}: {orig}") from exc
+        raise ApdbError(f"APDB {url}: {what}: {orig}") from exc
+    except sqlite3.OperationalError as exc:
+        if any(w in str(exc).lower() for w in _SCHEMA_WORDS):
+            raise ApdbError(f"APDB {url}: {what}: {exc}") from exc
+        raise TransientError(f"APDB {url}: {what}: {exc}") from exc
+    except (
+        psycopg.OperationalError,
+        psycopg.errors.SerializationFailure,
+        psycopg.errors.DeadlockDetected,
+    ) as exc:
+        raise TransientError(f"APDB {url}: {what}: {exc}") from exc
+    except (sqlite3.Error, psycopg.Error) as exc:
+        raise ApdbError(f"APDB {url}: {what}: {exc}") from exc
+
+
+class _AlreadyStored(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- backend
+
+
+class ApdbSql(Apdb):
+    """The APDB on SQLite or PostgreSQL (see the module docstring for the layout).
+
+    Parameters
+    ----------
+    config : ApdbConfig
+        Connection settings. With ``auto_create`` an empty database gets the
+        tables; otherwise it must have been made with :meth:`create`.
+
+    Raises
+    ------
+    SchemaVersionError
+        The database was made with an incompatible SDM schema or layout version.
+    ApdbError
+        The database has no APDB tables and ``auto_create`` is False.
+    TransientError
+        The server cannot be reached.
+    """
+
+    def __init__(self, config: ApdbConfig):
+        self.config = config
+        self._url = config.safe_url()
+        self._engine = self._make_engine(config)
+        self.dialect = self._engine.dialect.name
+        self._ph = "?" if self.dialect == "sqlite" else "%s"
+        self._dtypes = {
+            "DiaObject": sdm.dtypes("DiaObject"),
+            "DiaSource": sdm.dtypes("DiaSource"),
+            "DiaForcedSource": sdm.dtypes("DiaForcedSource"),
+        }
+        try:
+            meta = self._read_metadata()
+            if meta is None:
+                if not config.auto_create:
+                    raise ApdbError(
+                        f"APDB {self._url}: no APDB tables (no 'metadata' table); "
+                        f"create them with: python -m apdb create URL"
+                    )
+                self._create_schema()
+                meta = self._read_metadata()
+            self.metadata = self._check_versions(meta or {})
+            self.order = int(self.metadata["config:healpix_order"])
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    # ------------------------------------------------------------------ setup
+
+    @classmethod
+    def create(cls, config: ApdbConfig, *, drop: bool = False) -> ApdbSql:
+        """Create the APDB tables (optionally dropping existing ones) and open it.
+
+        Creating over an existing compatible APDB keeps its data.
+        """
+        if drop:
+            engine = cls._make_engine(config)
+            try:
+                with _mapped_errors("drop tables", config.safe_url()), engine.begin() as conn:
+                    for name in TABLES:
+                        conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_q(name)}")
+            finally:
+                engine.dispose()
+        return cls(config.model_copy(update={"auto_create": True}))
+
+    @staticmethod
+    def _make_engine(config: ApdbConfig) -> sa.Engine:
+        url = config.sqlalchemy_url()
+        if url.get_backend_name() == "sqlite":
+            memory = url.database in (None, "", ":memory:")
+            kwargs: dict = {
+                "connect_args": {
+                    "check_same_thread": False,
+                    "timeout": config.sqlite_busy_timeout_ms / 1000.0,
+                }
+            }
+            if memory:
+                kwargs["poolclass"] = StaticPool
+            else:
+                kwargs.update(pool_size=config.pool_size, max_overflow=config.max_overflow)
+                kwargs["pool_timeout"] = config.pool_timeout_s
+            engine = sa.create_engine(url, **kwargs)
+            busy = int(config.sqlite_busy_timeout_ms)
+
+            @event.listens_for(engine, "connect")
+            def _on_connect(dbapi_conn, _record):
+                # Transactions are ours (BEGIN / BEGIN IMMEDIATE), not the driver's.
+                dbapi_conn.isolation_level = None
+                cur = dbapi_conn.cursor()
+                cur.execute(f"PRAGMA busy_timeout = {busy}")
+                if not memory:
+                    cur.execute("PRAGMA journal_mode = WAL")
+                    cur.execute("PRAGMA synchronous = NORMAL")
+                cur.close()
+
+            return engine
+        return sa.create_engine(
+            url,
+            pool_size=config.pool_size,
+            max_overflow=config.max_overflow,
+            pool_timeout=config.pool_timeout_s,
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": config.connect_timeout_s},
+        )
+
+    @contextlib.contextmanager
+    def _connection(self, what: str, *, write: bool = False) -> Iterator:
+        """A pooled DB-API connection; with ``write`` one transaction, committed on success."""
+        with _mapped_errors(what, self._url):
+            proxy = self._engine.raw_connection()
+            try:
+                conn = proxy.driver_connection
+                if write and self.dialect == "sqlite":
+                    conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield conn
+                except BaseException:
+                    conn.rollback()
+                    raise
+                if write:
+                    conn.commit()
+                else:
+                    conn.rollback()
+            finally:
+                proxy.close()
+
+    def _read_metadata(self) -> dict[str, str] | None:
+        with _mapped_errors("read metadata", self._url):
+            if not sa.inspect(self._engine).has_table("metadata"):
+                return None
+        with self._connection("read metadata") as conn:
+            cur = conn.cursor()
+            cur.execute('SELECT "name", "value" FROM "metadata"')
+            return dict(cur.fetchall())
+
+    def _create_schema(self) -> None:
+        md = build_metadata()
+        dialect = self._engine.dialect
+        statements = []
+        for table in md.sorted_tables:
+            statements.append(str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)))
+            for index in table.indexes:
+                statements.append(
+                    str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect))
+                )
+        meta = {
+            "version:schema": sdm.schema_version(),
+            "version:ApdbSql": IMPLEMENTATION_VERSION,
+            "config:healpix_order": str(self.config.healpix_order),
+            "config:pixelization": "healpix-nest",
+        }
+        ph = self._ph
+        try:
+            with self._connection("create tables", write=True) as conn:
+                cur = conn.cursor()
+                for stmt in statements:
+                    cur.execute(stmt)
+                cur.executemany(
+                    f'INSERT INTO "metadata" ("name", "value") VALUES ({ph}, {ph}) '
+                    f'ON CONFLICT ("name") DO NOTHING',
+                    list(meta.items()),
+                )
+        except ApdbError:
+            # A concurrent creator on PostgreSQL may win the race; accept its tables.
+            if self._read_metadata() is None:
+                raise
+        _LOG.info("created APDB tables at %s", self._url)
+
+    def _check_versions(self, meta: dict[str, str]) -> dict[str, str]:
+        want_schema = sdm.schema_version()
+        have_schema = meta.get("version:schema")
+        if have_schema is None or _major(have_schema) != _major(want_schema):
+            raise SchemaVersionError(
+                f"APDB {self._url}: metadata version:schema is {have_schema!r}, this code "
+                f"uses SDM APDB schema {want_schema} (major versions must match)"
+            )
+        have_impl = meta.get("version:ApdbSql")
+        if have_impl is None or _major(have_impl) != _major(IMPLEMENTATION_VERSION):
+            raise SchemaVersionError(
+                f"APDB {self._url}: metadata version:ApdbSql is {have_impl!r}, this code "
+                f"writes layout {IMPLEMENTATION_VERSION} (major versions must match)"
+            )
+        if "config:healpix_order" not in meta:
+            raise SchemaVersionError(f"APDB {self._url}: metadata lacks config:healpix_order")
+        return meta
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"ApdbSql({self._url!r})"
+
+    # ------------------------------------------------------------------ reads
+
+    def _select(self, table: str, columns: Sequence[str], where: str, params: list, what: str):
+        sql = f"SELECT {', '.join(_q(c) for c in columns)} FROM {_q(table)} WHERE {where}"
+        with self._connection(what) as conn:
+            cur = conn.cursor()
+            cur.execute(sql, params)
+            return cur.fetchall()
+
+    def get_objects(self, region: Region) -> pd.DataFrame:
+        """The latest version of every DiaObject inside ``region`` (all SDM columns).
+
+        Rows come from the ``pixelId`` ranges covering ``region`` (the index)
+        and are then filtered exactly with ``region.contains``.
+        """
+        ranges = region.pixel_ranges(self.order, self.config.max_pixel_ranges)
+        names = list(self._dtypes["DiaObject"])
+        if len(ranges) == 0:
+            return sdm.empty_frame("DiaObject")
+        ph = self._ph
+        pix = _q(PIXEL_COLUMN)
+        where = " OR ".join([f"({pix} >= {ph} AND {pix} < {ph})"] * len(ranges))
+        rows = self._select(LAST_TABLE, names, where, ranges.ravel().tolist(), "get_objects")
+        df = _frame(rows, names, self._dtypes["DiaObject"])
+        if len(df):
+            inside = region.contains(df["ra"].to_numpy(), df["dec"].to_numpy())
+            if not inside.all():
+                df = df.loc[inside].reset_index(drop=True)
+        return df
+
+    def _get_history(self, table: str, object_ids, since_mjd: float | None) -> pd.DataFrame:
+        ids = _ids_array(object_ids, f"{table} query")
+        dtypes = self._dtypes[table]
+        names = list(dtypes)
+        if ids.size == 0:
+            return sdm.empty_frame(table)
+        if self.dialect == "sqlite":
+            where = '"diaObjectId" IN (SELECT value FROM json_each(?))'
+            params: list = ["[" + ",".join(map(str, ids.tolist())) + "]"]
+        else:
+            where = '"diaObjectId" = ANY(%s)'
+            params = [ids.tolist()]
+        if since_mjd is not None:
+            if not np.isfinite(since_mjd):
+                raise InputError(f"{table} query: since_mjd must be finite, got {since_mjd}")
+            where += f' AND "midpointMjdTai" >= {self._ph}'
+            params.append(float(since_mjd))
+        rows = self._select(table, names, where, params, f"read {table}")
+        return _frame(rows, names, dtypes)
+
+    def get_sources(self, object_ids, since_mjd: float | None) -> pd.DataFrame:
+        """DiaSources of ``object_ids`` with ``midpointMjdTai >= since_mjd`` (MJD TAI).
+
+        ``since_mjd`` None reads the whole history; see :meth:`history_start`.
+        """
+        return self._get_history("DiaSource", object_ids, since_mjd)
+
+    def get_forced_sources(self, object_ids, since_mjd: float | None) -> pd.DataFrame:
+        """DiaForcedSources of ``object_ids`` with ``midpointMjdTai >= since_mjd`` (MJD TAI)."""
+        return self._get_history("DiaForcedSource", object_ids, since_mjd)
+
+    def get_object_history(self, object_ids) -> pd.DataFrame:
+        """Every stored version of the given DiaObjects (from the ``DiaObject`` table)."""
+        ids = _ids_array(object_ids, "DiaObject query")
+        if ids.size == 0:
+            return sdm.empty_frame("DiaObject")
+        names = list(self._dtypes["DiaObject"])
+        if self.dialect == "sqlite":
+            where = '"diaObjectId" IN (SELECT value FROM json_each(?))'
+            params: list = [json.dumps(ids.tolist())]
+        else:
+            where = '"diaObjectId" = ANY(%s)'
+            params = [ids.tolist()]
+        rows = self._select("DiaObject", names, where, params, "read DiaObject")
+        return _frame(rows, names, self._dtypes["DiaObject"])
+
+    # ------------------------------------------------------------------ markers
+
+    def is_done(self, visit: int, detector: int) -> bool:
+        """Whether (visit, detector) has been stored."""
+        ph = self._ph
+        with self._connection("is_done") as conn:
+            cur = conn.cursor()
+            cur.execute(
+                f'SELECT 1 FROM {_q(MARKER_TABLE)} WHERE "visit" = {ph} AND "detector" = {ph}',
+                [int(visit), int(detector)],
+            )
+            return cur.fetchone() is not None
+
+    def done_detectors(self, visit: int) -> set[int]:
+        """Detectors of ``visit`` that have been stored."""
+        with self._connection("done_detectors") as conn:
+            cur = conn.cursor()
+            cur.execute(
+                f'SELECT "detector" FROM {_q(MARKER_TABLE)} WHERE "visit" = {self._ph}',
+                [int(visit)],
+            )
+            return {int(r[0]) for r in cur.fetchall()}
+
+    def visit_summary(self, visit: int) -> pd.DataFrame:
+        """Per stored detector of ``visit``: counts written and when, sorted by detector."""
+        names = [
+            "detector",
+            "nDiaObjects",
+            "nDiaObjectsUpdated",
+            "nDiaSources",
+            "nDiaForcedSources",
+            "validityStartMjdTai",
+            "storedUtc",
+        ]
+        dtypes = dict.fromkeys(names, "int64") | {
+            "validityStartMjdTai": "float64",
+            "storedUtc": "object",
+        }
+        rows = self._select(MARKER_TABLE, names, f'"visit" = {self._ph}', [int(visit)], "visit")
+        return _frame(rows, names, dtypes).sort_values("detector").reset_index(drop=True)
+
+    def visits(self) -> pd.DataFrame:
+        """Per stored visit: number of detectors and rows written."""
+        sql = (
+            f'SELECT "visit", COUNT(*), SUM("nDiaObjects"), SUM("nDiaSources"), '
+            f'SUM("nDiaForcedSources") FROM {_q(MARKER_TABLE)} GROUP BY "visit" ORDER BY "visit"'
+        )
+        names = ["visit", "nDetectors", "nDiaObjects", "nDiaSources", "nDiaForcedSources"]
+        with self._connection("visits") as conn:
+            cur = conn.cursor()
+            cur.execute(sql)
+            rows = cur.fetchall()
+        return _frame(rows, names, dict.fromkeys(names, "int64"))
+
+    def row_counts(self) -> dict[str, int]:
+        """Number of rows in each APDB table."""
+        out = {}
+        with self._connection("row counts") as conn:
+            cur = conn.cursor()
+            for name in TABLES:
+                cur.execute(f"SELECT COUNT(*) FROM {_q(name)}")
+                out[name] = int(cur.fetchone()[0])
+        return out
+
+    def size_bytes(self) -> int:
+        """Bytes on disk: the SQLite file with its WAL, or the PostgreSQL database."""
+        if self.dialect == "sqlite":
+            path = self._engine.url.database
+            if not path or path == ":memory:":
+                return 0
+            return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
+        with self._connection("size") as conn:
+            cur = conn.cursor()
+            cur.execute("SELECT pg_database_size(current_database())")
+            return int(cur.fetchone()[0])
+
+    # ------------------------------------------------------------------ store
+
+    def _prepare_objects(self, objects: pd.DataFrame, time_mjd: float) -> pd.DataFrame:
+        objs = objects.assign(validityStartMjdTai=time_mjd, validityEndMjdTai=np.nan)
+        objs = sdm.conform(objs, "DiaObject")
+        ra, dec = objs["ra"].to_numpy(), objs["dec"].to_numpy()
+        bad = ~(np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InputError(
+                f"DiaObject: ra/dec must be finite with |dec| <= 90 deg; diaObjectId "
+                f"{int(objs['diaObjectId'].iloc[i])} has ({ra[i]}, {dec[i]})"
+            )
+        _unique(objs["diaObjectId"], "DiaObject.diaObjectId")
+        return objs
+
+    def store(
+        self,
+        visit: int,
+        detector: int,
+        objects: pd.DataFrame | None,
+        sources: pd.DataFrame | None,
+        forced_sources: pd.DataFrame | None,
+        *,
+        time_mjd: float | None = None,
+    ) -> StoreResult:
+        """Store one detector's objects, sources and forced sources in one transaction.
+
+        See :meth:`apdb.interface.Apdb.store`. Inputs are validated against the
+        SDM schema before the transaction opens (:class:`InputError`); a
+        failure inside it rolls everything back, marker included.
+        """
+        visit, detector = int(visit), int(detector)
+        objects = sdm.empty_frame("DiaObject") if objects is None else objects
+        sources = sdm.empty_frame("DiaSource") if sources is None else sources
+        forced_sources = (
+            sdm.empty_frame("DiaForcedSource") if forced_sources is None else forced_sources
+        )
+        if time_mjd is None:
+            for frame in (sources, forced_sources):
+                if len(frame) and "midpointMjdTai" in frame.columns:
+                    time_mjd = float(frame["midpointMjdTai"].iloc[0])
+                    break
+            else:
+                if len(objects):
+                    raise InputError(
+                        f"store({visit}, {detector}): time_mjd is needed when there are "
+                        f"DiaObjects but no sources to take the visit time from"
+                    )
+                time_mjd = float("nan")
+        elif not np.isfinite(time_mjd):
+            raise InputError(f"store({visit}, {detector}): time_mjd must be finite")
+
+        objs = self._prepare_objects(objects, time_mjd)
+        srcs = sdm.conform(sources, "DiaSource")
+        fsrcs = sdm.conform(forced_sources, "DiaForcedSource")
+        for frame, table in ((srcs, "DiaSource"), (fsrcs, "DiaForcedSource")):
+            _check_visit_detector(frame, table, visit, detector)
+        _unique(srcs["diaSourceId"], "DiaSource.diaSourceId")
+        _unique(fsrcs["diaObjectId"], "DiaForcedSource.diaObjectId")
+
+        nan_none = self.dialect != "sqlite"
+        obj_rows = _rows(objs, self._dtypes["DiaObject"], nan_none)
+        pixels = hpgeom.angle_to_pixel(
+            hpgeom.order_to_nside(self.order), objs["ra"].to_numpy(), objs["dec"].to_numpy()
+        )
+        last_rows = [(*row, pix) for row, pix in zip(obj_rows, pixels.tolist(), strict=True)]
+        src_rows = _rows(srcs, self._dtypes["DiaSource"], nan_none)
+        fsrc_rows = _rows(fsrcs, self._dtypes["DiaForcedSource"], nan_none)
+        ids = objs["diaObjectId"].to_numpy()
+        stored = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+
+        ph = self._ph
+        try:
+            with self._connection(f"store visit {visit} detector {detector}", write=True) as conn:
+                cur = conn.cursor()
+                cur.execute(
+                    f"INSERT INTO {_q(MARKER_TABLE)} "
+                    f'("visit", "detector", "validityStartMjdTai", "storedUtc", "nDiaObjects", '
+                    f'"nDiaObjectsUpdated", "nDiaSources", "nDiaForcedSources") '
+                    f"VALUES ({', '.join([ph] * 8)}) "
+                    f'ON CONFLICT ("visit", "detector") DO NOTHING',
+                    [visit, detector, time_mjd, stored, len(objs), 0, len(srcs), len(fsrcs)],
+                )
+                if cur.rowcount == 0:
+                    raise _AlreadyStored
+                n_updated = 0
+                if len(objs):
+                    n_updated = self._write_objects(cur, ids, time_mjd, obj_rows, last_rows)
+                    if n_updated:
+                        cur.execute(
+                            f'UPDATE {_q(MARKER_TABLE)} SET "nDiaObjectsUpdated" = {ph} '
+                            f'WHERE "visit" = {ph} AND "detector" = {ph}',
+                            [n_updated, visit, detector],
+                        )
+                self._insert(cur, "DiaSource", list(srcs.columns), src_rows)
+                self._insert(cur, "DiaForcedSource", list(fsrcs.columns), fsrc_rows)
+        except _AlreadyStored:
+            _LOG.info("visit %d detector %d already stored in %s", visit, detector, self._url)
+            return StoreResult(visit, detector, already_stored=True)
+        return StoreResult(
+            visit,
+            detector,
+            already_stored=False,
+            n_objects=len(objs),
+            n_objects_updated=n_updated,
+            n_sources=len(srcs),
+            n_forced_sources=len(fsrcs),
+        )
+
+    def _id_filter(self, ids: np.ndarray) -> tuple[str, object]:
+        if self.dialect == "sqlite":
+            return "IN (SELECT value FROM json_each(?))", "[" + ",".join(
+                map(str, ids.tolist())
+            ) + "]"
+        return "= ANY(%s)", ids.tolist()
+
+    def _write_objects(self, cur, ids, time_mjd, obj_rows, last_rows) -> int:
+        """Close the open versions of ``ids``, replace them in the last table, add rows."""
+        cond, param = self._id_filter(ids)
+        cur.execute(
+            f'UPDATE "DiaObject" SET "validityEndMjdTai" = {self._ph} '
+            f'WHERE "diaObjectId" {cond} AND "validityEndMjdTai" IS NULL',
+            [time_mjd, param],
+        )
+        n_updated = max(cur.rowcount, 0)
+        cur.execute(f'DELETE FROM {_q(LAST_TABLE)} WHERE "diaObjectId" {cond}', [param])
+        names = list(self._dtypes["DiaObject"])
+        self._insert(cur, LAST_TABLE, [*names, PIXEL_COLUMN], last_rows)
+        self._insert(cur, "DiaObject", names, obj_rows)
+        return n_updated
+
+    def _insert(self, cur, table: str, names: list[str], rows: list[tuple]) -> None:
+        if not rows:
+            return
+        cols = ", ".join(_q(n) for n in names)
+        if self.dialect == "sqlite":
+            values = ", ".join(["?"] * len(names))
+            cur.executemany(f"INSERT INTO {_q(table)} ({cols}) VALUES ({values})", rows)
+        else:
+            with cur.copy(f"COPY {_q(table)} ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+
+
+def _unique(series: pd.Series, what: str) -> None:
+    dup = series.duplicated()
+    if dup.any():
+        raise InputError(f"{what}: duplicate value {series[dup].iloc[0]} in the input")
+
+
+def _check_visit_detector(frame: pd.DataFrame, table: str, visit: int, detector: int) -> None:
+    for column, want in (("visit", visit), ("detector", detector)):
+        values = frame[column].to_numpy()
+        wrong = values != want
+        if wrong.any():
+            raise InputError(
+                f"{table}.{column}: store({visit}, {detector}) got {int(wrong.sum())} row(s) "
+                f"with {column} = {values[wrong][0]}"
+            )

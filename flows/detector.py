@@ -1,0 +1,258 @@
+"""One detector through every stage: the glue between the stage functions.
+
+Each ``*_detector`` function runs one stage for one detector by calling the
+pure stage function from :mod:`tasks` or :mod:`alerts`; the Prefect tasks in
+:mod:`flows.stages` call them for a group of detectors. No science lives here:
+only which inputs each stage gets.
+
+Images are not passed between tasks (a detector's three images are ~10 MB):
+each stage that needs pixels gets the bundle from :func:`get_bundle`, a small
+per-process cache keyed by the files' checksums, so threads share one read
+and Dask workers read what they need.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from alerts.cutouts import make_cutouts
+from alerts.packet import AlertBatch, package_alerts
+from apdb import Apdb, Polygon, make_apdb
+from apdb.config import ApdbConfig
+from apdb.interface import StoreResult
+from flows.config import PipelineConfig
+from tasks.associate import Association, associate
+from tasks.bundle import DetectorBundle, VisitInfo, read_detector_bundle
+from tasks.calibrate import calibrate
+from tasks.forced import forced_photometry
+from tasks.ids import IdPacker
+from tasks.summarise import summarise
+
+__all__ = [
+    "Associated",
+    "Loaded",
+    "associate_detector",
+    "calibrate_detector",
+    "cutout_detector",
+    "forced_detector",
+    "get_apdb",
+    "get_bundle",
+    "load_detector",
+    "package_detector",
+    "store_detector",
+]
+
+FOOTPRINT_PAD_ARCSEC = 2.0  # SPEC §4.1: the WCS polygon of the corners, padded by 2″
+BBOX_GROW_PX = 10.0  # SPEC §4.1: objects outside the bbox grown by 10 px are dropped
+
+_bundles: OrderedDict[tuple, DetectorBundle] = OrderedDict()
+_bundles_lock = threading.Lock()
+_BUNDLE_CACHE_SIZE = 48
+
+
+def get_bundle(
+    root: str, visit: VisitInfo, detector: int, config: PipelineConfig
+) -> DetectorBundle:
+    """The detector's bundle, read once per process (LRU of the last few dozen)."""
+    key = (root, visit.visit, int(detector), config.reader)
+    with _bundles_lock:
+        if key in _bundles:
+            _bundles.move_to_end(key)
+            return _bundles[key]
+    bundle = read_detector_bundle(
+        root, visit.visit, detector, visit_info=visit, config=config.reader
+    )
+    with _bundles_lock:
+        _bundles[key] = bundle
+        while len(_bundles) > _BUNDLE_CACHE_SIZE:
+            _bundles.popitem(last=False)
+    return bundle
+
+
+def forget_bundles() -> None:
+    """Drop every cached bundle (end of a visit)."""
+    with _bundles_lock:
+        _bundles.clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _apdb(config: ApdbConfig) -> Apdb:
+    return make_apdb(config)
+
+
+def get_apdb(config: PipelineConfig) -> Apdb:
+    """The APDB client for this process, built from config (one per URL)."""
+    return _apdb(config.apdb)
+
+
+@dataclass(frozen=True, eq=False)
+class Loaded:
+    """What the APDB held for a detector before this visit."""
+
+    objects: pd.DataFrame
+    sources: pd.DataFrame
+    forced: pd.DataFrame
+    n_in_region: int
+    n_outside_bbox: int
+
+
+@dataclass(frozen=True, eq=False)
+class Associated:
+    """Association result and the DiaObjects it touched, summarised."""
+
+    association: Association
+    objects: pd.DataFrame  # new and updated DiaObjects (SDM columns)
+    all_objects: pd.DataFrame  # every DiaObject on the detector after this visit
+
+
+def footprint(bundle: DetectorBundle) -> Polygon:
+    """Sky polygon of the detector's corners, padded outward by 2″."""
+    ny, nx = bundle.difference.shape
+    wcs = bundle.difference.wcs
+    corners = np.array([[-0.5, -0.5], [nx - 0.5, -0.5], [nx - 0.5, ny - 0.5], [-0.5, ny - 0.5]])
+    centre = np.array([(nx - 1) / 2, (ny - 1) / 2])
+    scale_px = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600  # ″/px
+    direction = corners - centre
+    direction /= np.linalg.norm(direction, axis=1)[:, None]
+    padded = corners + direction * (FOOTPRINT_PAD_ARCSEC / scale_px) * np.sqrt(2)
+    ra, dec = wcs.all_pix2world(padded, 0).T
+    return Polygon(ra, dec)
+
+
+def _in_bbox(bundle: DetectorBundle, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    if len(ra) == 0:
+        return np.zeros(0, bool)
+    ny, nx = bundle.difference.shape
+    x, y = bundle.difference.wcs.all_world2pix(ra, dec, 0)
+    g = BBOX_GROW_PX
+    return (x >= -0.5 - g) & (x <= nx - 0.5 + g) & (y >= -0.5 - g) & (y <= ny - 0.5 + g)
+
+
+def load_detector(root: str, visit: VisitInfo, detector: int, config: PipelineConfig) -> Loaded:
+    """Stage 1: DiaObjects in the footprint and their 12-month history."""
+    bundle = get_bundle(root, visit, detector, config)
+    apdb = get_apdb(config)
+    objects = apdb.get_objects(footprint(bundle))
+    n_region = len(objects)
+    keep = _in_bbox(bundle, objects["ra"].to_numpy(), objects["dec"].to_numpy())
+    objects = objects[keep].reset_index(drop=True)
+    ids = objects["diaObjectId"].to_numpy()
+    since = apdb.history_start(visit.midpointMjdTai)
+    return Loaded(
+        objects=objects,
+        sources=apdb.get_sources(ids, since),
+        forced=apdb.get_forced_sources(ids, since),
+        n_in_region=n_region,
+        n_outside_bbox=int(n_region - keep.sum()),
+    )
+
+
+def calibrate_detector(
+    root: str, visit: VisitInfo, detector: int, config: PipelineConfig, time_mjd: float
+) -> pd.DataFrame:
+    """Stage 2: instrumental catalog → APDB DiaSource rows."""
+    bundle = get_bundle(root, visit, detector, config)
+    return calibrate(
+        bundle.sources,
+        bundle,
+        config.calibrate,
+        id_packer=IdPacker(config.ids),
+        time_processed_mjd=time_mjd,
+    )
+
+
+def associate_detector(
+    loaded: Loaded, calibrated: pd.DataFrame, config: PipelineConfig, time_mjd: float
+) -> Associated:
+    """Stage 3 and 4: associate, then summarise every touched DiaObject."""
+    assoc = associate(calibrated, loaded.objects, config.association)
+    updated = summarise(
+        loaded.objects,
+        loaded.sources,
+        assoc.sources,
+        config.summary,
+        time_mjd=time_mjd,
+        forced_sources=loaded.forced,
+    )
+    touched = set(updated["diaObjectId"].tolist())
+    untouched = loaded.objects[~loaded.objects["diaObjectId"].isin(touched)]
+    all_objects = pd.concat([untouched, updated], ignore_index=True) if len(untouched) else updated
+    return Associated(association=assoc, objects=updated, all_objects=all_objects)
+
+
+def forced_detector(
+    root: str,
+    visit: VisitInfo,
+    detector: int,
+    config: PipelineConfig,
+    associated: Associated,
+    time_mjd: float,
+) -> pd.DataFrame:
+    """Stage 5: forced photometry of every eligible DiaObject on the detector."""
+    bundle = get_bundle(root, visit, detector, config)
+    result = forced_photometry(
+        associated.all_objects,
+        bundle,
+        config.forced,
+        id_packer=IdPacker(config.ids),
+        time_processed_mjd=time_mjd,
+    )
+    return result.sources
+
+
+def store_detector(
+    visit: VisitInfo,
+    detector: int,
+    config: PipelineConfig,
+    associated: Associated,
+    forced: pd.DataFrame,
+    time_mjd: float,
+) -> StoreResult:
+    """Stage 6: one transaction with the (visit, detector) marker; idempotent."""
+    return get_apdb(config).store(
+        visit.visit,
+        detector,
+        associated.objects,
+        associated.association.sources,
+        forced,
+        time_mjd=time_mjd,
+    )
+
+
+def cutout_detector(
+    root: str, visit: VisitInfo, detector: int, config: PipelineConfig, associated: Associated
+) -> dict:
+    """Stage 7: three stamps per new DiaSource."""
+    bundle = get_bundle(root, visit, detector, config)
+    return make_cutouts(associated.association.sources, bundle, config.cutouts)
+
+
+def package_detector(
+    visit: VisitInfo,
+    detector: int,
+    config: PipelineConfig,
+    loaded: Loaded,
+    associated: Associated,
+    forced: pd.DataFrame,
+    cutouts: dict,
+) -> AlertBatch:
+    """Stage 8: one Avro alert per new DiaSource."""
+    history_forced = (
+        pd.concat([loaded.forced, forced], ignore_index=True) if len(forced) else loaded.forced
+    )
+    return package_alerts(
+        associated.association.sources,
+        associated.objects,
+        loaded.sources,
+        history_forced,
+        cutouts,
+        visit,
+        config.packaging,
+        detector=detector,
+    )

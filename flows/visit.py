@@ -1,0 +1,479 @@
+"""The per-visit flow: fan out over detectors, run every stage, collect results.
+
+``process_visit`` is the Prefect flow; ``python -m flows.visit`` simulates a
+small visit and runs it on the embedded defaults (SQLite, local files). No
+science here: the stages live in :mod:`tasks` and :mod:`alerts`, the
+per-detector glue in :mod:`flows.detector`, the task wrappers in
+:mod:`flows.stages`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from astropy.time import Time
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import wait
+from prefect.states import Completed
+
+from flows import detector as D
+from flows.config import PipelineConfig
+from flows.produce import produce_detector
+from flows.stages import STAGES, GroupResult, configure, stage_task
+from tasks.bundle import VisitInfo, read_visit_info
+from tasks.errors import InputError, TransientError
+
+__all__ = ["VisitResult", "main", "process_visit"]
+
+
+# -- stage adapters: (root, visit, detector, config, upstream values, time) -> (value, counts)
+
+
+def _load(root, visit, det, config, inputs, t):
+    loaded = D.load_detector(root, visit, det, config)
+    return loaded, {
+        "objects": len(loaded.objects),
+        "sources": len(loaded.sources),
+        "forced": len(loaded.forced),
+    }
+
+
+def _calibrate(root, visit, det, config, inputs, t):
+    cal = D.calibrate_detector(root, visit, det, config, t)
+    return cal, {"sources": len(cal)}
+
+
+def _associate(root, visit, det, config, inputs, t):
+    loaded, cal = inputs
+    a = D.associate_detector(loaded, cal, config, t)
+    s = a.association
+    return a, {
+        "matched": s.n_matched,
+        "new": s.n_new,
+        "rejected": s.n_rejected,
+        "nan_dropped": s.n_nan_dropped,
+        "objects": len(a.objects),
+    }
+
+
+def _forced(root, visit, det, config, inputs, t):
+    (assoc,) = inputs
+    forced = D.forced_detector(root, visit, det, config, assoc, t)
+    return forced, {"forced": len(forced)}
+
+
+def _store(root, visit, det, config, inputs, t):
+    assoc, forced = inputs
+    r = D.store_detector(visit, det, config, assoc, forced, t)
+    return r, {
+        "objects": r.n_objects,
+        "sources": r.n_sources,
+        "forced": r.n_forced_sources,
+        "already_stored": int(r.already_stored),
+    }
+
+
+def _cutout(root, visit, det, config, inputs, t):
+    (assoc,) = inputs
+    stamps = D.cutout_detector(root, visit, det, config, assoc)
+    return stamps, {"stamps": sum(s is not None for v in stamps.values() for s in v)}
+
+
+def _package(root, visit, det, config, inputs, t):
+    loaded, assoc, forced, stamps = inputs
+    if not config.packaging.do_package:
+        return None, {"alerts": 0}
+    batch = D.package_detector(visit, det, config, loaded, assoc, forced, stamps)
+    return batch, {"alerts": len(batch)}
+
+
+def _produce(root, visit, det, config, inputs, t):
+    batch, stored = inputs
+    return produce_detector(visit, det, config, batch)
+
+
+load_task = stage_task("load", _load)
+calibrate_task = stage_task("calibrate", _calibrate)
+associate_task = stage_task("associate", _associate)
+forced_task = stage_task("forced", _forced)
+store_task = stage_task("store", _store, cached=False)
+cutout_task = stage_task("cutout", _cutout)
+package_task = stage_task("package", _package)
+produce_task = stage_task("produce", _produce)
+
+
+class VisitResult(dict):
+    """The flow's return value: a plain dict (JSON-friendly) with these keys.
+
+    ``visit``, ``detectors`` (processed), ``succeeded`` (list), ``failed``
+    (detector → error), ``alerts`` (total), ``alert_files``, ``stage_seconds``
+    (stage → total seconds), ``table`` (per detector and stage rows), ``wall_s``.
+    """
+
+
+def _now_mjd_tai() -> float:
+    return float(Time.now().tai.mjd)
+
+
+def _chunks(items: list[int], n: int) -> list[list[int]]:
+    return [items[i : i + n] for i in range(0, len(items), n)]
+
+
+def _group_failure(state, stage: str) -> str:
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as e:
+        exc = e
+    kind = "retries exhausted" if isinstance(exc, TransientError) else "task failed"
+    return f"{stage}: {kind}: {type(exc).__name__}: {exc}"
+
+
+@flow(name="process-visit", log_prints=False, validate_parameters=True)
+def process_visit(
+    bundle_root: str,
+    visit: int,
+    detectors: list[int] | None = None,
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen pydantic model
+    show_progress: bool = False,
+):
+    """Process one visit: every stage for every detector, alerts out.
+
+    Parameters
+    ----------
+    bundle_root : str
+        Root of the visit bundles (local path or ``s3://bucket/prefix``).
+    visit : int
+        Visit number; ``{bundle_root}/{visit}/visit.json`` must exist.
+    detectors : list of int, optional
+        Subset of the visit's detectors (default: all of them).
+    config : PipelineConfig
+        All settings; validated by Prefect and shown as a form in the UI.
+    show_progress : bool
+        Print a progress bar on stderr (the command line sets it).
+
+    Returns
+    -------
+    VisitResult
+        A dict; the flow run ends ``Completed`` when every detector succeeded
+        and ``Completed`` named ``Partial`` (with the failures in its message)
+        otherwise.
+    """
+    logger = get_run_logger()
+    t_start = time.perf_counter()
+    info: VisitInfo = read_visit_info(bundle_root, visit)
+    dets = list(info.detectors) if not detectors else [int(d) for d in detectors]
+    unknown = sorted(set(dets) - set(info.detectors))
+    if unknown:
+        raise InputError(
+            f"{bundle_root}/{visit}/visit.json: detectors {unknown} are not in the visit"
+        )
+    # Fail fast, before any work, when the APDB cannot be reached.
+    already = D.get_apdb(config).done_detectors(info.visit)
+    time_mjd = _now_mjd_tai()
+    logger.info(
+        "visit %s: %d detectors (%d already stored), band %s, APDB %s",
+        info.visit,
+        len(dets),
+        len(already & set(dets)),
+        info.band,
+        config.apdb.safe_url(),
+    )
+
+    cached = config.orchestration.cache
+    t = {
+        name: configure(task_, config, cached=(name != "store"))
+        for name, task_ in zip(
+            STAGES,
+            (
+                load_task,
+                calibrate_task,
+                associate_task,
+                forced_task,
+                store_task,
+                cutout_task,
+                package_task,
+                produce_task,
+            ),
+            strict=True,
+        )
+    }
+    del cached
+    groups = _chunks(dets, config.orchestration.detectors_per_task)
+    futures: list[dict[str, Any]] = []
+    for g in groups:
+        args = (bundle_root, info, g, config, time_mjd)
+        f: dict[str, Any] = {}
+        f["load"] = t["load"].submit(*args)
+        f["calibrate"] = t["calibrate"].submit(*args)
+        f["associate"] = t["associate"].submit(*args, upstream=(f["load"], f["calibrate"]))
+        f["forced"] = t["forced"].submit(*args, upstream=(f["associate"],))
+        f["store"] = t["store"].submit(*args, upstream=(f["associate"], f["forced"]))
+        f["cutout"] = t["cutout"].submit(*args, upstream=(f["associate"],))
+        f["package"] = t["package"].submit(
+            *args, upstream=(f["load"], f["associate"], f["forced"], f["cutout"])
+        )
+        f["produce"] = t["produce"].submit(*args, upstream=(f["package"], f["store"]))
+        futures.append(f)
+
+    if show_progress:
+        _progress(futures, len(dets), groups)
+    wait([f["produce"] for f in futures])
+    result = _collect(info, groups, futures, time.perf_counter() - t_start)
+    D.forget_bundles()
+    _artifacts(result)
+    n_failed = len(result["failed"])
+    if n_failed:
+        msg = f"partial: {n_failed} of {len(dets)} detectors failed: " + "; ".join(
+            f"{d}: {e}" for d, e in sorted(result["failed"].items())[:5]
+        )
+        logger.warning(msg)
+        return Completed(name="Partial", message=msg[:2000], data=result)
+    logger.info("visit %s: %d alerts from %d detectors", info.visit, result["alerts"], len(dets))
+    return result
+
+
+def _progress(futures, n_dets: int, groups) -> None:
+    from prefect.futures import as_completed
+
+    done = 0
+    by_future = {id(f["produce"]): len(g) for f, g in zip(futures, groups, strict=True)}
+    for fut in as_completed([f["produce"] for f in futures]):
+        done += by_future[id(fut)]
+        width = 30
+        filled = int(width * done / n_dets)
+        print(
+            f"\r  [{'#' * filled}{'.' * (width - filled)}] {done}/{n_dets} detectors",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+    print(file=sys.stderr)
+
+
+def _collect(info: VisitInfo, groups, futures, wall_s: float) -> VisitResult:
+    failed: dict[int, str] = {}
+    rows: list[dict[str, Any]] = []
+    stage_seconds = dict.fromkeys(STAGES, 0.0)
+    alerts = 0
+    files: list[str] = []
+    for g, f in zip(groups, futures, strict=True):
+        results: dict[str, GroupResult | None] = {}
+        for stage in STAGES:
+            state = f[stage].state
+            if state.is_completed():
+                results[stage] = f[stage].result()
+            else:
+                results[stage] = None
+                for det in g:
+                    failed.setdefault(det, _group_failure(state, stage))
+        for det in g:
+            row: dict[str, Any] = {"detector": det}
+            for stage in STAGES:
+                r = results[stage]
+                if r is None:
+                    continue
+                if det in r.errors:
+                    failed.setdefault(det, r.errors[det])
+                sec = r.seconds.get(det)
+                if sec is not None:
+                    row[f"{stage}_ms"] = round(sec * 1000, 1)
+                    stage_seconds[stage] += sec
+                for k, v in r.counts.get(det, {}).items():
+                    row[f"{stage}_{k}"] = v
+            prod = results["produce"]
+            if prod is not None and det in prod.values:
+                p = prod.values[det]
+                alerts += p.get("alerts", 0)
+                if p.get("file"):
+                    files.append(p["file"])
+            row["status"] = "failed" if det in failed else "ok"
+            if det in failed:
+                row["error"] = failed[det]
+            rows.append(row)
+    dets = [d for g in groups for d in g]
+    return VisitResult(
+        visit=info.visit,
+        detectors=dets,
+        succeeded=[d for d in dets if d not in failed],
+        failed=failed,
+        alerts=alerts,
+        alert_files=sorted(files),
+        stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
+        table=rows,
+        wall_s=round(wall_s, 3),
+    )
+
+
+def _artifacts(result: VisitResult) -> None:
+    visit = result["visit"]
+    columns = (
+        ["detector", "status"]
+        + [f"{s}_ms" for s in STAGES]
+        + [
+            "calibrate_sources",
+            "associate_matched",
+            "associate_new",
+            "forced_forced",
+            "store_sources",
+            "package_alerts",
+            "error",
+        ]
+    )
+    table = [{c: row.get(c, "") for c in columns} for row in result["table"]]
+    create_table_artifact(
+        key=f"visit-{visit}-detectors",
+        table=table,
+        description=f"Visit {visit}: per detector and stage, time (ms) and rows.",
+    )
+    failed = result["failed"]
+    lines = [
+        f"# Visit {visit}",
+        "",
+        f"- detectors: {len(result['detectors'])}, succeeded {len(result['succeeded'])}, "
+        f"failed {len(failed)}",
+        f"- alerts: {result['alerts']} in {len(result['alert_files'])} files",
+        f"- wall time: {result['wall_s']:.2f} s",
+        "",
+        "| stage | total s |",
+        "|---|---|",
+        *(f"| {s} | {v:.3f} |" for s, v in result["stage_seconds"].items()),
+    ]
+    if failed:
+        lines += ["", "## Failures", "", "| detector | error |", "|---|---|"]
+        lines += [f"| {d} | {e.replace('|', '/')} |" for d, e in sorted(failed.items())]
+    if result["alert_files"]:
+        lines += ["", "## Alert files", ""] + [f"- `{p}`" for p in result["alert_files"][:50]]
+    create_markdown_artifact(key=f"visit-{visit}-summary", markdown="\n".join(lines))
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _task_runner(spec: str, max_workers: int):
+    if spec == "thread":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=max_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if spec.startswith("dask="):
+        return DaskTaskRunner(address=spec.split("=", 1)[1])
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": 2,
+            "threads_per_worker": 2,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
+def run_visit(
+    bundle_root: str, visit: int, config: PipelineConfig, *, detectors=None, progress=False
+):
+    """Run :func:`process_visit` with the task runner the config names; return the result."""
+    o = config.orchestration
+    f = process_visit.with_options(task_runner=_task_runner(o.task_runner, o.max_workers))
+    state = f(bundle_root, visit, detectors, config, progress, return_state=True)
+    return state, state.result(raise_on_failure=False)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(
+        prog="python -m flows.visit",
+        description="Process a visit end to end. With no arguments: simulate a small survey "
+        "(3 visits x 4 detectors) under ./run/ and process it on SQLite and local files.",
+    )
+    p.add_argument("--root", help="bundle root (local path or s3://); default: simulate one")
+    p.add_argument("--visit", type=int, action="append", help="visit(s) to process (repeatable)")
+    p.add_argument("--detectors", help="comma-separated detector subset")
+    p.add_argument("--workdir", default="run", help="where simulated bundles, APDB and alerts go")
+    p.add_argument("--apdb", help="APDB URL (default: SQLite file in --workdir)")
+    p.add_argument("--alerts", help="alert location (default: --workdir/alerts)")
+    p.add_argument("--kafka", metavar="SERVERS", help="produce to Kafka at these bootstrap servers")
+    p.add_argument("--topic", default="alerts", help="Kafka topic (with --kafka)")
+    p.add_argument("--runner", default="thread", help="thread | dask | dask=tcp://host:port")
+    p.add_argument("--detectors-per-task", type=int, default=None)
+    p.add_argument("--sim-visits", type=int, default=3, help="visits to simulate (no --root)")
+    p.add_argument("--sim-detectors", type=int, default=4, help="detectors to simulate (no --root)")
+    p.add_argument(
+        "--sim-sources", type=float, default=53, help="DiaSources per detector (no --root)"
+    )
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-cache", action="store_true", help="do not cache stage results")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    work = Path(args.workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    root = args.root
+    visits = args.visit
+    if root is None:
+        from sim.config import SurveyConfig
+        from sim.survey import Survey
+
+        root = str(work / "bundles")
+        survey = Survey(
+            SurveyConfig(
+                seed=args.seed,
+                n_detectors=args.sim_detectors,
+                n_visits=args.sim_visits,
+                sources_per_detector=args.sim_sources,
+            )
+        )
+        visits = visits or list(range(args.sim_visits))
+        print(f"simulating {len(visits)} visit(s) x {args.sim_detectors} detectors into {root}")
+        for v in visits:
+            survey.write_visit(root, v)
+    elif not visits:
+        raise SystemExit("--visit is required with --root")
+
+    kafka_opts: dict[str, Any] = {}
+    if args.kafka:
+        kafka_opts = {"do_produce": True, "servers": args.kafka, "topic": args.topic}
+    orch: dict[str, Any] = {"task_runner": args.runner, "cache": not args.no_cache}
+    if args.detectors_per_task:
+        orch["detectors_per_task"] = args.detectors_per_task
+    config = PipelineConfig.model_validate(
+        {
+            "apdb": {"url": args.apdb or str(work / "apdb.sqlite3")},
+            "output": {
+                "store": {"location": args.alerts or str(work / "alerts")},
+                "dead_letter_location": str(work / "dead-letters"),
+            },
+            "kafka": kafka_opts,
+            "orchestration": {**orch, "result_storage": str(work / "prefect-results")},
+        }
+    )
+    detectors = [int(d) for d in args.detectors.split(",")] if args.detectors else None
+    status = 0
+    for v in visits:
+        print(f"visit {v}: processing")
+        state, result = run_visit(root, v, config, detectors=detectors, progress=True)
+        if isinstance(result, BaseException):
+            print(f"visit {v}: FAILED: {result}")
+            status = 1
+            continue
+        print(
+            f"visit {v}: {result['alerts']} alerts from {len(result['succeeded'])}/"
+            f"{len(result['detectors'])} detectors in {result['wall_s']:.1f} s ({state.name})"
+        )
+        for det, err in sorted(result["failed"].items()):
+            print(f"  detector {det} failed: {err}")
+            status = 1
+    print(f"alerts are in {config.output.store.location}")
+    print(
+        f"APDB: {config.apdb.safe_url()}  (inspect: python -m apdb info {config.apdb.safe_url()})"
+    )
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,333 @@
+"""Sending alerts to Kafka, with dead letters for anything not acknowledged (SPEC §4.9b).
+
+Each message is an alert in the Confluent wire format: byte ``0``, the schema
+id ``major * 100 + minor`` as 4 big-endian bytes (1101 for schema 11.1, as in
+Rubin's alert stream), then the schemaless Avro payload. The message key is
+the decimal ``diaSourceId``.
+
+Messages are handed to one ``confluent_kafka.Producer`` in a loop that never
+flushes per message: librdkafka batches them (``linger.ms``,
+``batch.size``/``batch.num.messages``, compression), the loop polls for
+delivery reports as it goes (and waits on a poll when the local queue is
+full), and one ``flush`` with a timeout ends the batch. Messages still queued
+after the timeout are purged, so they cannot be delivered later behind our
+back. Every alert whose delivery report is not a success goes to the
+dead-letter store; ``python -m alerts replay SRC`` re-sends them and removes
+only those the broker acknowledged.
+
+Credentials: SASL username and password are ``SecretStr`` fields, filled from
+the environment variables named in the config (``DIAPIPE_KAFKA_USERNAME`` /
+``DIAPIPE_KAFKA_PASSWORD`` by default) when not given; they are passed to
+librdkafka only and never appear in logs, reprs or serialised configs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from confluent_kafka import Producer
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, Field, SecretStr
+
+from alerts.packet import AlertBatch, wire_header
+from alerts.store import DeadLetterStore
+from tasks.errors import ConfigError
+
+__all__ = [
+    "KafkaConfig",
+    "ProduceResult",
+    "ReplayResult",
+    "produce_alerts",
+    "produce_alerts_task",
+    "producer_config",
+    "replay_dead_letters",
+]
+
+log = logging.getLogger(__name__)
+
+
+class KafkaConfig(BaseModel, frozen=True, extra="forbid"):
+    """Where and how alerts are produced (Rubin: doProduceAlerts and its server/topic)."""
+
+    servers: str = Field(
+        "localhost:9092",
+        description="Kafka bootstrap servers, comma separated (bootstrap.servers).",
+    )
+    topic: str = Field("alerts", description="Topic the alerts are produced to.")
+    compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
+        "lz4", description="Producer compression codec (compression.type)."
+    )
+    linger_ms: float = Field(
+        20.0, ge=0, description="How long librdkafka waits to fill a batch (linger.ms)."
+    )
+    batch_size: int = Field(
+        4_000_000, gt=0, description="Largest message batch in bytes (batch.size)."
+    )
+    batch_num_messages: int = Field(
+        10_000, gt=0, description="Largest batch in messages (batch.num.messages)."
+    )
+    queue_max_kbytes: int = Field(
+        1_048_576,
+        gt=0,
+        description="Local producer queue limit in KiB (queue.buffering.max.kbytes).",
+    )
+    message_max_bytes: int = Field(
+        8_000_000,
+        gt=0,
+        description="Largest message the producer accepts (message.max.bytes); the topic's "
+        "max.message.bytes must allow alerts with long histories (~0.3-1 MB).",
+    )
+    delivery_timeout_ms: int = Field(
+        120_000,
+        gt=0,
+        description="Time librdkafka keeps retrying one message before reporting failure "
+        "(delivery.timeout.ms).",
+    )
+    flush_timeout_s: float = Field(
+        180.0, gt=0, description="Seconds the final flush waits for outstanding deliveries."
+    )
+    acks: Literal["all", "1", "0"] = Field(
+        "all", description="Broker acknowledgements required (acks)."
+    )
+    idempotence: bool = Field(
+        True,
+        description="Idempotent producer (enable.idempotence, needs acks=all): librdkafka's "
+        "retries then never duplicate or reorder alerts.",
+    )
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="security.protocol."
+    )
+    sasl_mechanism: str = Field("SCRAM-SHA-512", description="sasl.mechanism for SASL protocols.")
+    sasl_username: SecretStr | None = Field(
+        None, description="SASL username; default: from the environment variable username_env."
+    )
+    sasl_password: SecretStr | None = Field(
+        None, description="SASL password; default: from the environment variable password_env."
+    )
+    username_env: str = Field(
+        "DIAPIPE_KAFKA_USERNAME", description="Environment variable holding the SASL username."
+    )
+    password_env: str = Field(
+        "DIAPIPE_KAFKA_PASSWORD", description="Environment variable holding the SASL password."
+    )
+    ssl_ca_location: str | None = Field(None, description="CA bundle path (ssl.ca.location).")
+    extra: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Further librdkafka producer options, passed as they are.",
+    )
+
+
+def producer_config(config: KafkaConfig) -> dict:
+    """The librdkafka configuration dict for ``config`` (contains secrets: never log it)."""
+    conf: dict[str, object] = {
+        "bootstrap.servers": config.servers,
+        "compression.type": config.compression,
+        "linger.ms": config.linger_ms,
+        "batch.size": config.batch_size,
+        "batch.num.messages": config.batch_num_messages,
+        "queue.buffering.max.kbytes": config.queue_max_kbytes,
+        "message.max.bytes": config.message_max_bytes,
+        "delivery.timeout.ms": config.delivery_timeout_ms,
+        "acks": config.acks,
+        "enable.idempotence": config.idempotence,
+        "security.protocol": config.security_protocol,
+    }
+    if config.security_protocol.startswith("SASL"):
+        user = config.sasl_username or _env_secret(config.username_env)
+        password = config.sasl_password or _env_secret(config.password_env)
+        if user is None or password is None:
+            raise ConfigError(
+                f"Kafka {config.security_protocol} needs a SASL username and password: set "
+                f"{config.username_env} and {config.password_env}"
+            )
+        conf["sasl.mechanism"] = config.sasl_mechanism
+        conf["sasl.username"] = user.get_secret_value()
+        conf["sasl.password"] = password.get_secret_value()
+    if config.ssl_ca_location:
+        conf["ssl.ca.location"] = config.ssl_ca_location
+    conf.update(config.extra)
+    return conf
+
+
+def _env_secret(name: str) -> SecretStr | None:
+    value = os.environ.get(name)
+    return SecretStr(value) if value else None
+
+
+@dataclass(frozen=True)
+class ProduceResult:
+    """Counts of one produce call.
+
+    ``n_sent`` messages were handed to the producer, ``n_delivered`` were
+    acknowledged by the broker, ``n_failed`` were not (they are in the
+    dead-letter file ``dead_letter_url`` when a store was given).
+    ``errors`` counts failures by Kafka error name.
+    """
+
+    n_sent: int
+    n_delivered: int
+    n_failed: int
+    dead_letter_url: str | None = None
+    errors: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _send(batch: AlertBatch, config: KafkaConfig) -> tuple[np.ndarray, dict[str, int], int]:
+    """Produce every alert of ``batch``; returns (delivered mask, error counts, sent)."""
+    n = len(batch)
+    delivered = np.zeros(n, dtype=bool)
+    errors: dict[str, int] = {}
+    if n == 0:
+        return delivered, errors, 0
+    try:
+        producer = Producer(producer_config(config))
+    except Exception as exc:  # KafkaException for bad options
+        raise ConfigError(f"Kafka producer for {config.servers}: {exc}") from exc
+    header = wire_header(batch.schema.schema_id)
+
+    def report(index: int):
+        def on_delivery(err, _msg):
+            if err is None:
+                delivered[index] = True
+            else:
+                errors[err.name()] = errors.get(err.name(), 0) + 1
+
+        return on_delivery
+
+    sent = 0
+    for i, (sid, payload) in enumerate(zip(batch.dia_source_ids.tolist(), batch.payloads)):
+        while True:
+            try:
+                producer.produce(
+                    config.topic,
+                    value=header + payload,
+                    key=str(sid).encode(),
+                    on_delivery=report(i),
+                )
+                sent += 1
+                break
+            except BufferError:
+                producer.poll(0.05)  # local queue full: serve delivery reports, then retry
+            except Exception as exc:  # KafkaException: message too large, unknown topic, ...
+                name = (
+                    exc.args[0].name()
+                    if exc.args and hasattr(exc.args[0], "name")
+                    else str(type(exc).__name__)
+                )
+                errors[name] = errors.get(name, 0) + 1
+                break
+        if i % 256 == 255:
+            producer.poll(0)
+    remaining = producer.flush(config.flush_timeout_s)
+    if remaining:
+        log.warning(
+            "kafka: %d alert(s) not delivered within %.0f s; purging them",
+            remaining,
+            config.flush_timeout_s,
+        )
+        producer.purge(in_queue=True, in_flight=True)
+        producer.flush(5.0)  # serves the purge delivery reports (_PURGE_QUEUE / _PURGE_INFLIGHT)
+    return delivered, errors, sent
+
+
+def produce_alerts(
+    batch: AlertBatch, config: KafkaConfig, dead_letters: DeadLetterStore | None = None
+) -> ProduceResult:
+    """Produce ``batch`` to Kafka; alerts not acknowledged go to ``dead_letters``.
+
+    Parameters
+    ----------
+    batch : AlertBatch
+        Encoded alerts (from :func:`alerts.packet.package_alerts`).
+    config : KafkaConfig
+    dead_letters : DeadLetterStore, optional
+        Where unacknowledged alerts are written (Rubin: doWriteFailedAlerts).
+        Without one, failures are only counted and logged.
+
+    Returns
+    -------
+    ProduceResult
+        ``n_delivered + n_failed == len(batch)`` always.
+    """
+    t0 = time.perf_counter()
+    delivered, errors, sent = _send(batch, config)
+    failed = ~delivered
+    url = None
+    if failed.any():
+        if dead_letters is not None:
+            url = dead_letters.put(batch.subset(failed))
+            log.error(
+                "kafka %s/%s: %d of %d alerts not acknowledged (%s); written to %s",
+                config.servers,
+                config.topic,
+                int(failed.sum()),
+                len(batch),
+                errors,
+                url,
+            )
+        else:
+            log.error(
+                "kafka %s/%s: %d of %d alerts not acknowledged (%s); no dead-letter store",
+                config.servers,
+                config.topic,
+                int(failed.sum()),
+                len(batch),
+                errors,
+            )
+    return ProduceResult(
+        n_sent=sent,
+        n_delivered=int(delivered.sum()),
+        n_failed=int(failed.sum()),
+        dead_letter_url=url,
+        errors={k: v for k, v in errors.items() if v},
+        seconds=time.perf_counter() - t0,
+    )
+
+
+produce_alerts_task = task(produce_alerts, name="produce_alerts", cache_policy=NO_CACHE)
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    """Outcome of a replay: files seen/emptied, alerts re-sent/delivered/still failing."""
+
+    n_files: int
+    n_files_removed: int
+    n_sent: int
+    n_delivered: int
+    n_failed: int
+
+
+def replay_dead_letters(store: DeadLetterStore, config: KafkaConfig) -> ReplayResult:
+    """Re-send every dead letter; remove those acknowledged, keep the others.
+
+    Each file is re-sent as a whole; when all its alerts are acknowledged the
+    file is removed, otherwise it is rewritten (atomically) with only the
+    alerts still not acknowledged.
+    """
+    files = store.list()
+    removed = sent = ok = bad = 0
+    for url in files:
+        batch = store.read(url)
+        delivered, errors, n_sent = _send(batch, config)
+        sent += n_sent
+        ok += int(delivered.sum())
+        bad += int((~delivered).sum())
+        if delivered.all():
+            store.remove(url)
+            removed += 1
+        else:
+            store.replace(url, batch.subset(~delivered))
+            log.error(
+                "replay %s: %d alert(s) still not acknowledged (%s)",
+                url,
+                int((~delivered).sum()),
+                errors,
+            )
+    return ReplayResult(len(files), removed, sent, ok, bad)

@@ -201,7 +201,9 @@ def _send(batch: AlertBatch, config: KafkaConfig) -> tuple[np.ndarray, dict[str,
         return on_delivery
 
     sent = 0
-    for i, (sid, payload) in enumerate(zip(batch.dia_source_ids.tolist(), batch.payloads)):
+    for i, (sid, payload) in enumerate(
+        zip(batch.dia_source_ids.tolist(), batch.payloads, strict=True)
+    ):
         while True:
             try:
                 producer.produce(

@@ -263,7 +263,8 @@ def calibrate(
     trail = _float_col(sources, "trailLength")
     if trail is not None:
         # SDM trailLength is in arcsec; the input is in pixels: use the local pixel scale
-        scale_arcsec = np.sqrt(np.abs(np.linalg.det(jac))) * 3600.0
+        det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
+        scale_arcsec = np.sqrt(np.abs(det)) * 3600.0
         out["trailLength"] = trail * scale_arcsec
 
     out["visit"] = np.full(n, visit_info.visit, dtype=np.int64)

@@ -1,0 +1,224 @@
+"""Associate: gate, Gaussian cost, global assignment, wrap/poles, quality cut, guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from apdb import sdm
+from tasks.associate import AssociationConfig, associate, pair_costs
+from tasks.errors import InputError, TooManyNewObjectsError
+
+AS = 1.0 / 3600.0
+CFG = AssociationConfig()
+
+
+def objects(ra, dec, err_arcsec=0.1, ids=None):
+    ra, dec = np.atleast_1d(ra).astype(float), np.atleast_1d(dec).astype(float)
+    n = ra.size
+    return pd.DataFrame(
+        {
+            "diaObjectId": np.arange(1, n + 1, dtype=np.int64) * 10 if ids is None else ids,
+            "ra": ra,
+            "dec": dec,
+            "raErr": np.full(n, err_arcsec * AS, np.float32),
+            "decErr": np.full(n, err_arcsec * AS, np.float32),
+        }
+    )
+
+
+def sources(ra, dec, err_arcsec=0.1, first_id=1000, **cols):
+    ra, dec = np.atleast_1d(ra).astype(float), np.atleast_1d(dec).astype(float)
+    n = ra.size
+    df = pd.DataFrame(
+        {
+            "diaSourceId": np.arange(first_id, first_id + n, dtype=np.int64),
+            "ra": ra,
+            "dec": dec,
+            "raErr": np.full(n, err_arcsec * AS, np.float32),
+            "decErr": np.full(n, err_arcsec * AS, np.float32),
+        }
+    )
+    for k, v in cols.items():
+        df[k] = v
+    return df
+
+
+def ids_of(result):
+    return dict(zip(result.sources["diaSourceId"], result.sources["diaObjectId"], strict=True))
+
+
+def test_each_source_joins_its_object():
+    rng = np.random.default_rng(1)
+    n = 200
+    ra = rng.uniform(150, 150.1, n)
+    dec = rng.uniform(2, 2.1, n)
+    obj = objects(ra, dec)
+    src = sources(
+        ra + rng.normal(0, 0.1, n) * AS / np.cos(np.radians(dec)), dec + rng.normal(0, 0.1, n) * AS
+    )
+    res = associate(src, obj, CFG)
+    assert res.n_matched == n and res.n_new == 0 and res.n_rejected == 0
+    np.testing.assert_array_equal(res.sources["diaObjectId"], obj["diaObjectId"])
+    np.testing.assert_array_equal(res.matched_object_ids, obj["diaObjectId"])
+
+
+def test_cost_closed_form_with_floor_and_fallback():
+    cfg = AssociationConfig()
+    # source 0.3" east, 0.4" north of the object at the equator
+    sig_s = (np.array([0.2]), np.array([0.01]))
+    sig_o = (np.array([0.0]), np.array([0.01]))
+    i, j, cost, gate, sep = pair_costs(
+        np.array([0.3 * AS]),
+        np.array([0.4 * AS]),
+        sig_s,
+        np.array([0.0]),
+        np.array([0.0]),
+        sig_o,
+        cfg,
+    )
+    sa2, sd2 = 0.2**2, 0.05**2  # dec σ: hypot(0.01, 0.01) floored at 0.05
+    assert sep[0] == pytest.approx(0.5, rel=1e-6)
+    assert cost[0] == pytest.approx(
+        0.5 * (0.09 / sa2 + 0.16 / sd2) + 0.5 * np.log(sa2 * sd2), rel=1e-6
+    )
+    # gate cost: same direction (0.6, 0.8) at 1"
+    assert gate[0] == pytest.approx(
+        0.5 * (0.36 / sa2 + 0.64 / sd2) + 0.5 * np.log(sa2 * sd2), rel=1e-6
+    )
+
+
+def test_missing_errors_fall_back_to_0p2_arcsec():
+    obj = objects([0.0], [0.0]).assign(raErr=np.nan, decErr=0.0)
+    src = sources([0.3 * AS], [0.0]).assign(raErr=np.nan, decErr=np.nan)
+    res = associate(src, obj, CFG)
+    assert res.n_matched == 1
+    sig = (np.array([0.2]), np.array([0.2]))
+    _, _, cost, _, _ = pair_costs(
+        np.array([0.3 * AS]), np.array([0.0]), sig, np.array([0.0]), np.array([0.0]), sig, CFG
+    )
+    s2 = 0.08
+    assert cost[0] == pytest.approx(0.5 * 0.09 / s2 + 0.5 * np.log(s2 * s2), rel=1e-6)
+
+
+def test_global_assignment_beats_greedy():
+    """S1 is nearest O1 but O2 is also in reach; S2 can only take O1.
+
+    Greedy nearest-neighbour gives S1→O1 and leaves S2 unmatched; the global
+    minimum is S1→O2, S2→O1 (0.5·(0.35²+0.40²)/0.02 = 7.06 against
+    0.5·0.30²/0.02 + unmatched ≥ 2.25 + 25).
+    """
+    obj = objects([0.0, 0.65 * AS], [0.0, 0.0])
+    src = sources([0.30 * AS, -0.40 * AS], [0.0, 0.0])
+    res = associate(src, obj, CFG)
+    assert ids_of(res) == {1000: 20, 1001: 10}
+    assert res.n_matched == 2 and res.n_new == 0
+
+
+def test_one_source_per_object_closer_wins_other_is_new():
+    obj = objects([0.0], [0.0])
+    src = sources([0.5 * AS, 0.1 * AS], [0.0, 0.0])
+    res = associate(src, obj, CFG)
+    assert ids_of(res) == {1000: 1000, 1001: 10}
+    assert res.n_matched == 1 and res.n_new == 1
+    np.testing.assert_array_equal(res.new_object_ids, [1000])
+
+
+@pytest.mark.parametrize(
+    ("sep_arcsec", "matched"), [(0.95, True), (1.05, False)], ids=["inside", "outside"]
+)
+def test_gate_radius(sep_arcsec, matched):
+    res = associate(sources([0.0], [sep_arcsec * AS]), objects([0.0], [0.0]), CFG)
+    assert res.n_matched == int(matched) and res.n_new == int(not matched)
+
+
+@pytest.mark.parametrize(
+    ("obj_pos", "src_pos"),
+    [
+        ((359.99995, 10.0), (0.00005, 10.0)),
+        ((0.00001, -5.0), (359.99992, -5.0)),
+        ((0.0, 89.9999), (180.0, 89.99995)),
+        ((123.0, -89.99998), (303.0, -89.99999)),
+    ],
+    ids=["ra-wrap-360-to-0", "ra-wrap-0-to-360", "north-pole", "south-pole"],
+)
+def test_wrap_and_poles_match_true_neighbours(obj_pos, src_pos):
+    obj = objects([obj_pos[0]], [obj_pos[1]])
+    src = sources([src_pos[0]], [src_pos[1]])
+    res = associate(src, obj, CFG)
+    assert res.n_matched == 1, res.counts
+
+
+def test_north_pole_far_pair_is_not_matched():
+    # both at dec 89.9999 but 180° apart in RA: 0.72" apart... at dec 89.9997: 2.16"
+    obj = objects([0.0], [89.9997])
+    res = associate(sources([180.0], [89.9997]), obj, CFG)
+    assert res.n_matched == 0 and res.n_new == 1
+
+
+def test_nan_positions_are_dropped_and_counted():
+    src = sources([0.0, np.nan, 0.0], [0.0, 0.0, np.nan])
+    res = associate(src, objects([0.0], [0.0]), CFG)
+    assert res.n_nan_dropped == 2
+    assert res.n_matched == 1
+    assert list(res.sources["diaSourceId"]) == [1000]
+
+
+def test_quality_cut_applies_to_unmatched_only():
+    obj = objects([0.0], [0.0])
+    src = sources(
+        [0.0, 10 * AS, 20 * AS, 30 * AS, 40 * AS],
+        [0.0] * 5,
+        pixelFlags_bad=pd.array([True, True, False, None, False], dtype="boolean"),
+        reliability=np.array([0.01, 0.9, 0.05, np.nan, 0.5], np.float32),
+    )
+    res = associate(src, obj, CFG)
+    # 1000 matched despite flags; 1001 bad pixel; 1002 low reliability; 1003 null → new
+    assert ids_of(res) == {1000: 10, 1003: 1003, 1004: 1004}
+    assert list(res.rejected["diaSourceId"]) == [1001, 1002]
+    assert (res.n_matched, res.n_new, res.n_rejected) == (1, 2, 2)
+
+
+def test_too_many_new_objects_raises_before_returning():
+    src = sources(np.arange(5) * 10 * AS, np.zeros(5))
+    with pytest.raises(TooManyNewObjectsError, match="5 new DiaObjects.*maxNewDiaObjects=4"):
+        associate(src, objects([], []), AssociationConfig(max_new_dia_objects=4))
+    res = associate(src, objects([], []), AssociationConfig(max_new_dia_objects=0))
+    assert res.n_new == 5
+
+
+@pytest.mark.parametrize("which", ["sources", "objects", "both"])
+def test_empty_inputs(which):
+    src = sources([0.0], [0.0])
+    obj = objects([0.0], [0.0])
+    if which in ("sources", "both"):
+        src = src.iloc[:0]
+    if which in ("objects", "both"):
+        obj = sdm.empty_frame("DiaObject")
+    res = associate(src, obj, CFG)
+    assert list(res.sources.columns) == [*src.columns, "diaObjectId"]
+    assert list(res.rejected.columns) == list(src.columns)
+    assert res.n_matched == 0
+    assert res.n_new == len(src)
+
+
+def test_single_source_single_object():
+    res = associate(sources([1.0], [1.0]), objects([1.0], [1.0]), CFG)
+    assert ids_of(res) == {1000: 10}
+
+
+def test_inputs_not_mutated_and_result_keeps_columns():
+    src = sources([0.0, 5 * AS], [0.0, 0.0], snr=[5.0, 6.0])
+    obj = objects([0.0], [0.0])
+    before_s, before_o = src.copy(deep=True), obj.copy(deep=True)
+    res = associate(src, obj, CFG)
+    pd.testing.assert_frame_equal(src, before_s)
+    pd.testing.assert_frame_equal(obj, before_o)
+    assert list(res.sources.columns) == [*src.columns, "diaObjectId"]
+    assert str(res.sources["diaObjectId"].dtype) == "Int64"
+
+
+def test_missing_column_is_an_input_error():
+    with pytest.raises(InputError, match="DiaSource: missing required column.*diaSourceId"):
+        associate(sources([0.0], [0.0]).drop(columns="diaSourceId"), objects([0.0], [0.0]), CFG)

@@ -119,3 +119,76 @@ def make_dia_sources(
 @pytest.fixture
 def bundle() -> DetectorBundle:
     return make_bundle()
+
+
+def make_dia_objects(rng, object_ids, ra, dec, n_sources, mjd: float) -> pd.DataFrame:
+    n = len(object_ids)
+    df = {
+        "diaObjectId": np.asarray(object_ids, dtype=np.int64),
+        "validityStartMjdTai": np.full(n, mjd),
+        "ra": np.asarray(ra, dtype=np.float64),
+        "dec": np.asarray(dec, dtype=np.float64),
+        "nDiaSources": np.asarray(n_sources, dtype=np.int32),
+        "r_psfFluxMean": rng.normal(1000, 100, n).astype(np.float32),
+        "r_psfFluxSigma": np.where(rng.random(n) < 0.5, np.nan, 12.0).astype(np.float32),
+        "firstDiaSourceMjdTai": np.full(n, mjd - 100),
+    }
+    for b in "ugrizy":
+        df[f"{b}_psfFluxNdata"] = np.where(b == "r", n_sources, 0).astype(np.int32)
+    return sdm.conform(pd.DataFrame(df), "DiaObject")
+
+
+def make_forced(rng, object_ids, per_object: int, mjd0: float, first_id: int) -> pd.DataFrame:
+    obj = np.repeat(np.asarray(object_ids, dtype=np.int64), per_object)
+    n = len(obj)
+    df = pd.DataFrame(
+        {
+            "diaForcedSourceId": np.arange(first_id, first_id + n, dtype=np.int64),
+            "diaObjectId": obj,
+            "ra": rng.uniform(149.9, 150.1, n),
+            "dec": rng.uniform(-30.1, -29.9, n),
+            "visit": rng.integers(1000, 7000, n).astype(np.int64),
+            "detector": np.full(n, 3, dtype=np.int16),
+            "midpointMjdTai": mjd0 - rng.uniform(0, 400, n),
+            "psfFlux": rng.normal(0, 50, n).astype(np.float32),
+            "psfFluxErr": np.where(rng.random(n) < 0.2, np.nan, 40.0).astype(np.float32),
+            "band": np.array(["g", "r"] * (n // 2) + ["r"] * (n % 2), dtype=object),
+            "timeProcessedMjdTai": np.full(n, mjd0),
+        }
+    )
+    return sdm.conform(df, "DiaForcedSource")
+
+
+def make_alert_inputs(seed: int = 3, n_alerts: int = 40, depth: int = 12, forced: int = 8):
+    """A simulated detector: new sources, objects, history and forced history.
+
+    Object ``k`` has ``k % (depth + 1)`` earlier DiaSources (ages 0-400 days, so
+    some fall outside the 360-day window); every 5th new source has no
+    DiaObject (``diaObjectId`` null).
+    """
+    rng = np.random.default_rng(seed)
+    bundle = make_bundle(seed)
+    visit = bundle.visit
+    object_ids = np.arange(10_000, 10_000 + n_alerts, dtype=np.int64)
+    new = make_dia_sources(
+        rng,
+        n_alerts,
+        visit.visit,
+        3,
+        visit.midpointMjdTai,
+        5_000_000,
+        object_ids,
+        bundle.difference.wcs,
+    )
+    new["diaObjectId"] = new["diaObjectId"].where(np.arange(n_alerts) % 5 != 4, pd.NA)
+    counts = np.arange(n_alerts) % (depth + 1)
+    hist_obj = np.repeat(object_ids, counts)
+    hist = make_dia_sources(
+        rng, len(hist_obj), 6000, 3, 0.0, 1_000, hist_obj, bundle.difference.wcs
+    )
+    hist["midpointMjdTai"] = visit.midpointMjdTai - rng.uniform(1, 400, len(hist_obj))
+    hist["visit"] = rng.integers(1000, 7000, len(hist_obj)).astype(np.int64)
+    sky = new[["ra", "dec"]].to_numpy()
+    objects = make_dia_objects(rng, object_ids, sky[:, 0], sky[:, 1], counts + 1, 60000.0)
+    forced_df = make_forced(rng, object_ids, forced, visit.midpointMjdTai, 9_000_000)
+    return bundle, new, objects, hist, forced_df

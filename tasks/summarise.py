@@ -136,6 +136,11 @@ def _num(df: pd.DataFrame, name: str) -> np.ndarray:
     return pd.to_numeric(df[name]).to_numpy(dtype=np.float64, na_value=np.nan)
 
 
+def _band_codes(values: pd.Series, bands: list[str]) -> np.ndarray:
+    """Index of each value in ``bands``; -1 for other bands and nulls."""
+    return pd.Index(bands).get_indexer(values.astype(object).to_numpy()).astype(np.int64)
+
+
 def _weighted_mean(g, f, e, n_groups):
     """Inverse-variance mean and error per group; NaN where no usable row."""
     ok = np.isfinite(f) & np.isfinite(e) & (e > 0)
@@ -465,7 +470,7 @@ def summarise(
 
     bands = list(config.valid_bands)
     nb = len(bands)
-    band_code = pd.Categorical(rows["band"].to_numpy(), categories=bands).codes.astype(np.int64)
+    band_code = _band_codes(rows["band"], bands)
     in_band = band_code >= 0
     g = obj[in_band] * nb + band_code[in_band]
     stats = _band_statistics(
@@ -490,7 +495,7 @@ def summarise(
             if n_obj
             else np.zeros(len(fobj_id), bool)
         )
-        fband = pd.Categorical(forced_sources["band"].to_numpy(), categories=bands).codes
+        fband = _band_codes(forced_sources["band"], bands)
         sel = fobj_ok & (fband >= 0)
         fp_mean, fp_err = _weighted_mean(
             fobj[sel] * nb + fband[sel].astype(np.int64),

@@ -41,6 +41,11 @@ class AlertOutputConfig(BaseModel, frozen=True, extra="forbid"):
         description="Alert file location (local path or s3:// URL; Rubin: alertWriteLocation) "
         "and container codec.",
     )
+    do_produce_alerts: bool = Field(
+        False,
+        description="Send alerts to Kafka (servers, topic and credentials in `kafka`). "
+        "Rubin: doProduceAlerts.",
+    )
     do_write_failed_alerts: bool = Field(
         True,
         description="Alerts Kafka did not acknowledge go to the dead-letter store. "

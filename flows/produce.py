@@ -9,6 +9,7 @@ from alerts.packet import AlertBatch
 from alerts.store import DeadLetterStore, write_alerts
 from flows.config import PipelineConfig
 from tasks.bundle import VisitInfo
+from tasks.errors import AlertError
 
 __all__ = ["produce_detector"]
 
@@ -35,7 +36,7 @@ def produce_detector(
     if config.output.do_write_alerts:
         out["file"] = write_alerts(batch, config.output.store)
     failed = 0
-    if config.kafka.do_produce:
+    if config.output.do_produce_alerts:
         dead = (
             DeadLetterStore(
                 config.output.dead_letter_location, dict(config.output.store.storage_options)
@@ -46,5 +47,10 @@ def produce_detector(
         result = produce_alerts(batch, config.kafka, dead)
         out["delivered"] = result.n_delivered
         failed = result.n_failed
-        out["dead_letters"] = getattr(result, "dead_letter_url", None)
+        out["dead_letters"] = result.dead_letter_url
+        if failed and dead is None:
+            raise AlertError(
+                f"visit {visit.visit} detector {detector}: Kafka did not acknowledge {failed} of "
+                f"{len(batch)} alerts and do_write_failed_alerts is off"
+            )
     return out, {"alerts": out["alerts"], "delivered": out["delivered"], "failed": failed}

@@ -23,12 +23,14 @@ marker, so even without the cache nothing is stored twice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -179,13 +181,13 @@ def stage_task(stage: str, fn, *, cached: bool = True):
     _run.__name__ = f"{stage}_group"
     _run.__qualname__ = _run.__name__
     _run.__doc__ = f"Stage {stage!r} for a group of detectors."
+    cache = {"cache_key_fn": _cache_key} if cached else {"cache_policy": NO_CACHE}
     return task(
         _run,
         name=stage,
         task_run_name=f"{stage}-{{visit.visit}}-d{{detectors[0]}}",
-        cache_key_fn=_cache_key if cached else None,
-        cache_policy=None if cached else NO_CACHE,
         retry_condition_fn=_retry_on_transient,
+        **cache,
     )
 
 
@@ -204,14 +206,27 @@ def configure(t, config: PipelineConfig, *, cached: bool):
             options["result_storage"] = _storage_block(o.result_storage)
     else:
         options["cache_policy"] = NO_CACHE
-        options["cache_key_fn"] = None
         options["persist_result"] = False
     return t.with_options(**options)
 
 
-def _storage_block(location: str):
+@functools.lru_cache(maxsize=16)
+def _storage_block(location: str) -> str:
+    """Save (once per process) a storage block for ``location``; return its slug.
+
+    Prefect needs result storage saved server-side so that a later run, or
+    another worker, can read the cached results back.
+    """
     from prefect.filesystems import LocalFileSystem, RemoteFileSystem
 
+    name = "diapipe-results-" + _digest(location)[:12]
     if "://" in location and not location.startswith("file://"):
-        return RemoteFileSystem(basepath=location)
-    return LocalFileSystem(basepath=location.removeprefix("file://"))
+        block = RemoteFileSystem(basepath=location)
+        kind = "remote-file-system"
+    else:
+        path = location.removeprefix("file://")
+        Path(path).mkdir(parents=True, exist_ok=True)
+        block = LocalFileSystem(basepath=str(Path(path).resolve()))
+        kind = "local-file-system"
+    block.save(name, overwrite=True)
+    return f"{kind}/{name}"

@@ -437,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
     kafka_opts: dict[str, Any] = {}
     if args.kafka:
-        kafka_opts = {"do_produce": True, "servers": args.kafka, "topic": args.topic}
+        kafka_opts = {"servers": args.kafka, "topic": args.topic}
     orch: dict[str, Any] = {"task_runner": args.runner, "cache": not args.no_cache}
     if args.detectors_per_task:
         orch["detectors_per_task"] = args.detectors_per_task
@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             "output": {
                 "store": {"location": args.alerts or str(work / "alerts")},
                 "dead_letter_location": str(work / "dead-letters"),
+                "do_produce_alerts": bool(args.kafka),
             },
             "kafka": kafka_opts,
             "orchestration": {**orch, "result_storage": str(work / "prefect-results")},

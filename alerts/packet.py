@@ -735,7 +735,7 @@ def clean_alert_record(record: Mapping, schema: AlertSchema | None = None) -> di
             if all(x is None for x in v.values()):
                 v = None
             else:
-                v = {f: v.get(f) for f, _, _ in schema.records[name].fields}
+                v = {f: _as_schema_value(v.get(f), k) for f, k, _ in schema.records[name].fields}
         elif kind == "array?" and v is not None:
             fields = [f for f, _, _ in schema.records[name].fields]
             v = [{f: item.get(f) for f in fields} for item in v]
@@ -753,6 +753,13 @@ def _ticks(v, scale: int) -> int:
             delta.days * 86_400 + delta.seconds
         ) * scale + delta.microseconds * scale // 1_000_000
     return int(v)
+
+
+def _as_schema_value(v, kind: str):
+    """Integer ticks in a timestamp field → the UTC datetime a reader of the schema gets."""
+    if kind in _TIMESTAMPS and isinstance(v, int | np.integer):
+        return _EPOCH + dt.timedelta(microseconds=int(v) * (1_000_000 // _TIMESTAMPS[kind]))
+    return v
 
 
 def _dict_columns(rows: list[Mapping], layout: RecordLayout) -> dict:

@@ -1,0 +1,83 @@
+"""The per-visit flow under a real (temporary) Prefect server."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+
+from alerts.store import read_alert_file
+from apdb import make_apdb
+from flows.visit import run_visit
+from tests.flows.conftest import N_DETECTORS, make_config
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.avro"))}
+
+
+def test_visit_end_to_end_then_rerun_is_a_no_op(survey_root, tmp_path):
+    config = make_config(tmp_path)
+    state, result = run_visit(survey_root, 0, config)
+    assert state.is_completed() and state.name == "Completed", state.message
+    assert result["failed"] == {}
+    assert len(result["succeeded"]) == N_DETECTORS
+    assert result["alerts"] > 0
+
+    # Alerts: one file per detector, one alert per stored DiaSource, all decodable.
+    files = sorted((tmp_path / "alerts").glob("*.avro"))
+    assert [f.name for f in files] == sorted(f"0_{d}.avro" for d in result["detectors"])
+    alerts = [a for f in files for a in read_alert_file(str(f))]
+    assert len(alerts) == result["alerts"]
+    ids = [a["diaSourceId"] for a in alerts]
+    assert len(set(ids)) == len(ids), "no duplicate alerts"
+
+    # APDB: every alerted DiaSource stored once, each (visit, detector) marked.
+    apdb = make_apdb(config.apdb)
+    counts = apdb.row_counts()
+    assert counts["DiaSource"] == len(ids)
+    assert apdb.done_detectors(0) == set(result["detectors"])
+    # Visit 0 on an empty APDB: every source makes its own DiaObject.
+    assert all(a["diaSource"]["diaObjectId"] == a["diaSourceId"] for a in alerts)
+
+    before = _digests(tmp_path / "alerts")
+    state2, result2 = run_visit(survey_root, 0, config)
+    assert state2.is_completed(), state2.message
+    assert result2["alerts"] == result["alerts"]
+    assert make_apdb(config.apdb).row_counts() == counts, "a re-run adds no row"
+    assert _digests(tmp_path / "alerts") == before, "a re-run rewrites the same bytes"
+
+
+def test_second_visit_associates_with_history(survey_root, tmp_path):
+    config = make_config(tmp_path, cache=False)
+    run_visit(survey_root, 0, config)
+    state, result = run_visit(survey_root, 1, config)
+    assert state.name == "Completed"
+    matched = sum(row.get("associate_matched", 0) for row in result["table"])
+    assert matched > 0, "visit 1 re-detects objects first seen in visit 0"
+    alerts = [a for f in (tmp_path / "alerts").glob("1_*.avro") for a in read_alert_file(str(f))]
+    with_history = [a for a in alerts if a["prvDiaSources"]]
+    assert len(with_history) == matched
+    for a in with_history:
+        assert all(p["visit"] == 0 for p in a["prvDiaSources"])
+        assert all(p["diaObjectId"] == a["diaSource"]["diaObjectId"] for p in a["prvDiaSources"])
+
+
+def test_bad_detector_is_isolated(survey_root, tmp_path):
+    root = tmp_path / "bundles"
+    shutil.copytree(Path(survey_root) / "2", root / "2")
+    bad = sorted(p for p in (root / "2").iterdir() if p.is_dir())[0]
+    (bad / "science.fits").write_bytes(b"not a FITS file")
+    config = make_config(tmp_path, cache=False)
+    state, result = run_visit(str(root), 2, config)
+    assert state.is_completed() and state.name == "Partial"
+    assert set(result["failed"]) == {int(bad.name)}
+    assert "science.fits: not a readable FITS file" in result["failed"][int(bad.name)]
+    assert len(result["succeeded"]) == N_DETECTORS - 1
+    apdb = make_apdb(config.apdb)
+    assert apdb.done_detectors(2) == set(result["succeeded"]), "nothing stored for the bad one"
+    assert not (tmp_path / "alerts" / f"2_{bad.name}.avro").exists()

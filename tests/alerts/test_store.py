@@ -1,0 +1,155 @@
+"""Alert files and dead letters: readable by any Avro reader, atomic, local and S3."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+
+import fastavro
+import numpy as np
+import pytest
+
+from alerts.packet import AlertBatch, package_alerts
+from alerts.store import (
+    AlertStoreConfig,
+    DeadLetterStore,
+    iter_container_payloads,
+    read_alert_batch,
+    read_alert_file,
+    write_alerts,
+)
+from tasks.errors import InputError
+
+from .conftest import make_alert_inputs
+
+
+@pytest.fixture(scope="module")
+def batch() -> AlertBatch:
+    bundle, new, objects, hist, forced = make_alert_inputs(seed=11, n_alerts=12, depth=4, forced=3)
+    return package_alerts(new, objects, hist, forced, {}, bundle.visit)
+
+
+@pytest.mark.parametrize("codec", ["null", "deflate"])
+def test_local_file_readable_by_fastavro_and_back(tmp_path, batch, codec):
+    url = write_alerts(batch, AlertStoreConfig(location=str(tmp_path / "out"), codec=codec))
+    assert url == f"{tmp_path}/out/7001_3.avro"
+    assert os.listdir(tmp_path / "out") == ["7001_3.avro"]  # no temporary left behind
+    assert read_alert_file(url) == batch.records()
+    with open(url, "rb") as f:
+        reader = fastavro.reader(f)
+        assert reader.metadata["avro.codec"] == codec
+        assert reader.metadata["diapipe.schema_id"] == "1101"
+    back = read_alert_batch(url)
+    assert back.payloads == batch.payloads
+    assert back.dia_source_ids.tolist() == batch.dia_source_ids.tolist()
+    assert (back.visit, back.detector, back.schema.version) == (7001, 3, "11.1")
+
+
+def test_empty_batch_writes_nothing(tmp_path, batch):
+    assert (
+        write_alerts(
+            batch.subset(np.zeros(len(batch), bool)), AlertStoreConfig(location=str(tmp_path))
+        )
+        is None
+    )
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_write_leaves_previous_file_intact(tmp_path, batch, monkeypatch):
+    config = AlertStoreConfig(location=str(tmp_path))
+    url = write_alerts(batch.subset(np.arange(len(batch)) < 3), config)
+    before = open(url, "rb").read()
+
+    def crash(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_alerts(batch, config)
+    assert open(url, "rb").read() == before
+    assert os.listdir(tmp_path) == ["7001_3.avro"]
+
+
+def test_multi_record_blocks_are_split_into_original_payloads(batch):
+    buf = io.BytesIO()
+    fastavro.writer(buf, batch.schema.parsed, batch.records(), codec="deflate")
+    _, payloads = iter_container_payloads(buf.getvalue())
+    assert list(payloads) == batch.payloads
+    with pytest.raises(InputError, match="not an Avro container"):
+        iter_container_payloads(b"PAR1....", "x.parquet")
+
+
+def test_dead_letter_store_put_list_replace_remove(tmp_path, batch):
+    store = DeadLetterStore(str(tmp_path / "dlq"))
+    assert store.list() == []
+    a = store.put(batch.subset(np.arange(len(batch)) < 5))
+    b = store.put(batch.subset(np.arange(len(batch)) >= 5))
+    assert a != b and store.list() == sorted([a, b])
+    assert store.count() == len(batch)
+    back = store.read(a)
+    assert back.payloads == batch.payloads[:5]
+    store.replace(a, back.subset(np.arange(5) == 2))
+    assert store.read(a).dia_source_ids.tolist() == [batch.dia_source_ids[2]]
+    store.remove(a)
+    store.replace(b, back.subset(np.zeros(5, bool)))  # empty → removed
+    assert store.list() == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on 127.0.0.1 and the fsspec options to reach it."""
+    from moto.server import ThreadedMotoServer
+
+    env = {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    opts = {
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
+        "skip_instance_cache": True,
+    }
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**opts)
+    fs.mkdir("alerts-bucket")
+    yield opts, fs
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.mark.s3
+@pytest.mark.slow  # moto imports its S3 backend on the first request (~5 s)
+def test_s3_alert_file_and_dead_letters(s3, batch):
+    opts, fs = s3
+    config = AlertStoreConfig(location="s3://alerts-bucket/run1", storage_options=opts)
+    url = write_alerts(batch, config)
+    assert url == "s3://alerts-bucket/run1/7001_3.avro"
+    assert fs.ls("alerts-bucket/run1") == [
+        "alerts-bucket/run1/7001_3.avro"
+    ]  # one object, final name
+    assert read_alert_file(url, opts) == batch.records()
+    assert read_alert_batch(url, opts).payloads == batch.payloads
+
+    store = DeadLetterStore("s3://alerts-bucket/dead", opts)
+    d = store.put(batch)
+    assert store.list() == [d]
+    assert store.read(d).payloads == batch.payloads
+    store.remove(d)
+    assert store.list() == []

@@ -15,6 +15,7 @@ Measurements follow SPEC §4.5: ``F = Σ P·I / Σ P²`` and
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -84,7 +85,7 @@ class Psf:
         g = 2.0 * self.beta / (a * a) * p / base
         return p, g * dx, g * dy
 
-    @property
+    @functools.cached_property
     def norm(self) -> float:
         """``Z``: sum of the profile over the centred kernel grid."""
         g = np.arange(-self.half, self.half + 1, dtype=np.float64)
@@ -92,6 +93,10 @@ class Psf:
 
     def kernel(self) -> np.ndarray:
         """The centred kernel image (float64, odd square side, sums to 1)."""
+        return self._kernel.copy()
+
+    @functools.cached_property
+    def _kernel(self) -> np.ndarray:
         g = np.arange(-self.half, self.half + 1, dtype=np.float64)
         k = self.profile(g[None, :], g[:, None])
         return k / k.sum()
@@ -123,11 +128,11 @@ class Psf:
 
     def sum_p2(self) -> float:
         """Σ P² of the centred kernel (1/pixels): noise-equivalent area is its inverse."""
-        return float(np.sum(self.kernel() ** 2))
+        return float(np.sum(self._kernel**2))
 
     def sum_p3(self) -> float:
         """Σ P³ of the centred kernel (for source Poisson noise in PSF fluxes)."""
-        return float(np.sum(self.kernel() ** 3))
+        return float(np.sum(self._kernel**3))
 
     def encircled(self, radius: float) -> float:
         """Fraction of the light within ``radius`` pixels (analytic, untruncated)."""

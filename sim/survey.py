@@ -318,7 +318,22 @@ class Survey:
         xi, eta = self.sky.positions(vp.mjd)
         u, v, ra, dec = self._focal_positions(vp, xi, eta)
         sci, tmpl = self.sky.fluxes(vp.mjd, vp.band)
-        return u, v, ra, dec, sci, tmpl
+        order = np.argsort(u, kind="stable")
+        return u, v, ra, dec, sci, tmpl, order, u[order]
+
+    def pixel_to_sky(self, visit: int, detector: int, x, y) -> tuple[np.ndarray, np.ndarray]:
+        """0-based pixel ``(x, y)`` on ``detector`` → (ra, dec) in degrees.
+
+        The same TAN projection as :meth:`detector_wcs` (agrees to < 1e-9″),
+        without building an astropy WCS.
+        """
+        vp = self.visit_params(visit)
+        u, v = self.focal_plane.from_detector(
+            detector, np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+        )
+        xi = vp.cd[0, 0] * u + vp.cd[0, 1] * v
+        eta = vp.cd[1, 0] * u + vp.cd[1, 1] * v
+        return gnomonic_inverse(xi, eta, vp.ra, vp.dec)
 
     def _sigma_diff(self, vp: VisitParams, sky: float) -> float:
         """Expected PSF-flux error (counts) of a faint source on the difference image."""
@@ -363,13 +378,16 @@ class Survey:
         cfg = self.config
         vp = self.visit_params(visit)
         nx, ny = cfg.detector_size
-        u, v, _, _, sci, tmpl = self._visit_objects(visit)
-        x, y = self.focal_plane.to_detector(detector, u, v)
+        u, v, _, _, sci, tmpl, order, u_sorted = self._visit_objects(visit)
         m = vp.psf.half + 2
+        cu = self.focal_plane.centres[detector, 0]
+        lo, hi = np.searchsorted(u_sorted, [cu - nx / 2.0 - m, cu + nx / 2.0 + m])
+        idx = np.sort(order[lo:hi])
+        x, y = self.focal_plane.to_detector(detector, u[idx], v[idx])
         near = (x > -m) & (x < nx - 1 + m) & (y > -m) & (y < ny - 1 + m)
-        idx = np.flatnonzero(near)
+        idx = idx[near]
         calib = self.photcalib(visit, detector)
-        xs, ys = x[idx], y[idx]
+        xs, ys = x[near], y[near]
         on = (xs >= -0.5) & (xs < nx - 0.5) & (ys >= -0.5) & (ys < ny - 0.5)
 
         rng = _rng(cfg.seed, _BOGUS, visit, detector)
@@ -549,7 +567,7 @@ class Survey:
             "tmpl": np.concatenate([sc.tmpl[real], b_tmpl]),
         }
 
-    def _finish(self, sc: Scene, cand: dict, meas: dict, keep: np.ndarray):
+    def _finish(self, sc: Scene, cand: dict, meas: dict, keep: np.ndarray, objects=True):
         """Assemble diaSources, truth and truth_objects frames for the kept candidates."""
         cfg = self.config
         vp = sc.visit
@@ -580,32 +598,34 @@ class Survey:
         bbox = 2 * np.ceil(1.5 * fwhm * (1 + np.log10(np.maximum(snr, 5.0) / 5.0))) + 1
         out["bboxSize"] = bbox.astype(np.int32)
         out["isNegative"] = out["psfInstFlux"] < 0
-        flag_cols = [c for c in CATALOG_COLUMNS if c.startswith("pixelFlags_")]
-        out["pixelFlags"] = np.any([out[c] for c in flag_cols], axis=0) if n else np.zeros(0, bool)
-        cat = pd.DataFrame(out)
-        order = np.lexsort((cat["x"].to_numpy(), cat["y"].to_numpy()))
-        cat = cat.iloc[order].reset_index(drop=True)
-
-        wcs = self.detector_wcs(vp.visit, sc.detector)
-        tx, ty = cand["trueX"][keep][order], cand["trueY"][keep][order]
-        tra, tdec = wcs.pixel_to_world_values(tx, ty) if n else (np.zeros(0), np.zeros(0))
-        truth = pd.DataFrame(
-            {
-                "row": np.arange(n, dtype=np.int64),
-                "truthId": tid[order].astype(np.int64),
-                "kind": kind[order].astype(object),
-                "trueX": tx.astype(np.float64),
-                "trueY": ty.astype(np.float64),
-                "trueRa": np.asarray(tra, dtype=np.float64),
-                "trueDec": np.asarray(tdec, dtype=np.float64),
-                "trueDiffFlux": cand["diff"][keep][order] * sc.photcalib,
-                "trueScienceFlux": cand["sci"][keep][order] * sc.photcalib,
-            }
+        out["pixelFlags"] = (
+            np.any([out[c] for c in CATALOG_COLUMNS if c.startswith("pixelFlags_")], axis=0)
+            if n
+            else np.zeros(0, bool)
         )
+        order = np.lexsort((out["x"], out["y"]))
+        cat = {c: a[order] for c, a in out.items()}
+        tx, ty = cand["trueX"][keep][order], cand["trueY"][keep][order]
+        tra, tdec = self.pixel_to_sky(vp.visit, sc.detector, tx, ty)
+        truth = {
+            "row": np.arange(n, dtype=np.int64),
+            "truthId": tid[order].astype(np.int64),
+            "kind": kind[order].astype(object),
+            "trueX": tx.astype(np.float64),
+            "trueY": ty.astype(np.float64),
+            "trueRa": np.asarray(tra, dtype=np.float64),
+            "trueDec": np.asarray(tdec, dtype=np.float64),
+            "trueDiffFlux": cand["diff"][keep][order] * sc.photcalib,
+            "trueScienceFlux": cand["sci"][keep][order] * sc.photcalib,
+        }
+        if not objects:
+            return cat, truth, None
+        cat = pd.DataFrame(cat)
+        truth = pd.DataFrame(truth)
         on = sc.on
         oid = self.sky.catalog["truthId"].to_numpy()[sc.idx[on]]
         ox, oy = sc.x[on], sc.y[on]
-        ora, odec = wcs.pixel_to_world_values(ox, oy) if ox.size else (np.zeros(0),) * 2
+        ora, odec = self.pixel_to_sky(vp.visit, sc.detector, ox, oy)
         objects = pd.DataFrame(
             {
                 "truthId": oid.astype(np.int64),
@@ -788,7 +808,7 @@ class Survey:
             "pixelFlags_interpolated": bad,
             "pixelFlags_offimage": (x < -0.5) | (x >= nx - 0.5) | (y < -0.5) | (y >= ny - 0.5),
         }
-        return self._finish(sc, cand, meas, keep)
+        return self._finish(sc, cand, meas, keep, objects=False)
 
     # ------------------------------------------------------------- writing
     def detector_files(self, visit: int, detector: int) -> dict[str, bytes]:
@@ -897,26 +917,27 @@ class Survey:
         """
         dets = self._check_detectors(detectors)
         vp = self.visit_params(visit)
-        frames = []
+        parts = []
         for det in dets:
             sc = self.scene(visit, det)
             cat, truth, _ = self.measure_fast(sc)
-            wcs = self.detector_wcs(visit, det)
-            if len(cat):
-                ra, dec = wcs.pixel_to_world_values(cat["x"].to_numpy(), cat["y"].to_numpy())
-            else:
-                ra = dec = np.zeros(0)
-            cat.insert(0, "visit", np.int64(visit))
-            cat.insert(1, "detector", np.int64(det))
-            cat.insert(2, "ra", np.asarray(ra, dtype=np.float64))
-            cat.insert(3, "dec", np.asarray(dec, dtype=np.float64))
-            cat["truthId"] = truth["truthId"].to_numpy()
-            cat["kind"] = truth["kind"].to_numpy()
-            cat["trueDiffFlux"] = truth["trueDiffFlux"].to_numpy()
-            cat["trueScienceFlux"] = truth["trueScienceFlux"].to_numpy()
-            cat["photoCalib"] = np.float64(sc.photcalib)
-            frames.append(cat)
-        out = pd.concat(frames, ignore_index=True)
+            ra, dec = self.pixel_to_sky(visit, det, cat["x"], cat["y"])
+            n = len(ra)
+            parts.append(
+                {
+                    "visit": np.full(n, visit, dtype=np.int64),
+                    "detector": np.full(n, det, dtype=np.int64),
+                    "ra": ra,
+                    "dec": dec,
+                    **cat,
+                    "truthId": truth["truthId"],
+                    "kind": truth["kind"],
+                    "trueDiffFlux": truth["trueDiffFlux"],
+                    "trueScienceFlux": truth["trueScienceFlux"],
+                    "photoCalib": np.full(n, sc.photcalib),
+                }
+            )
+        out = pd.DataFrame({c: np.concatenate([p[c] for p in parts]) for c in parts[0]})
         out["band"] = vp.band
         out["midpointMjdTai"] = np.float64(vp.mjd)
         return out

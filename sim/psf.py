@@ -6,8 +6,8 @@ normalised by the sum ``Z`` of its samples on the centred kernel grid, so the
 ``PSF`` kernel written to the files sums to exactly 1 and a source of flux
 ``F`` (counts) centred at sub-pixel offset ``(fx, fy)`` contributes
 ``F · profile(X - x, Y - y) / Z`` to pixel ``(X, Y)``. The kernels are well
-sampled (FWHM ≥ 3 px at 0.2″/px), so shifted stamps also sum to 1 to
-< 1e-6.
+sampled (FWHM ≥ 3 px at 0.2″/px) and truncated at 2.5 FWHM, so shifted
+stamps also sum to 1 within 1e-4 (the Moffat wing crossing the stamp edge).
 
 Measurements follow SPEC §4.5: ``F = Σ P·I / Σ P²`` and
 ``σF = sqrt(Σ P²·V) / Σ P²`` with ``P`` the PSF shifted to the position.

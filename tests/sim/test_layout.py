@@ -122,8 +122,9 @@ def test_wcs_round_trip_and_detector_geometry(small_root, small_survey):
         scale = np.sqrt(abs(np.linalg.det(w.pixel_scale_matrix))) * 3600
         assert scale == pytest.approx(0.2, rel=1e-9)
         api = small_survey.detector_wcs(0, det)
-        np.testing.assert_allclose(api.pixel_to_world_values(10.5, 20.25),
-                                   w.pixel_to_world_values(10.5, 20.25), atol=1e-12)
+        np.testing.assert_allclose(
+            api.pixel_to_world_values(10.5, 20.25), w.pixel_to_world_values(10.5, 20.25), atol=1e-12
+        )
         polys[det] = (ra, dec)
     # gaps: every corner of one detector is off every other detector
     for det, (ra, dec) in polys.items():
@@ -173,7 +174,12 @@ def test_truth_files_columns(small_root):
             else:
                 assert str(df[col].dtype) == dtype, col
     assert set(truth["kind"]) <= {
-        "variable", "transient", "moving", "bogus_noise", "bogus_dipole", "bogus_cr"
+        "variable",
+        "transient",
+        "moving",
+        "bogus_noise",
+        "bogus_dipole",
+        "bogus_cr",
     }
     cat = read_parquet(f"{small_root}/truth/objects.parquet")
     assert cat["truthId"].is_unique

@@ -158,8 +158,21 @@ def test_image_path_counts_match_fast_path(small_root, small_survey):
 
 def test_visit_catalog_columns(small_survey):
     cat = small_survey.visit_catalog(1)
-    for col in ("visit", "detector", "ra", "dec", "truthId", "kind", "trueDiffFlux",
-                "x", "y", "psfInstFlux", "psfInstFluxErr", "photoCalib", "band"):
+    for col in (
+        "visit",
+        "detector",
+        "ra",
+        "dec",
+        "truthId",
+        "kind",
+        "trueDiffFlux",
+        "x",
+        "y",
+        "psfInstFlux",
+        "psfInstFluxErr",
+        "photoCalib",
+        "band",
+    ):
         assert col in cat.columns
     assert set(cat["detector"]) <= set(small_survey.detectors)
     # positions on the sky agree with the detector WCS

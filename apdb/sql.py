@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -84,6 +85,7 @@ IMPLEMENTATION_VERSION = "1.0.0"
 MARKER_TABLE = "ApdbVisitDetector"
 LAST_TABLE = "DiaObjectLast"
 PIXEL_COLUMN = "pixelId"
+PAYLOAD_COLUMN = "payload"
 
 _SA_TYPES = {
     "double": sa.Double,
@@ -132,15 +134,17 @@ def build_metadata() -> sa.MetaData:
     sa.Table(
         LAST_TABLE,
         md,
-        *_sdm_columns("DiaObject"),
+        *_sdm_columns("DiaObjectLast"),
         sa.Column(PIXEL_COLUMN, sa.BigInteger, nullable=False),
-        sa.PrimaryKeyConstraint("diaObjectId"),
+        sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
+        sa.PrimaryKeyConstraint(*sdm.primary_key("DiaObjectLast")),
         sa.Index("IDX_DiaObjectLast_pixelId", PIXEL_COLUMN),
     )
     sa.Table(
         "DiaSource",
         md,
         *_sdm_columns("DiaSource"),
+        sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint(*sdm.primary_key("DiaSource")),
         sa.Index("IDX_DiaSource_visitDetector", "visit", "detector"),
         sa.Index("IDX_DiaSource_diaObjectId", "diaObjectId", "midpointMjdTai"),
@@ -149,8 +153,10 @@ def build_metadata() -> sa.MetaData:
         "DiaForcedSource",
         md,
         *_sdm_columns("DiaForcedSource"),
+        sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint(*sdm.primary_key("DiaForcedSource")),
         sa.Index("IDX_DiaForcedSource_visitDetector", "visit", "detector"),
+        sqlite_with_rowid=False,
     )
     sa.Table(
         "metadata",
@@ -209,32 +215,227 @@ def _frame(rows: Sequence[tuple], names: Sequence[str], dtypes: dict[str, str]) 
     return pd.DataFrame(data)
 
 
-def _column_values(series: pd.Series, dtype: str, nan_to_none: bool) -> list:
-    """One column as a Python list for the driver, nulls as None."""
+_PACKED_BASE = {
+    "float64": "<f8",
+    "float32": "<f4",
+    "int64": "<i8",
+    "Int64": "<i8",
+    "int32": "<i4",
+    "Int32": "<i4",
+    "int16": "<i2",
+    "Int16": "<i2",
+    "int8": "i1",
+    "Int8": "i1",
+    "bool": "u1",
+    "boolean": "u1",
+}
+
+
+class _Packing:
+    """The packed-row layout of one SDM table (the ``payload`` column).
+
+    Every numeric and boolean SDM column of a row, little-endian and fixed
+    width, in schema order; a nullable integer or boolean column is followed
+    by a one-byte validity flag; float nulls are NaN. String columns are not
+    packed: they are read from their own SDM columns. A bulk read fetches one
+    ``payload`` per row and decodes all rows with a single
+    ``numpy.frombuffer``, instead of creating one Python object per value.
+    """
+
+    def __init__(self, table: str):
+        self.table = table
+        self.columns = sdm.columns(table)
+        fields = []
+        self.text: list[str] = []
+        for col in self.columns:
+            if col.dtype not in _PACKED_BASE:
+                self.text.append(col.name)
+                continue
+            fields.append((col.name, _PACKED_BASE[col.dtype]))
+            if col.dtype in _NULLABLE_INT or col.dtype == "boolean":
+                fields.append(("valid:" + col.name, "u1"))
+        self.dtype = np.dtype(fields)
+        digest = hashlib.sha1(repr((fields, self.text)).encode()).hexdigest()[:16]
+        self.signature = f"{self.dtype.itemsize}:{digest}"
+
+    def pack(self, arrays: dict[str, object], n: int) -> list[bytes]:
+        """One ``bytes`` payload per row from the converted column arrays."""
+        rec = np.zeros(n, dtype=self.dtype)
+        for col in self.columns:
+            if col.dtype not in _PACKED_BASE:
+                continue
+            values = arrays[col.name]
+            if col.dtype in _NULLABLE_INT or col.dtype == "boolean":
+                ext = values
+                valid = ~np.asarray(pd.isna(ext), dtype=bool)
+                rec["valid:" + col.name] = valid
+                rec[col.name] = np.asarray(ext.to_numpy(dtype=_PACKED_BASE[col.dtype], na_value=0))
+            else:
+                rec[col.name] = values
+        return rec.view(f"V{self.dtype.itemsize}").ravel().tolist()
+
+    def unpack(self, payloads: Sequence[bytes], text: dict[str, Sequence]) -> pd.DataFrame:
+        """The SDM frame (all columns, schema order and dtypes) of packed rows."""
+        n = len(payloads)
+        if n == 0:
+            return sdm.empty_frame(self.table)
+        buf = b"".join(payloads)
+        if len(buf) != n * self.dtype.itemsize:
+            raise ApdbError(
+                f"{self.table}.payload: {len(buf)} bytes for {n} rows do not match the "
+                f"{self.dtype.itemsize}-byte layout {self.signature}"
+            )
+        rec = np.frombuffer(buf, dtype=self.dtype)
+        data: dict[str, object] = {}
+        for col in self.columns:
+            name, dtype = col.name, col.dtype
+            if name in text:
+                data[name] = pd.Series(np.array(text[name], dtype=object), dtype=object)
+            elif dtype in _NULLABLE_INT:
+                values = rec[name].astype(dtype.lower())
+                data[name] = pd.arrays.IntegerArray(values, rec["valid:" + name] == 0)
+            elif dtype == "boolean":
+                data[name] = pd.arrays.BooleanArray(
+                    rec[name].astype(bool), rec["valid:" + name] == 0
+                )
+            elif dtype == "bool":
+                data[name] = rec[name].astype(bool)
+            else:
+                data[name] = rec[name].astype(dtype)
+        return pd.DataFrame(data)
+
+
+_INT_RANGE = {name: np.iinfo(name) for name in _INT}
+
+
+class _Columns:
+    """One SDM table's rows as driver-ready column lists (nulls as None).
+
+    A single pass over the input frame: each column is read once, cast to the
+    SDM dtype with numpy, checked, and turned into a Python list with one
+    ``tolist()``. This replaces :func:`apdb.sdm.conform` on the write path,
+    with the same rules: a missing non-nullable column, a null in a
+    non-nullable column or a value that does not cast is an :class:`InputError`.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Input rows; columns the table lacks are ignored.
+    table : str
+        SDM table name.
+    overrides : dict
+        Column → scalar written to every row instead of the input column.
+    nan_to_none : bool
+        Turn float NaN into None (PostgreSQL; SQLite stores NaN as NULL itself).
+    """
+
+    def __init__(self, df, table, *, overrides=None, nan_to_none=False):
+        overrides = overrides or {}
+        n = len(df)
+        present = set(df.columns)
+        self.names: list[str] = []
+        self.lists: list[list] = []
+        self.arrays: dict[str, np.ndarray] = {}
+        self.n = n
+        for col in sdm.columns(table):
+            name, dtype = col.name, col.dtype
+            if name in overrides:
+                value = overrides[name]
+                self.arrays[name] = np.full(n, value, dtype=dtype if dtype in _FLOAT else None)
+                if not (isinstance(value, float) and np.isnan(value)):
+                    self.names.append(name)
+                    self.lists.append([value] * n)
+                continue
+            if name not in present:
+                # Left out of the INSERT: the column defaults to NULL, and binding
+                # None costs the sqlite3 module a failed adaptation per value.
+                if not col.nullable:
+                    raise InputError(f"{table}: required column {name!r} is missing")
+                self.arrays[name] = _null_array(dtype, n)
+                continue
+            series = df[name]
+            try:
+                arr, values = _convert(series, dtype, nan_to_none)
+            except InputError as exc:
+                raise InputError(f"{table}.{name}: {exc}") from None
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise InputError(
+                    f"{table}.{name}: cannot convert {series.dtype} to {dtype}: {exc}"
+                ) from exc
+            self.arrays[name] = arr
+            if values is not None:
+                self.names.append(name)
+                self.lists.append(values)
+
+    def subset(self, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` that are written (not entirely null)."""
+        written = set(self.names)
+        return [name for name in names if name in written]
+
+    def rows(self, *extra: list, names: Sequence[str] | None = None) -> list[tuple]:
+        """Rows as tuples (written columns, or ``names``), with ``extra`` column lists appended."""
+        if names is None:
+            lists = self.lists
+        else:
+            index = {name: i for i, name in enumerate(self.names)}
+            lists = [self.lists[index[name]] for name in names]
+        return list(zip(*lists, *extra, strict=True))
+
+
+def _null_array(dtype: str, n: int):
     if dtype in _FLOAT:
-        arr = series.to_numpy()
+        return np.full(n, np.nan, dtype=dtype)
+    if dtype in _NULLABLE_INT or dtype == "boolean":
+        return pd.array([pd.NA] * n, dtype=dtype)
+    return np.full(n, None, dtype=object)
+
+
+def _convert(series: pd.Series, dtype: str, nan_to_none: bool) -> tuple[np.ndarray, list | None]:
+    """(numpy array in the SDM dtype, list for the driver) of one column.
+
+    The list is None when every value is null and the column need not be written.
+    """
+    if dtype in _FLOAT:
+        arr = series.to_numpy(dtype=dtype, na_value=np.nan)
         if nan_to_none:
             nan = np.isnan(arr)
             if nan.any():
                 obj = arr.astype(object)
                 obj[nan] = None
-                return obj.tolist()
-        return arr.tolist()
+                return arr, obj.tolist()
+        return arr, arr.tolist()
     if dtype in _INT or dtype == "bool":
-        return series.to_numpy().tolist()
+        if series.hasnans:
+            raise InputError(
+                f"column is not nullable but has {int(series.isna().sum())} null value(s)"
+            )
+        arr = series.to_numpy()
+        if dtype in _INT:
+            if arr.dtype.kind == "f" and np.any(arr != np.round(arr)):
+                raise InputError(f"non-integer value {arr[arr != np.round(arr)][0]}")
+            if arr.dtype.kind in "iuf" and arr.size:
+                info = _INT_RANGE[dtype]
+                lo, hi = arr.min(), arr.max()
+                if lo < info.min or hi > info.max:
+                    raise InputError(f"value {lo if lo < info.min else hi} overflows {dtype}")
+        arr = arr.astype(dtype)
+        return arr, arr.tolist()
     if dtype in _NULLABLE_INT or dtype == "boolean":
-        return series.to_numpy(dtype=object, na_value=None).tolist()
+        ext = pd.array(series, dtype=dtype)
+        null = ext.isna()
+        if null.all():
+            return ext, None
+        if not null.any():
+            return ext, ext.to_numpy(dtype=dtype.lower() if dtype != "boolean" else bool).tolist()
+        return ext, ext.to_numpy(dtype=object, na_value=None).tolist()
     arr = series.to_numpy(dtype=object)
     null = pd.isna(arr)
+    if null.all():
+        return arr, None
     if null.any():
         arr = arr.copy()
         arr[null] = None
-    return arr.tolist()
-
-
-def _rows(df: pd.DataFrame, dtypes: dict[str, str], nan_to_none: bool) -> list[tuple]:
-    cols = [_column_values(df[name], dtypes[name], nan_to_none) for name in df.columns]
-    return list(zip(*cols, strict=True))
+    return arr, arr.tolist()
 
 
 def _ids_array(object_ids: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
@@ -321,6 +522,8 @@ class ApdbSql(Apdb):
         self._engine = self._make_engine(config)
         self.dialect = self._engine.dialect.name
         self._ph = "?" if self.dialect == "sqlite" else "%s"
+        self._last_names = [c.name for c in sdm.columns("DiaObjectLast")]
+        self._packing = {t: _Packing(t) for t in ("DiaObject", "DiaSource", "DiaForcedSource")}
         self._dtypes = {
             "DiaObject": sdm.dtypes("DiaObject"),
             "DiaSource": sdm.dtypes("DiaSource"),
@@ -385,9 +588,13 @@ class ApdbSql(Apdb):
                 dbapi_conn.isolation_level = None
                 cur = dbapi_conn.cursor()
                 cur.execute(f"PRAGMA busy_timeout = {busy}")
+                cur.execute("PRAGMA page_size = 8192")  # only before the first table
+                cur.execute("PRAGMA cache_size = -32768")
+                cur.execute("PRAGMA temp_store = MEMORY")
                 if not memory:
                     cur.execute("PRAGMA journal_mode = WAL")
                     cur.execute("PRAGMA synchronous = NORMAL")
+                    cur.execute("PRAGMA mmap_size = 268435456")
                 cur.close()
 
             return engine
@@ -445,6 +652,7 @@ class ApdbSql(Apdb):
             "version:ApdbSql": IMPLEMENTATION_VERSION,
             "config:healpix_order": str(self.config.healpix_order),
             "config:pixelization": "healpix-nest",
+            **{f"config:packing:{t}": p.signature for t, p in self._packing.items()},
         }
         ph = self._ph
         try:
@@ -479,6 +687,13 @@ class ApdbSql(Apdb):
             )
         if "config:healpix_order" not in meta:
             raise SchemaVersionError(f"APDB {self._url}: metadata lacks config:healpix_order")
+        for table, packing in self._packing.items():
+            have = meta.get(f"config:packing:{table}")
+            if have != packing.signature:
+                raise SchemaVersionError(
+                    f"APDB {self._url}: metadata config:packing:{table} is {have!r}, this code "
+                    f"packs {table} rows as {packing.signature}"
+                )
         return meta
 
     def close(self) -> None:
@@ -504,24 +719,32 @@ class ApdbSql(Apdb):
         and are then filtered exactly with ``region.contains``.
         """
         ranges = region.pixel_ranges(self.order, self.config.max_pixel_ranges)
-        names = list(self._dtypes["DiaObject"])
         if len(ranges) == 0:
             return sdm.empty_frame("DiaObject")
         ph = self._ph
         pix = _q(PIXEL_COLUMN)
         where = " OR ".join([f"({pix} >= {ph} AND {pix} < {ph})"] * len(ranges))
-        rows = self._select(LAST_TABLE, names, where, ranges.ravel().tolist(), "get_objects")
-        df = _frame(rows, names, self._dtypes["DiaObject"])
+        df = self._select_packed(
+            LAST_TABLE, "DiaObject", where, ranges.ravel().tolist(), "get_objects"
+        )
         if len(df):
             inside = region.contains(df["ra"].to_numpy(), df["dec"].to_numpy())
             if not inside.all():
                 df = df.loc[inside].reset_index(drop=True)
         return df
 
+    def _select_packed(self, table: str, sdm_table: str, where: str, params: list, what: str):
+        """Rows of ``table`` as an SDM frame, decoded from their packed payloads."""
+        packing = self._packing[sdm_table]
+        names = [PAYLOAD_COLUMN, *packing.text]
+        rows = self._select(table, names, where, params, what)
+        if not rows:
+            return sdm.empty_frame(sdm_table)
+        columns = list(zip(*rows, strict=True))
+        return packing.unpack(columns[0], dict(zip(packing.text, columns[1:], strict=True)))
+
     def _get_history(self, table: str, object_ids, since_mjd: float | None) -> pd.DataFrame:
         ids = _ids_array(object_ids, f"{table} query")
-        dtypes = self._dtypes[table]
-        names = list(dtypes)
         if ids.size == 0:
             return sdm.empty_frame(table)
         if self.dialect == "sqlite":
@@ -535,8 +758,7 @@ class ApdbSql(Apdb):
                 raise InputError(f"{table} query: since_mjd must be finite, got {since_mjd}")
             where += f' AND "midpointMjdTai" >= {self._ph}'
             params.append(float(since_mjd))
-        rows = self._select(table, names, where, params, f"read {table}")
-        return _frame(rows, names, dtypes)
+        return self._select_packed(table, table, where, params, f"read {table}")
 
     def get_sources(self, object_ids, since_mjd: float | None) -> pd.DataFrame:
         """DiaSources of ``object_ids`` with ``midpointMjdTai >= since_mjd`` (MJD TAI).
@@ -642,20 +864,6 @@ class ApdbSql(Apdb):
 
     # ------------------------------------------------------------------ store
 
-    def _prepare_objects(self, objects: pd.DataFrame, time_mjd: float) -> pd.DataFrame:
-        objs = objects.assign(validityStartMjdTai=time_mjd, validityEndMjdTai=np.nan)
-        objs = sdm.conform(objs, "DiaObject")
-        ra, dec = objs["ra"].to_numpy(), objs["dec"].to_numpy()
-        bad = ~(np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InputError(
-                f"DiaObject: ra/dec must be finite with |dec| <= 90 deg; diaObjectId "
-                f"{int(objs['diaObjectId'].iloc[i])} has ({ra[i]}, {dec[i]})"
-            )
-        _unique(objs["diaObjectId"], "DiaObject.diaObjectId")
-        return objs
-
     def store(
         self,
         visit: int,
@@ -693,23 +901,38 @@ class ApdbSql(Apdb):
         elif not np.isfinite(time_mjd):
             raise InputError(f"store({visit}, {detector}): time_mjd must be finite")
 
-        objs = self._prepare_objects(objects, time_mjd)
-        srcs = sdm.conform(sources, "DiaSource")
-        fsrcs = sdm.conform(forced_sources, "DiaForcedSource")
-        for frame, table in ((srcs, "DiaSource"), (fsrcs, "DiaForcedSource")):
-            _check_visit_detector(frame, table, visit, detector)
-        _unique(srcs["diaSourceId"], "DiaSource.diaSourceId")
-        _unique(fsrcs["diaObjectId"], "DiaForcedSource.diaObjectId")
-
         nan_none = self.dialect != "sqlite"
-        obj_rows = _rows(objs, self._dtypes["DiaObject"], nan_none)
-        pixels = hpgeom.angle_to_pixel(
-            hpgeom.order_to_nside(self.order), objs["ra"].to_numpy(), objs["dec"].to_numpy()
+        objs = _Columns(
+            objects,
+            "DiaObject",
+            overrides={"validityStartMjdTai": time_mjd, "validityEndMjdTai": float("nan")},
+            nan_to_none=nan_none,
         )
-        last_rows = [(*row, pix) for row, pix in zip(obj_rows, pixels.tolist(), strict=True)]
-        src_rows = _rows(srcs, self._dtypes["DiaSource"], nan_none)
-        fsrc_rows = _rows(fsrcs, self._dtypes["DiaForcedSource"], nan_none)
-        ids = objs["diaObjectId"].to_numpy()
+        ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
+        bad = ~(np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise InputError(
+                f"DiaObject: ra/dec must be finite with |dec| <= 90 deg; diaObjectId "
+                f"{ids[i]} has ({ra[i]}, {dec[i]})"
+            )
+        _unique(ids, "DiaObject.diaObjectId")
+        srcs = _Columns(sources, "DiaSource", nan_to_none=nan_none)
+        fsrcs = _Columns(forced_sources, "DiaForcedSource", nan_to_none=nan_none)
+        for cols, table in ((srcs, "DiaSource"), (fsrcs, "DiaForcedSource")):
+            _check_visit_detector(cols.arrays, table, visit, detector)
+        _unique(srcs.arrays["diaSourceId"], "DiaSource.diaSourceId")
+        _unique(fsrcs.arrays["diaObjectId"], "DiaForcedSource.diaObjectId")
+
+        pixels = hpgeom.angle_to_pixel(hpgeom.order_to_nside(self.order), ra, dec)
+        obj_rows = objs.rows()
+        last_rows = objs.rows(
+            pixels.tolist(),
+            self._packing["DiaObject"].pack(objs.arrays, objs.n),
+            names=objs.subset(self._last_names),
+        )
+        src_rows = srcs.rows(self._packing["DiaSource"].pack(srcs.arrays, srcs.n))
+        fsrc_rows = fsrcs.rows(self._packing["DiaForcedSource"].pack(fsrcs.arrays, fsrcs.n))
         stored = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
         ph = self._ph
@@ -722,21 +945,21 @@ class ApdbSql(Apdb):
                     f'"nDiaObjectsUpdated", "nDiaSources", "nDiaForcedSources") '
                     f"VALUES ({', '.join([ph] * 8)}) "
                     f'ON CONFLICT ("visit", "detector") DO NOTHING',
-                    [visit, detector, time_mjd, stored, len(objs), 0, len(srcs), len(fsrcs)],
+                    [visit, detector, time_mjd, stored, objs.n, 0, srcs.n, fsrcs.n],
                 )
                 if cur.rowcount == 0:
                     raise _AlreadyStored
                 n_updated = 0
-                if len(objs):
-                    n_updated = self._write_objects(cur, ids, time_mjd, obj_rows, last_rows)
+                if objs.n:
+                    n_updated = self._write_objects(cur, ids, time_mjd, objs, obj_rows, last_rows)
                     if n_updated:
                         cur.execute(
                             f'UPDATE {_q(MARKER_TABLE)} SET "nDiaObjectsUpdated" = {ph} '
                             f'WHERE "visit" = {ph} AND "detector" = {ph}',
                             [n_updated, visit, detector],
                         )
-                self._insert(cur, "DiaSource", list(srcs.columns), src_rows)
-                self._insert(cur, "DiaForcedSource", list(fsrcs.columns), fsrc_rows)
+                self._insert(cur, "DiaSource", [*srcs.names, PAYLOAD_COLUMN], src_rows)
+                self._insert(cur, "DiaForcedSource", [*fsrcs.names, PAYLOAD_COLUMN], fsrc_rows)
         except _AlreadyStored:
             _LOG.info("visit %d detector %d already stored in %s", visit, detector, self._url)
             return StoreResult(visit, detector, already_stored=True)
@@ -744,10 +967,10 @@ class ApdbSql(Apdb):
             visit,
             detector,
             already_stored=False,
-            n_objects=len(objs),
+            n_objects=objs.n,
             n_objects_updated=n_updated,
-            n_sources=len(srcs),
-            n_forced_sources=len(fsrcs),
+            n_sources=srcs.n,
+            n_forced_sources=fsrcs.n,
         )
 
     def _id_filter(self, ids: np.ndarray) -> tuple[str, object]:
@@ -757,7 +980,7 @@ class ApdbSql(Apdb):
             ) + "]"
         return "= ANY(%s)", ids.tolist()
 
-    def _write_objects(self, cur, ids, time_mjd, obj_rows, last_rows) -> int:
+    def _write_objects(self, cur, ids, time_mjd, objs, obj_rows, last_rows) -> int:
         """Close the open versions of ``ids``, replace them in the last table, add rows."""
         cond, param = self._id_filter(ids)
         cur.execute(
@@ -767,9 +990,9 @@ class ApdbSql(Apdb):
         )
         n_updated = max(cur.rowcount, 0)
         cur.execute(f'DELETE FROM {_q(LAST_TABLE)} WHERE "diaObjectId" {cond}', [param])
-        names = list(self._dtypes["DiaObject"])
-        self._insert(cur, LAST_TABLE, [*names, PIXEL_COLUMN], last_rows)
-        self._insert(cur, "DiaObject", names, obj_rows)
+        last_names = [*objs.subset(self._last_names), PIXEL_COLUMN, PAYLOAD_COLUMN]
+        self._insert(cur, LAST_TABLE, last_names, last_rows)
+        self._insert(cur, "DiaObject", objs.names, obj_rows)
         return n_updated
 
     def _insert(self, cur, table: str, names: list[str], rows: list[tuple]) -> None:
@@ -785,15 +1008,15 @@ class ApdbSql(Apdb):
                     copy.write_row(row)
 
 
-def _unique(series: pd.Series, what: str) -> None:
-    dup = series.duplicated()
-    if dup.any():
-        raise InputError(f"{what}: duplicate value {series[dup].iloc[0]} in the input")
+def _unique(values: np.ndarray, what: str) -> None:
+    uniq, counts = np.unique(values, return_counts=True)
+    if len(uniq) != len(values):
+        raise InputError(f"{what}: duplicate value {uniq[counts > 1][0]} in the input")
 
 
-def _check_visit_detector(frame: pd.DataFrame, table: str, visit: int, detector: int) -> None:
+def _check_visit_detector(arrays: dict, table: str, visit: int, detector: int) -> None:
     for column, want in (("visit", visit), ("detector", detector)):
-        values = frame[column].to_numpy()
+        values = arrays[column]
         wrong = values != want
         if wrong.any():
             raise InputError(

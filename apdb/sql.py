@@ -519,6 +519,16 @@ class ApdbSql(Apdb):
     def __init__(self, config: ApdbConfig):
         self.config = config
         self._url = config.safe_url()
+        url = config.sqlalchemy_url()
+        if (
+            not config.auto_create
+            and url.get_backend_name() == "sqlite"
+            and url.database not in (None, "", ":memory:")
+            and not os.path.exists(url.database)
+        ):
+            raise ApdbError(
+                f"APDB {self._url}: no such SQLite file; create it with: python -m apdb create URL"
+            )
         self._engine = self._make_engine(config)
         self.dialect = self._engine.dialect.name
         self._ph = "?" if self.dialect == "sqlite" else "%s"

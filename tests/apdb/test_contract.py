@@ -1,0 +1,392 @@
+"""The APDB contract: the same behaviour on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import sqlalchemy as sa
+
+from apdb import Circle, Polygon, make_apdb, sdm
+from apdb.config import ApdbConfig
+from apdb.sql import ApdbSql
+from tasks.errors import ApdbError, InputError, SchemaVersionError, TransientError
+from tests.apdb.conftest import make_forced, make_objects, make_sources, store_detector
+
+
+def _assert_sdm_frame(df: pd.DataFrame, table: str) -> None:
+    expected = sdm.empty_frame(table)
+    assert list(df.columns) == list(expected.columns)
+    assert {c: str(t) for c, t in df.dtypes.items()} == {
+        c: str(t) for c, t in expected.dtypes.items()
+    }
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_create_writes_versions_and_reopens(db, apdb_url):
+    assert db.metadata["version:schema"] == sdm.schema_version()
+    assert db.row_counts()["DiaObject"] == 0
+    again = make_apdb(ApdbConfig(url=apdb_url, auto_create=False))
+    try:
+        assert again.metadata == db.metadata
+    finally:
+        again.close()
+
+
+def test_incompatible_schema_version_is_refused(db, apdb_url):
+    engine = sa.create_engine(ApdbConfig(url=apdb_url).sqlalchemy_url())
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            """UPDATE "metadata" SET "value" = '999.0.0' WHERE "name" = 'version:schema'"""
+        )
+    engine.dispose()
+    with pytest.raises(SchemaVersionError, match=r"version:schema is '999\.0\.0'"):
+        ApdbSql(ApdbConfig(url=apdb_url))
+
+
+def test_missing_tables_without_auto_create(apdb_url):
+    # Make sure the PostgreSQL database has no APDB left from an earlier test.
+    ApdbSql.create(ApdbConfig(url=apdb_url), drop=True).close()
+    engine = sa.create_engine(ApdbConfig(url=apdb_url).sqlalchemy_url())
+    with engine.begin() as conn:
+        conn.exec_driver_sql('DROP TABLE "metadata"')
+    engine.dispose()
+    with pytest.raises(ApdbError, match="python -m apdb create"):
+        ApdbSql(ApdbConfig(url=apdb_url, auto_create=False))
+
+
+# --------------------------------------------------------------------------- empty
+
+
+def test_empty_database_gives_empty_frames_with_columns(db):
+    _assert_sdm_frame(db.get_objects(Circle(10.0, 10.0, 1.0)), "DiaObject")
+    _assert_sdm_frame(db.get_sources([1, 2, 3], 0.0), "DiaSource")
+    _assert_sdm_frame(db.get_forced_sources(np.array([1], dtype=np.int64), None), "DiaForcedSource")
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [[], np.array([], dtype=np.int64), pd.Series([], dtype="Int64")],
+    ids=["list", "numpy", "series"],
+)
+def test_no_ids_gives_empty_frames(db, ids):
+    store_detector(db, 1, 1, [1], 10.0, 10.0, 60000.0)
+    _assert_sdm_frame(db.get_sources(ids, None), "DiaSource")
+    _assert_sdm_frame(db.get_forced_sources(ids, None), "DiaForcedSource")
+
+
+def test_store_of_empty_catalogs_marks_detector_done(db):
+    result = db.store(
+        7,
+        3,
+        sdm.empty_frame("DiaObject"),
+        sdm.empty_frame("DiaSource"),
+        sdm.empty_frame("DiaForcedSource"),
+        time_mjd=60000.0,
+    )
+    assert (result.already_stored, result.n_objects, result.n_sources) == (False, 0, 0)
+    assert db.is_done(7, 3)
+    assert not db.is_done(7, 4)
+    assert db.done_detectors(7) == {3}
+    assert db.row_counts()["DiaSource"] == 0
+
+
+# --------------------------------------------------------------------------- round trip
+
+
+def test_round_trip_keeps_values_and_dtypes(db):
+    ra = np.array([10.123456789012345, 10.2, 10.3])
+    dec = np.array([-5.000000000000001, -5.1, -5.2])
+    objects = make_objects([11, 12, 13], ra, dec, seed=3)
+    sources = make_sources(
+        [101, 102, 103],
+        [11, 12, 13],
+        ra,
+        dec,
+        visit=5,
+        detector=2,
+        mjd=60100.5,
+        ssObjectId=pd.array([None, 7, None], dtype="Int64"),
+        isDipole=pd.array([True, None, False], dtype="boolean"),
+        reliabilityVersion=np.array(["v1", None, "v\t2"], dtype=object),
+    )
+    forced = make_forced([201, 202, 203], [11, 12, 13], ra, dec, visit=5, detector=2, mjd=60100.5)
+    db.store(5, 2, objects, sources, forced, time_mjd=60100.5)
+
+    got = db.get_objects(Circle(10.2, -5.1, 0.5)).sort_values("diaObjectId", ignore_index=True)
+    _assert_sdm_frame(got, "DiaObject")
+    np.testing.assert_array_equal(got["ra"].to_numpy(), ra)
+    np.testing.assert_array_equal(got["dec"].to_numpy(), dec)
+    np.testing.assert_array_equal(got["raErr"].to_numpy(), objects["raErr"].to_numpy())
+    np.testing.assert_array_equal(
+        got["r_psfFluxMean"].to_numpy(), objects["r_psfFluxMean"].to_numpy()
+    )
+    assert got["validityStartMjdTai"].tolist() == [60100.5] * 3
+    assert got["validityEndMjdTai"].isna().all()
+    assert got["g_psfFluxMean"].isna().all()
+
+    src = db.get_sources([11, 12, 13], 60000.0).sort_values("diaSourceId", ignore_index=True)
+    _assert_sdm_frame(src, "DiaSource")
+    assert src["diaSourceId"].tolist() == [101, 102, 103]
+    assert src["ssObjectId"].tolist() == [pd.NA, 7, pd.NA]
+    assert src["isDipole"].tolist() == [True, pd.NA, False]
+    assert src["reliabilityVersion"].tolist() == ["v1", None, "v\t2"]
+    assert src["band"].tolist() == ["r", "r", "r"]
+    np.testing.assert_array_equal(src["psfFlux"].to_numpy(), sources["psfFlux"].to_numpy())
+
+    fsrc = db.get_forced_sources([11, 12, 13], 60000.0).sort_values(
+        "diaObjectId", ignore_index=True
+    )
+    _assert_sdm_frame(fsrc, "DiaForcedSource")
+    assert fsrc["diaForcedSourceId"].tolist() == [201, 202, 203]
+    assert fsrc["band"].tolist() == ["g"] * 3
+
+
+# --------------------------------------------------------------------------- regions
+
+
+def _sky_grid(ra0: float, dec0: float, half: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """A regular grid of n x n positions, ``half`` deg either side, RA scaled by cos(dec)."""
+    offsets = np.linspace(-half, half, n)
+    dra, ddec = np.meshgrid(offsets, offsets)
+    dec = np.clip(dec0 + ddec.ravel(), -90, 90)
+    ra = (ra0 + dra.ravel() / max(np.cos(np.radians(dec0)), 1e-3)) % 360.0
+    return ra, dec
+
+
+def _separation_deg(ra1, dec1, ra2, dec2):
+    """Great-circle distance (Vincenty), independent of apdb.region."""
+    r1, d1, r2, d2 = map(np.radians, (ra1, dec1, ra2, dec2))
+    dra = r2 - r1
+    num = np.hypot(
+        np.cos(d2) * np.sin(dra), np.cos(d1) * np.sin(d2) - np.sin(d1) * np.cos(d2) * np.cos(dra)
+    )
+    den = np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(dra)
+    return np.degrees(np.arctan2(num, den))
+
+
+@pytest.mark.parametrize(
+    ("ra0", "dec0"),
+    [(0.0, 0.0), (359.95, 12.0), (0.02, -45.0), (180.0, 89.9), (300.0, -89.95)],
+    ids=["ra0", "ra360", "ra0-south", "north-pole", "south-pole"],
+)
+def test_circle_query_returns_exactly_the_objects_inside(db, ra0, dec0):
+    ra, dec = _sky_grid(ra0, dec0, 0.3, 31)
+    ids = np.arange(1, len(ra) + 1)
+    store_detector(db, 1, 0, ids, ra, dec, 60000.0)
+    radius = 0.2
+    got = db.get_objects(Circle(ra0, dec0, radius))
+    sep = _separation_deg(ra0, dec0, ra, dec)
+    # Exclude positions within 1e-9 deg of the edge from the comparison.
+    edge = np.abs(sep - radius) < 1e-9
+    expected = set(ids[(sep < radius) & ~edge].tolist())
+    got_ids = set(got["diaObjectId"].tolist()) - set(ids[edge].tolist())
+    assert len(expected) > 50
+    assert got_ids == expected
+
+
+def test_polygon_across_ra_zero(db):
+    ra = np.array([359.95, 359.99, 0.01, 0.05, 359.85, 0.15, 0.0])
+    dec = np.array([0.0, 0.05, -0.05, 0.09, 0.0, 0.0, 0.2])
+    store_detector(db, 1, 0, np.arange(1, 8), ra, dec, 60000.0)
+    square = Polygon([359.9, 0.1, 0.1, 359.9], [-0.1, -0.1, 0.1, 0.1])
+    assert sorted(db.get_objects(square)["diaObjectId"].tolist()) == [1, 2, 3, 4]
+
+
+def test_polygon_around_the_north_pole(db):
+    # Edges between vertices at dec 89.5, 90 deg of RA apart, dip no lower than
+    # atan(tan(89.5 deg) / cos(45 deg)) = 89.646 deg: points above are inside.
+    ra = np.arange(0.0, 360.0, 15.0)
+    inner = np.full(ra.size, 89.7)
+    outer = np.full(ra.size, 89.45)
+    ids = np.arange(1, 2 * ra.size + 1)
+    store_detector(db, 1, 0, ids, np.r_[ra, ra], np.r_[inner, outer], 60000.0)
+    cap = Polygon([0.0, 90.0, 180.0, 270.0], [89.5] * 4)
+    assert sorted(db.get_objects(cap)["diaObjectId"].tolist()) == ids[: ra.size].tolist()
+
+
+# --------------------------------------------------------------------------- history
+
+
+def test_time_window_boundary_is_inclusive(db):
+    since = 60000.0
+    times = [since - 1e-6, since, since + 1e-6]
+    for visit, mjd in enumerate(times, start=1):
+        store_detector(db, visit, 0, [42], 10.0, 10.0, mjd, source_base=visit * 10)
+    src = db.get_sources([42], since)
+    assert sorted(src["midpointMjdTai"].tolist()) == times[1:]
+    fsrc = db.get_forced_sources([42], since)
+    assert sorted(fsrc["midpointMjdTai"].tolist()) == times[1:]
+    assert len(db.get_sources([42], None)) == 3
+    # The default window: history_start is visit time minus 360 days.
+    assert db.history_start(60360.0) == since
+
+
+def test_long_id_lists(db):
+    n = 5000
+    ids = np.arange(1, n + 1, dtype=np.int64) * 7
+    ra, dec = _sky_grid(20.0, 20.0, 0.5, 71)
+    store_detector(db, 1, 0, ids, ra[:n], dec[:n], 60000.0)
+    wanted = np.r_[ids[::2], ids[::2], [10**15]]  # duplicates and an unknown id
+    src = db.get_sources(wanted, 59000.0)
+    assert sorted(src["diaObjectId"].tolist()) == sorted(ids[::2].tolist())
+    fsrc = db.get_forced_sources(pd.Series(wanted), 59000.0)
+    assert len(fsrc) == len(ids[::2])
+
+
+def test_new_object_version_replaces_the_latest(db):
+    store_detector(db, 1, 0, [5, 6], [30.0, 30.001], [0.0, 0.0], 60000.0)
+    moved = make_objects([5], 30.0005, 0.0005, nDiaSources=np.array([2], dtype=np.int32))
+    result = db.store(
+        2,
+        0,
+        moved,
+        make_sources([900], [5], 30.0005, 0.0005, visit=2, detector=0, mjd=60010.0),
+        None,
+        time_mjd=60010.0,
+    )
+    assert (result.n_objects, result.n_objects_updated) == (1, 1)
+    latest = db.get_objects(Circle(30.0, 0.0, 0.1)).set_index("diaObjectId")
+    assert sorted(latest.index) == [5, 6]
+    assert latest.loc[5, "nDiaSources"] == 2
+    assert latest.loc[5, "ra"] == 30.0005
+    assert latest.loc[5, "validityStartMjdTai"] == 60010.0
+    history = db.get_object_history([5]).sort_values("validityStartMjdTai")
+    assert history["validityStartMjdTai"].tolist() == [60000.0, 60010.0]
+    assert history["validityEndMjdTai"].iloc[0] == 60010.0
+    assert pd.isna(history["validityEndMjdTai"].iloc[1])
+    assert db.visit_summary(2)["nDiaObjectsUpdated"].tolist() == [1]
+
+
+# --------------------------------------------------------------------------- store
+
+
+def test_restore_of_same_visit_detector_adds_nothing(db):
+    first = store_detector(db, 3, 9, [1, 2, 3], 50.0, 50.0, 60000.0)
+    counts = db.row_counts()
+    second = store_detector(db, 3, 9, [1, 2, 3], 50.0, 50.0, 60000.0)
+    assert not first.already_stored and first.n_sources == 3
+    assert second.already_stored and second.n_sources == 0
+    assert db.row_counts() == counts
+
+
+def test_failure_inside_the_transaction_rolls_everything_back(db):
+    store_detector(db, 1, 0, [1], 60.0, 0.0, 60000.0, source_base=500)
+    counts = db.row_counts()
+    # diaSourceId 500 exists: the DiaSource insert fails after the marker and the
+    # objects were written in the same transaction.
+    with pytest.raises(ApdbError, match="store visit 2 detector 0"):
+        db.store(
+            2,
+            0,
+            make_objects([2, 3], 60.0, 0.0),
+            make_sources([500, 501], [2, 3], 60.0, 0.0, visit=2, detector=0, mjd=60010.0),
+            make_forced([1, 2], [2, 3], 60.0, 0.0, visit=2, detector=0, mjd=60010.0),
+            time_mjd=60010.0,
+        )
+    assert db.row_counts() == counts
+    assert not db.is_done(2, 0)
+    assert db.get_objects(Circle(60.0, 0.0, 0.1))["diaObjectId"].tolist() == [1]
+
+
+@pytest.mark.parametrize(
+    ("table", "change", "match"),
+    [
+        (
+            "objects",
+            lambda df: df.drop(columns="nDiaSources"),
+            "DiaObject: required column 'nDiaSources'",
+        ),
+        ("objects", lambda df: df.assign(ra=np.nan), "ra/dec must be finite"),
+        ("objects", lambda df: pd.concat([df, df]), "DiaObject.diaObjectId: duplicate value 1"),
+        ("sources", lambda df: df.assign(visit=99), r"DiaSource.visit: store\(4, 1\) got 2 row"),
+        (
+            "sources",
+            lambda df: df.assign(psfNdata=np.nan),
+            "DiaSource.psfNdata: column is not nullable",
+        ),
+        (
+            "sources",
+            lambda df: df.assign(detector=70000),
+            "DiaSource.detector: value 70000 overflows",
+        ),
+        ("forced", lambda df: df.assign(detector=2), "DiaForcedSource.detector"),
+        (
+            "forced",
+            lambda df: df.assign(psfFlux="bright"),
+            "DiaForcedSource.psfFlux: cannot convert",
+        ),
+    ],
+    ids=[
+        "missing-column",
+        "nan-position",
+        "duplicate-id",
+        "wrong-visit",
+        "null-required",
+        "overflow",
+        "wrong-detector",
+        "not-a-number",
+    ],
+)
+def test_bad_input_is_refused_before_any_write(db, table, change, match):
+    frames = {
+        "objects": make_objects([1, 2], 70.0, 0.0),
+        "sources": make_sources([10, 11], [1, 2], 70.0, 0.0, visit=4, detector=1, mjd=60000.0),
+        "forced": make_forced([20, 21], [1, 2], 70.0, 0.0, visit=4, detector=1, mjd=60000.0),
+    }
+    frames[table] = change(frames[table])
+    with pytest.raises(InputError, match=match):
+        db.store(4, 1, frames["objects"], frames["sources"], frames["forced"], time_mjd=60000.0)
+    assert not db.is_done(4, 1)
+    assert db.row_counts()["DiaObject"] == 0
+
+
+def test_inputs_are_not_modified(db):
+    objects = make_objects([1, 2], 80.0, 1.0)
+    sources = make_sources([3, 4], [1, 2], 80.0, 1.0, visit=1, detector=1, mjd=60000.0)
+    before = (objects.copy(), sources.copy())
+    db.store(1, 1, objects, sources, None, time_mjd=60000.0)
+    pd.testing.assert_frame_equal(objects, before[0])
+    pd.testing.assert_frame_equal(sources, before[1])
+
+
+def test_visit_summary_and_visits(db):
+    store_detector(db, 10, 1, [1, 2], 90.0, 0.0, 60000.0)
+    store_detector(db, 10, 4, [3], 90.0, 0.0, 60000.0)
+    store_detector(db, 11, 1, [4], 90.0, 0.0, 60001.0)
+    summary = db.visit_summary(10)
+    assert summary["detector"].tolist() == [1, 4]
+    assert summary["nDiaSources"].tolist() == [2, 1]
+    assert db.done_detectors(10) == {1, 4}
+    visits = db.visits()
+    assert visits["visit"].tolist() == [10, 11]
+    assert visits["nDetectors"].tolist() == [2, 1]
+    assert db.visit_summary(12).empty
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unreachable_postgresql_is_transient():
+    config = ApdbConfig(url="postgresql://postgres@127.0.0.1:1/nothing", connect_timeout_s=1)
+    with pytest.raises(TransientError, match="127.0.0.1:1"):
+        ApdbSql(config)
+
+
+def test_sqlite_lock_held_too_long_is_transient(tmp_path):
+    url = f"sqlite:///{tmp_path / 'locked.sqlite3'}"
+    db = ApdbSql.create(ApdbConfig(url=url, sqlite_busy_timeout_ms=100))
+    import sqlite3
+
+    holder = sqlite3.connect(tmp_path / "locked.sqlite3", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(TransientError, match="locked"):
+            store_detector(db, 1, 1, [1], 0.0, 0.0, 60000.0)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert store_detector(db, 1, 1, [1], 0.0, 0.0, 60000.0).n_objects == 1
+    db.close()

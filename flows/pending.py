@@ -5,8 +5,6 @@ visit bundles land; each run finds the visits whose detectors are not all in
 the APDB's (visit, detector) marker table and processes them, oldest first.
 """
 
-from __future__ import annotations
-
 import fsspec
 from prefect import flow, get_run_logger
 

@@ -7,8 +7,6 @@ per-detector glue in :mod:`flows.detector`, the task wrappers in
 :mod:`flows.stages`.
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 import time

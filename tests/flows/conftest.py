@@ -17,8 +17,13 @@ def survey_root(tmp_path_factory) -> str:
 
     root = tmp_path_factory.mktemp("bundles")
     survey = Survey(
-        SurveyConfig(seed=7, n_detectors=N_DETECTORS, n_visits=3, detector_size=(256, 256),
-                     sources_per_detector=25)
+        SurveyConfig(
+            seed=7,
+            n_detectors=N_DETECTORS,
+            n_visits=3,
+            detector_size=(256, 256),
+            sources_per_detector=25,
+        )
     )
     for visit in range(3):
         survey.write_visit(str(root), visit)

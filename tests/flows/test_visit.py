@@ -17,7 +17,9 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.avro"))}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.avro"))
+    }
 
 
 def test_visit_end_to_end_then_rerun_is_a_no_op(survey_root, tmp_path):
@@ -81,3 +83,15 @@ def test_bad_detector_is_isolated(survey_root, tmp_path):
     apdb = make_apdb(config.apdb)
     assert apdb.done_detectors(2) == set(result["succeeded"]), "nothing stored for the bad one"
     assert not (tmp_path / "alerts" / f"2_{bad.name}.avro").exists()
+
+
+def test_dask_runner_on_a_local_cluster(survey_root, tmp_path):
+    config = make_config(tmp_path, task_runner="dask", cache=False)
+    state, result = run_visit(survey_root, 0, config, detectors=[*_first_two(survey_root)])
+    assert state.name == "Completed", state.message
+    assert len(result["succeeded"]) == 2 and result["alerts"] > 0
+    assert make_apdb(config.apdb).done_detectors(0) == set(result["succeeded"])
+
+
+def _first_two(root: str) -> list[int]:
+    return sorted(int(p.name) for p in (Path(root) / "0").iterdir() if p.is_dir())[:2]

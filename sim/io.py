@@ -125,17 +125,29 @@ def fits_bytes(image, mask, variance, psf, image_header, psf_header=None) -> byt
     )
 
 
-def parquet_bytes(df: pd.DataFrame) -> bytes:
-    """A parquet file of ``df`` (no index, zstd, fixed options) as bytes."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
+def parquet_bytes(table: pd.DataFrame | dict) -> bytes:
+    """A parquet file (no index, zstd, fixed options) as bytes.
+
+    ``table`` is a data frame or a dict of equal-length numpy arrays; column
+    types are taken from the arrays (strings from object arrays of ``str``).
+    """
+    if isinstance(table, pd.DataFrame):
+        table = {c: table[c].to_numpy() for c in table.columns}
+    arrays = {
+        c: pa.array(
+            a.tolist() if a.dtype == object else a, type=pa.string() if a.dtype == object else None
+        )
+        for c, a in ((c, np.asarray(a)) for c, a in table.items())
+    }
     buf = io.BytesIO()
     pq.write_table(
-        table,
+        pa.table(arrays),
         buf,
         compression="zstd",
         use_dictionary=False,
         write_statistics=True,
         version="2.6",
+        store_schema=False,
     )
     return buf.getvalue()
 

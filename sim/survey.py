@@ -491,20 +491,31 @@ class Survey:
             np.concatenate([sc.y, sc.b_y[dip] - sc.b_dy[dip] / 2]),
             np.concatenate([sc.tmpl, sc.b_flux[dip]]),
         )
-        sci_var = sc.sky + np.maximum(sci_model, 0.0)
-        tmpl_var = (sc.sky + np.maximum(tmpl_model, 0.0)) / cfg.template_depth
+        f32 = np.float32
+        sci_model = sci_model.astype(f32)
+        tmpl_model = tmpl_model.astype(f32)
+        sci_var = np.maximum(sci_model, f32(0.0))
+        sci_var += f32(sc.sky)
+        tmpl_var = np.maximum(tmpl_model, f32(0.0))
+        tmpl_var += f32(sc.sky)
+        tmpl_var /= f32(cfg.template_depth)
         r1 = _rng(cfg.seed, _SCI_NOISE, sc.visit.visit, sc.detector)
         r2 = _rng(cfg.seed, _TMPL_NOISE, sc.visit.visit, sc.detector)
-        sci = sci_model + np.sqrt(sci_var) * r1.standard_normal(shape, dtype=np.float32)
-        tmpl = tmpl_model + np.sqrt(tmpl_var) * r2.standard_normal(shape, dtype=np.float32)
+        sci = r1.standard_normal(shape, dtype=f32)
+        sci *= np.sqrt(sci_var)
+        sci += sci_model
+        tmpl = r2.standard_normal(shape, dtype=f32)
+        tmpl *= np.sqrt(tmpl_var)
+        tmpl += tmpl_model
         # noise peaks: upward/downward fluctuations of the science noise
-        sci += render(shape, psf, sc.b_x[noise], sc.b_y[noise], sc.b_flux[noise])
+        if noise.any():
+            sci += render(shape, psf, sc.b_x[noise], sc.b_y[noise], sc.b_flux[noise]).astype(f32)
         sci_mask = np.zeros(shape, dtype=np.int32)
         tmpl_mask = np.zeros(shape, dtype=np.int32)
         if sc.cr_pix.size:
             sel = sc.cr_pix >= 0
             flat = sci.reshape(-1)
-            np.add.at(flat, sc.cr_pix[sel], sc.cr_val[sel])
+            np.add.at(flat, sc.cr_pix[sel], sc.cr_val[sel].astype(np.float32))
             sci_mask.reshape(-1)[sc.cr_pix[sel]] |= _BIT["CR"]
         sat = cfg.saturation_counts
         for img, msk in ((sci, sci_mask), (tmpl, tmpl_mask)):
@@ -522,19 +533,13 @@ class Survey:
                 msk[-e:, :] |= _BIT["EDGE"]
                 msk[:, :e] |= _BIT["EDGE"]
                 msk[:, -e:] |= _BIT["EDGE"]
-        sci32 = sci.astype(np.float32)
-        tmpl32 = tmpl.astype(np.float32)
         return {
-            "science": {"image": sci32, "mask": sci_mask, "variance": sci_var.astype(np.float32)},
-            "template": {
-                "image": tmpl32,
-                "mask": tmpl_mask,
-                "variance": tmpl_var.astype(np.float32),
-            },
+            "science": {"image": sci, "mask": sci_mask, "variance": sci_var},
+            "template": {"image": tmpl, "mask": tmpl_mask, "variance": tmpl_var},
             "difference": {
-                "image": sci32 - tmpl32,
+                "image": sci - tmpl,
                 "mask": sci_mask | tmpl_mask,
-                "variance": (sci_var + tmpl_var).astype(np.float32),
+                "variance": sci_var + tmpl_var,
             },
         }
 
@@ -567,8 +572,13 @@ class Survey:
             "tmpl": np.concatenate([sc.tmpl[real], b_tmpl]),
         }
 
-    def _finish(self, sc: Scene, cand: dict, meas: dict, keep: np.ndarray, objects=True):
-        """Assemble diaSources, truth and truth_objects frames for the kept candidates."""
+    def _finish(
+        self, sc: Scene, cand: dict, meas: dict, keep: np.ndarray, objects=True, frames=True
+    ):
+        """Assemble diaSources, truth and truth_objects tables for the kept candidates.
+
+        Tables are data frames with ``frames``, else dicts of numpy arrays.
+        """
         cfg = self.config
         vp = sc.visit
         n = int(keep.sum())
@@ -620,26 +630,24 @@ class Survey:
         }
         if not objects:
             return cat, truth, None
-        cat = pd.DataFrame(cat)
-        truth = pd.DataFrame(truth)
         on = sc.on
         oid = self.sky.catalog["truthId"].to_numpy()[sc.idx[on]]
         ox, oy = sc.x[on], sc.y[on]
         ora, odec = self.pixel_to_sky(vp.visit, sc.detector, ox, oy)
-        objects = pd.DataFrame(
-            {
-                "truthId": oid.astype(np.int64),
-                "kind": self.sky._kind[sc.idx[on]].astype(object),
-                "ra": np.asarray(ora, dtype=np.float64),
-                "dec": np.asarray(odec, dtype=np.float64),
-                "x": ox,
-                "y": oy,
-                "diffFlux": (sc.sci[on] - sc.tmpl[on]) * sc.photcalib,
-                "scienceFlux": sc.sci[on] * sc.photcalib,
-                "templateFlux": sc.tmpl[on] * sc.photcalib,
-                "detected": np.isin(oid, tid[tid >= 0]),
-            }
-        )
+        objects = {
+            "truthId": oid.astype(np.int64),
+            "kind": self.sky._kind[sc.idx[on]].astype(object),
+            "ra": np.asarray(ora, dtype=np.float64),
+            "dec": np.asarray(odec, dtype=np.float64),
+            "x": ox,
+            "y": oy,
+            "diffFlux": (sc.sci[on] - sc.tmpl[on]) * sc.photcalib,
+            "scienceFlux": sc.sci[on] * sc.photcalib,
+            "templateFlux": sc.tmpl[on] * sc.photcalib,
+            "detected": np.isin(oid, tid[tid >= 0]),
+        }
+        if frames:
+            return pd.DataFrame(cat), pd.DataFrame(truth), pd.DataFrame(objects)
         return cat, truth, objects
 
     def _flags(self, mask: np.ndarray, x, y, fwhm: float) -> dict[str, np.ndarray]:
@@ -659,10 +667,11 @@ class Survey:
                 out[ccol] = (c_or & bit) != 0 if len(ix) else np.zeros(0, bool)
         return out
 
-    def measure(self, sc: Scene, images: dict):
+    def measure(self, sc: Scene, images: dict, frames: bool = True):
         """Detect and measure DiaSources on the rendered difference image.
 
-        Returns ``(diaSources, truth, truth_objects)`` data frames.
+        Returns ``(diaSources, truth, truth_objects)`` data frames (dicts of
+        numpy arrays without ``frames``).
         """
         cfg = self.config
         nx, ny = cfg.detector_size
@@ -707,7 +716,7 @@ class Survey:
             "pixelFlags_offimage": (x < -0.5) | (x >= nx - 0.5) | (y < -0.5) | (y >= ny - 0.5),
             **self._flags(d["mask"], x, y, psf.fwhm),
         }
-        return self._finish(sc, cand, meas, keep)
+        return self._finish(sc, cand, meas, keep, frames=frames)
 
     def _aperture(self, image, variance, x, y):
         """Circular-aperture sum (pixel centres within ``ap_radius_px``) and its error."""
@@ -815,7 +824,7 @@ class Survey:
         """All files of one detector of one visit, as bytes keyed by file name."""
         sc = self.scene(visit, detector)
         images = self.render(sc)
-        cat, truth, objects = self.measure(sc, images)
+        cat, truth, objects = self.measure(sc, images, frames=False)
         vp = sc.visit
         wcs_cards = self.detector_wcs_header(visit, detector)
         files = {}

@@ -221,7 +221,16 @@ def process_visit(
     if show_progress:
         _progress(futures, len(dets), groups)
     wait([f["produce"] for f in futures])
-    result = _collect(info, groups, futures, time.perf_counter() - t_start)
+    outcomes = [
+        {
+            stage: f[stage].result()
+            if f[stage].state.is_completed()
+            else _group_failure(f[stage].state, stage)
+            for stage in STAGES
+        }
+        for f in futures
+    ]
+    result = _collect(info, groups, outcomes, time.perf_counter() - t_start)
     D.forget_bundles()
     _artifacts(result)
     n_failed = len(result["failed"])
@@ -253,22 +262,23 @@ def _progress(futures, n_dets: int, groups) -> None:
     print(file=sys.stderr)
 
 
-def _collect(info: VisitInfo, groups, futures, wall_s: float) -> VisitResult:
+def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
+    """Merge per-group stage outcomes (GroupResult, or a failure message) into a VisitResult."""
     failed: dict[int, str] = {}
     rows: list[dict[str, Any]] = []
     stage_seconds = dict.fromkeys(STAGES, 0.0)
     alerts = 0
     files: list[str] = []
-    for g, f in zip(groups, futures, strict=True):
+    for g, outcome in zip(groups, outcomes, strict=True):
         results: dict[str, GroupResult | None] = {}
         for stage in STAGES:
-            state = f[stage].state
-            if state.is_completed():
-                results[stage] = f[stage].result()
+            r = outcome[stage]
+            if isinstance(r, GroupResult):
+                results[stage] = r
             else:
                 results[stage] = None
                 for det in g:
-                    failed.setdefault(det, _group_failure(state, stage))
+                    failed.setdefault(det, r)
         for det in g:
             row: dict[str, Any] = {"detector": det}
             for stage in STAGES:
@@ -347,6 +357,74 @@ def _artifacts(result: VisitResult) -> None:
     if result["alert_files"]:
         lines += ["", "## Alert files", ""] + [f"- `{p}`" for p in result["alert_files"][:50]]
     create_markdown_artifact(key=f"visit-{visit}-summary", markdown="\n".join(lines))
+
+
+# --------------------------------------------------------------------------- without Prefect
+
+_PLAIN_FUNCS = dict(
+    zip(
+        STAGES,
+        (_load, _calibrate, _associate, _forced, _store, _cutout, _package, _produce),
+        strict=True,
+    )
+)
+_UPSTREAM = {
+    "load": (),
+    "calibrate": (),
+    "associate": ("load", "calibrate"),
+    "forced": ("associate",),
+    "store": ("associate", "forced"),
+    "cutout": ("associate",),
+    "package": ("load", "associate", "forced", "cutout"),
+    "produce": ("package", "store"),
+}
+
+
+def run_visit_plain(
+    bundle_root: str, visit: int, config: PipelineConfig, *, detectors: list[int] | None = None
+) -> VisitResult:
+    """The same stages and grouping as :func:`process_visit`, with plain function calls.
+
+    No Prefect: no task runs, no caching, no retries, no artifacts. Groups run in
+    a thread pool of ``orchestration.max_workers`` like the default task runner.
+    Used by ``python -m bench orchestration`` to measure what Prefect costs.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.stages import run_group
+
+    t_start = time.perf_counter()
+    info = read_visit_info(bundle_root, visit)
+    dets = list(info.detectors) if not detectors else [int(d) for d in detectors]
+    time_mjd = _now_mjd_tai()
+    groups = _chunks(dets, config.orchestration.detectors_per_task)
+
+    def one_group(g):
+        done: dict[str, GroupResult | str] = {}
+        for stage in STAGES:
+            ups = _UPSTREAM[stage]
+            if any(not isinstance(done[u], GroupResult) for u in ups):
+                done[stage] = next(done[u] for u in ups if not isinstance(done[u], GroupResult))
+                continue
+            try:
+                done[stage] = run_group(
+                    stage,
+                    _PLAIN_FUNCS[stage],
+                    bundle_root,
+                    info,
+                    g,
+                    config,
+                    tuple(done[u] for u in ups),
+                    time_mjd,
+                )
+            except Exception as exc:
+                done[stage] = f"{stage}: {type(exc).__name__}: {exc}"
+        return done
+
+    with ThreadPoolExecutor(config.orchestration.max_workers) as pool:
+        outcomes = list(pool.map(one_group, groups))
+    D.forget_bundles()
+    return _collect(info, groups, outcomes, time.perf_counter() - t_start)
 
 
 # --------------------------------------------------------------------------- command line

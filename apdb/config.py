@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import sqlalchemy as sa
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from tasks.errors import ConfigError
 
@@ -84,6 +84,22 @@ class ApdbConfig(BaseModel, frozen=True, extra="forbid"):
         ge=0,
         description="SQLite busy_timeout: how long a writer waits for the file lock (ms).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _move_password_out_of_url(cls, data):
+        """A password written in the URL moves to ``password`` so the URL can be shown."""
+        if isinstance(data, dict) and isinstance(data.get("url"), str) and "://" in data["url"]:
+            try:
+                url = sa.make_url(data["url"])
+            except sa.exc.ArgumentError:
+                return data
+            if url.password is not None:
+                data = dict(data)
+                if data.get("password") is None:
+                    data["password"] = SecretStr(str(url.password))
+                data["url"] = url._replace(password=None).render_as_string(hide_password=False)
+        return data
 
     def sqlalchemy_url(self) -> sa.URL:
         """The SQLAlchemy URL, with the password filled in (do not log it).

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from apdb import sdm
-from tasks.associate import AssociationConfig, associate, pair_costs
+from tasks.associate import AssociationConfig, associate, pair_costs, unmatched_cost
 from tasks.errors import InputError, TooManyNewObjectsError
 
 AS = 1.0 / 3600.0
@@ -69,7 +69,7 @@ def test_cost_closed_form_with_floor_and_fallback():
     # source 0.3" east, 0.4" north of the object at the equator
     sig_s = (np.array([0.2]), np.array([0.01]))
     sig_o = (np.array([0.0]), np.array([0.01]))
-    i, j, cost, gate, sep = pair_costs(
+    i, j, cost, sep = pair_costs(
         np.array([0.3 * AS]),
         np.array([0.4 * AS]),
         sig_s,
@@ -79,14 +79,29 @@ def test_cost_closed_form_with_floor_and_fallback():
         cfg,
     )
     sa2, sd2 = 0.2**2, 0.05**2  # dec σ: hypot(0.01, 0.01) floored at 0.05
+    assert (i[0], j[0]) == (0, 0)
     assert sep[0] == pytest.approx(0.5, rel=1e-6)
     assert cost[0] == pytest.approx(
         0.5 * (0.09 / sa2 + 0.16 / sd2) + 0.5 * np.log(sa2 * sd2), rel=1e-6
     )
-    # gate cost: same direction (0.6, 0.8) at 1"
-    assert gate[0] == pytest.approx(
-        0.5 * (0.36 / sa2 + 0.64 / sd2) + 0.5 * np.log(sa2 * sd2), rel=1e-6
-    )
+
+
+def test_unmatched_cost_is_k_sigma_at_the_floor():
+    assert unmatched_cost(CFG) == pytest.approx(0.5 * 25 + 0.5 * np.log(0.05**4))
+    cfg = AssociationConfig(unmatched_sigma=3.0, sigma_floor_arcsec=0.1)
+    assert unmatched_cost(cfg) == pytest.approx(4.5 + 2 * np.log(0.1))
+
+
+@pytest.mark.parametrize(
+    ("err_arcsec", "offset_arcsec", "matched"),
+    [(0.01, 0.24, True), (0.01, 0.26, False), (0.3, 0.9, True), (0.3, 1.05, False)],
+    ids=["floor-4.8sigma", "floor-5.2sigma", "loose-inside-gate", "loose-outside-gate"],
+)
+def test_acceptance_is_k_sigma_or_the_gate(err_arcsec, offset_arcsec, matched):
+    """σ at the floor (0.05″ combined): accepted to 5σ = 0.25″; loose σ: the 1″ gate rules."""
+    src = sources([0.0], [offset_arcsec * AS], err_arcsec=err_arcsec)
+    res = associate(src, objects([0.0], [0.0], err_arcsec=err_arcsec), CFG)
+    assert res.n_matched == int(matched) and res.n_new == int(not matched)
 
 
 def test_missing_errors_fall_back_to_0p2_arcsec():
@@ -95,7 +110,7 @@ def test_missing_errors_fall_back_to_0p2_arcsec():
     res = associate(src, obj, CFG)
     assert res.n_matched == 1
     sig = (np.array([0.2]), np.array([0.2]))
-    _, _, cost, _, _ = pair_costs(
+    _, _, cost, _ = pair_costs(
         np.array([0.3 * AS]), np.array([0.0]), sig, np.array([0.0]), np.array([0.0]), sig, CFG
     )
     s2 = 0.08
@@ -106,8 +121,8 @@ def test_global_assignment_beats_greedy():
     """S1 is nearest O1 but O2 is also in reach; S2 can only take O1.
 
     Greedy nearest-neighbour gives S1→O1 and leaves S2 unmatched; the global
-    minimum is S1→O2, S2→O1 (0.5·(0.35²+0.40²)/0.02 = 7.06 against
-    0.5·0.30²/0.02 + unmatched ≥ 2.25 + 25).
+    minimum is S1→O2, S2→O1. With σ² = 0.02 arcsec² per axis and
+    ln σ² = −3.91: costs −0.85 + 0.09 = −0.76 against −1.66 + U (U = 6.51).
     """
     obj = objects([0.0, 0.65 * AS], [0.0, 0.0])
     src = sources([0.30 * AS, -0.40 * AS], [0.0, 0.0])
@@ -129,7 +144,8 @@ def test_one_source_per_object_closer_wins_other_is_new():
     ("sep_arcsec", "matched"), [(0.95, True), (1.05, False)], ids=["inside", "outside"]
 )
 def test_gate_radius(sep_arcsec, matched):
-    res = associate(sources([0.0], [sep_arcsec * AS]), objects([0.0], [0.0]), CFG)
+    src = sources([0.0], [sep_arcsec * AS], err_arcsec=0.5)
+    res = associate(src, objects([0.0], [0.0], err_arcsec=0.5), CFG)
     assert res.n_matched == int(matched) and res.n_new == int(not matched)
 
 

@@ -195,8 +195,9 @@ def test_real_lsstcam_stamps_reproduce_packet_psf_flux():
     """Forced photometry at CRPIX of each real difference stamp gives the packet's psfFlux.
 
     The stamps are in nJy (PHOTCALIB = 1), ``UNCERT`` is the variance and
-    ``PSFIMAGE`` (41×41) is larger than the 30×30 stamp, so every source is an
-    edge case measured on the pixels inside.
+    ``PSFIMAGE`` (41×41) is larger than the 30×30 stamp: with the whole kernel
+    every source is an edge case measured on the pixels inside; the default
+    0.999-of-ΣP² box fits inside the stamp.
     """
     pulls = []
     for rec in _alerts():
@@ -217,15 +218,20 @@ def test_real_lsstcam_stamps_reproduce_packet_psf_flux():
         obj = pd.DataFrame(
             {"diaObjectId": [1], "ra": [hdr["CRVAL1"]], "dec": [hdr["CRVAL2"]], "nDiaSources": [2]}
         )
-        res = forced_photometry(
-            obj, bundle, ForcedConfig(), id_packer=PACKER, time_processed_mjd=1.0
-        )
         ds = rec["diaSource"]
-        assert res.edge[0]
-        got = res.sources["psfFlux"].iloc[0]
-        pulls.append((got - ds["psfFlux"]) / ds["psfFluxErr"])
-        # our error comes from the same variance plane: within 10 % of Rubin's
-        assert res.sources["psfFluxErr"].iloc[0] == pytest.approx(ds["psfFluxErr"], rel=0.1)
+        for fraction in (0.999, 1.0):  # the default box, and the whole 41×41 kernel
+            res = forced_photometry(
+                obj,
+                bundle,
+                ForcedConfig(footprint_fraction=fraction),
+                id_packer=PACKER,
+                time_processed_mjd=1.0,
+            )
+            assert res.edge[0] == (fraction == 1.0)  # the whole kernel overhangs the stamp
+            got = res.sources["psfFlux"].iloc[0]
+            pulls.append((got - ds["psfFlux"]) / ds["psfFluxErr"])
+            # our error comes from the same variance plane: within 10 % of Rubin's
+            assert res.sources["psfFluxErr"].iloc[0] == pytest.approx(ds["psfFluxErr"], rel=0.1)
     pulls = np.abs(np.array(pulls))
-    assert len(pulls) == 7
-    assert (pulls < 1).sum() >= 6, pulls
+    assert len(pulls) == 14
+    assert (pulls < 1).sum() >= 12, pulls

@@ -1,0 +1,377 @@
+"""``python -m bench quality``: the science stages scored against the simulator's truth.
+
+Simulates a survey (``sim.survey.Survey``: LSSTCam-like detectors, 53
+DiaSources per detector per visit, 20 % bogus, static / variable / transient /
+moving populations), writes every visit's bundles, and runs each detector
+through read → calibrate → associate → summarise → forced photometry with an
+in-memory APDB (latest DiaObjects, DiaSource and DiaForcedSource history,
+footprint loads with the 10-px bbox padding of SPEC §4.1 and the 360-day
+window). Then :mod:`sim.scoring` reports association purity, completeness,
+false new objects and forced-photometry pulls.
+
+Pulls have two sources: (1) the pipeline's own DiaForcedSources, traced to
+truth through the DiaObject's sources; (2) forced photometry (the same
+:func:`tasks.forced.forced_photometry`) at the true positions of every static
+star on each detector and visit — the non-variable objects the headline
+``pull_mean``/``pull_std`` are measured on (their true difference flux is 0,
+so the pull tests the estimator and its error, not the PSF model's flux
+scale). Only isolated stars count (no other true object or bogus detection
+within ``--isolation-px``, default 20 px ≈ 4″, and a footprint wholly on the
+image): a neighbour inside the PSF footprint adds its flux to the forced
+measurement, which is blending, not estimator error. Science-image pulls of
+the same stars, and pulls per brightness quintile, are reported beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.spatial import cKDTree
+
+from apdb import sdm
+from sim.scoring import load_truth, pull_statistics, score_association, score_forced
+from tasks.associate import AssociationConfig, associate
+from tasks.bundle import detector_path, read_detector_bundle
+from tasks.calibrate import CalibrateConfig, calibrate
+from tasks.forced import ForcedConfig, forced_photometry
+from tasks.ids import IdPacker
+from tasks.summarise import SummaryConfig, summarise
+
+HISTORY_DAYS = 360.0
+BBOX_PAD_PX = 10.0
+
+
+@dataclass
+class MemoryApdb:
+    """The smallest APDB the stages need: latest objects, source and forced history."""
+
+    objects: pd.DataFrame = field(default_factory=lambda: sdm.empty_frame("DiaObject"))
+    sources: list[pd.DataFrame] = field(default_factory=list)
+    forced: list[pd.DataFrame] = field(default_factory=list)
+    _src_cache: pd.DataFrame | None = None
+    _fs_cache: pd.DataFrame | None = None
+
+    def _all(self, kind: str) -> pd.DataFrame:
+        if kind == "sources":
+            if self._src_cache is None or len(self._src_cache) != sum(map(len, self.sources)):
+                self._src_cache = (
+                    pd.concat(self.sources, ignore_index=True)
+                    if self.sources
+                    else sdm.empty_frame("DiaSource")
+                )
+            return self._src_cache
+        if self._fs_cache is None or len(self._fs_cache) != sum(map(len, self.forced)):
+            self._fs_cache = (
+                pd.concat(self.forced, ignore_index=True)
+                if self.forced
+                else sdm.empty_frame("DiaForcedSource")
+            )
+        return self._fs_cache
+
+    def load(self, wcs, shape, mjd: float):
+        """Objects whose position falls in the image bbox grown by 10 px, and their history."""
+        ny, nx = shape
+        obj = self.objects
+        if len(obj):
+            x, y = wcs.all_world2pix(obj["ra"].to_numpy(), obj["dec"].to_numpy(), 0)
+            inside = (
+                (x >= -BBOX_PAD_PX)
+                & (x <= nx - 1 + BBOX_PAD_PX)
+                & (y >= -BBOX_PAD_PX)
+                & (y <= ny - 1 + BBOX_PAD_PX)
+            )
+            obj = obj[inside]
+        ids = obj["diaObjectId"].to_numpy(dtype=np.int64)
+        src = self._all("sources")
+        hist = src[
+            np.isin(src["diaObjectId"].to_numpy(dtype=np.float64, na_value=-1), ids)
+            & (src["midpointMjdTai"].to_numpy() >= mjd - HISTORY_DAYS)
+        ]
+        fs = self._all("forced")
+        fhist = fs[
+            np.isin(fs["diaObjectId"].to_numpy(dtype=np.int64), ids)
+            & (fs["midpointMjdTai"].to_numpy() >= mjd - HISTORY_DAYS)
+        ]
+        return obj.reset_index(drop=True), hist, fhist
+
+    def store(self, objects: pd.DataFrame, sources: pd.DataFrame, forced: pd.DataFrame) -> None:
+        """Replace the latest versions of ``objects``; append sources and forced sources."""
+        objects = sdm.conform(objects, "DiaObject")
+        if len(objects):
+            keep = ~np.isin(
+                self.objects["diaObjectId"].to_numpy(dtype=np.int64),
+                objects["diaObjectId"].to_numpy(dtype=np.int64),
+            )
+            parts = [p for p in (self.objects[keep], objects) if len(p)]
+            self.objects = pd.concat(parts, ignore_index=True)
+        if len(sources):
+            self.sources.append(sources)
+        if len(forced):
+            self.forced.append(forced)
+
+
+def _isolated(here: pd.DataFrame, root: str, visit: int, detector: int, radius: float):
+    """Static stars with no other true object or bogus detection within ``radius`` px."""
+    rows = pd.read_parquet(f"{detector_path(root, visit, detector)}/truth.parquet")
+    bogus = rows[rows["truthId"] < 0]
+    px = np.r_[here["x"].to_numpy(), bogus["trueX"].to_numpy()]
+    py = np.r_[here["y"].to_numpy(), bogus["trueY"].to_numpy()]
+    if px.size < 2:
+        return np.ones(len(here), dtype=bool)
+    tree = cKDTree(np.c_[px, py])
+    dist, _ = tree.query(np.c_[here["x"].to_numpy(), here["y"].to_numpy()], k=2)
+    return dist[:, 1] > radius
+
+
+def _merge_objects(loaded: pd.DataFrame, updated: pd.DataFrame) -> pd.DataFrame:
+    """Loaded objects with their updated versions swapped in, plus the new objects."""
+    if not len(loaded):
+        return updated
+    keep = ~np.isin(
+        loaded["diaObjectId"].to_numpy(dtype=np.int64),
+        updated["diaObjectId"].to_numpy(dtype=np.int64),
+    )
+    parts = [p for p in (sdm.conform(loaded[keep], "DiaObject"), updated) if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else updated
+
+
+def run(
+    *,
+    visits: int = 20,
+    detectors: int = 4,
+    seed: int = 1,
+    detector_size: int = 512,
+    sources_per_detector: float = 53.0,
+    root: str | None = None,
+    association: AssociationConfig | None = None,
+    isolation_px: float = 20.0,
+    return_frames: bool = False,
+) -> dict:
+    """Simulate, run the four stages per detector, score. Returns every figure."""
+    from sim.config import SurveyConfig
+    from sim.survey import Survey
+
+    association = association or AssociationConfig()
+    packer = IdPacker()
+    survey = Survey(
+        SurveyConfig(
+            seed=seed,
+            n_detectors=detectors,
+            n_visits=visits,
+            detector_size=(detector_size, detector_size),
+            sources_per_detector=sources_per_detector,
+        )
+    )
+    tmp = None
+    if root is None:
+        tmp = tempfile.TemporaryDirectory(prefix="diapipe-quality-")
+        root = tmp.name
+    dets = list(survey.detectors)
+    t0 = time.perf_counter()
+    for v in range(visits):
+        survey.write_visit(root, v, dets)
+    t_sim = time.perf_counter() - t0
+
+    apdb = MemoryApdb()
+    cal_cfg, sum_cfg, fc_cfg = CalibrateConfig(), SummaryConfig(), ForcedConfig()
+    stage_s = {"read": 0.0, "calibrate": 0.0, "associate": 0.0, "summarise": 0.0, "forced": 0.0}
+    static_forced = []
+    counts = {"n_matched": 0, "n_new": 0, "n_rejected": 0, "n_nan_dropped": 0, "n_forced": 0}
+    truth_objects = load_truth(root, range(visits), dets, packer, objects=True)
+    for v in range(visits):
+        for d in dets:
+            t = time.perf_counter()
+            bundle = read_detector_bundle(root, v, d)
+            stage_s["read"] += time.perf_counter() - t
+            mjd = bundle.visit.midpointMjdTai
+            objects, history, fhist = apdb.load(bundle.difference.wcs, bundle.difference.shape, mjd)
+            t = time.perf_counter()
+            cal = calibrate(
+                bundle.sources, bundle, cal_cfg, id_packer=packer, time_processed_mjd=mjd
+            )
+            t1 = time.perf_counter()
+            assoc = associate(cal, objects, association)
+            t2 = time.perf_counter()
+            updated = summarise(
+                objects, history, assoc.sources, sum_cfg, time_mjd=mjd, forced_sources=fhist
+            )
+            t3 = time.perf_counter()
+            everything = _merge_objects(objects, updated)
+            forced = forced_photometry(
+                everything, bundle, fc_cfg, id_packer=packer, time_processed_mjd=mjd
+            )
+            t4 = time.perf_counter()
+            stage_s["calibrate"] += t1 - t
+            stage_s["associate"] += t2 - t1
+            stage_s["summarise"] += t3 - t2
+            stage_s["forced"] += t4 - t3
+            apdb.store(updated, assoc.sources, forced.sources)
+            for k in ("n_matched", "n_new", "n_rejected", "n_nan_dropped"):
+                counts[k] += getattr(assoc, k)
+            counts["n_forced"] += len(forced.sources)
+            # forced photometry at the true positions of the static stars
+            here = truth_objects[(truth_objects["visit"] == v) & (truth_objects["detector"] == d)]
+            st = here[(here["kind"] == "static") & _isolated(here, root, v, d, isolation_px)]
+            probe = pd.DataFrame(
+                {
+                    "diaObjectId": st["truthId"].to_numpy(dtype=np.int64),
+                    "ra": st["ra"].to_numpy(),
+                    "dec": st["dec"].to_numpy(),
+                    "nDiaSources": np.full(len(st), fc_cfg.min_dia_sources, dtype=np.int32),
+                }
+            )
+            res = forced_photometry(probe, bundle, fc_cfg, id_packer=packer, time_processed_mjd=mjd)
+            fs = res.sources.assign(truthId=res.sources["diaObjectId"], edge=res.edge)
+            static_forced.append(fs[~fs["edge"]])
+    t_pipe = time.perf_counter() - t0 - t_sim
+
+    truth = load_truth(root, range(visits), dets, packer)
+    stored = apdb._all("sources")
+    assoc_score = score_association(stored, truth)
+    # pipeline forced sources: DiaObject → the true object most of its sources come from
+    merged = stored[["diaSourceId", "diaObjectId"]].merge(
+        truth[["diaSourceId", "truthId"]], on="diaSourceId"
+    )
+    merged = merged[merged["truthId"] >= 0]
+    object_truth = (
+        merged.groupby("diaObjectId")["truthId"].agg(lambda s: s.value_counts().index[0])
+        if len(merged)
+        else pd.Series(dtype=np.int64)
+    )
+    object_truth.index = object_truth.index.astype(np.int64)
+    pipeline_pulls = score_forced(apdb._all("forced"), truth_objects, object_truth)
+    static = pd.concat(static_forced, ignore_index=True)
+    static_score = score_forced(static, truth_objects)
+    by_flux = _pulls_by_brightness(static, truth_objects)
+    diff_pulls = static_score.get("static", {}).get("diff", pull_statistics([]))
+    sci_pulls = static_score.get("static", {}).get("science", pull_statistics([]))
+    if tmp is not None:
+        tmp.cleanup()
+    frames = (
+        {
+            "sources": stored,
+            "objects": apdb.objects,
+            "forced": apdb._all("forced"),
+            "truth": truth,
+            "truth_objects": truth_objects,
+            "static_forced": static,
+        }
+        if return_frames
+        else {}
+    )
+    return {
+        **frames,
+        "headline": {
+            "purity": assoc_score["purity"],
+            "completeness": assoc_score["completeness"],
+            "false_new_fraction": assoc_score["false_new_fraction"],
+            "pull_mean": diff_pulls["mean"],
+            "pull_std": diff_pulls["std"],
+        },
+        "config": {
+            "visits": visits,
+            "detectors": dets,
+            "seed": seed,
+            "detector_size": detector_size,
+            "sources_per_detector": sources_per_detector,
+            "isolation_px": isolation_px,
+        },
+        "association": assoc_score,
+        "counts": counts,
+        "static_forced_pulls": {"diff": diff_pulls, "science": sci_pulls, "by_flux": by_flux},
+        "pipeline_forced_pulls": pipeline_pulls,
+        "seconds": {"simulate": t_sim, "pipeline": t_pipe, **stage_s},
+    }
+
+
+def _pulls_by_brightness(static: pd.DataFrame, truth_objects: pd.DataFrame) -> list[dict]:
+    """Difference-image pull statistics per quintile of true science flux."""
+    if not len(static):
+        return []
+    t = truth_objects[["visit", "detector", "truthId", "diffFlux", "scienceFlux"]].rename(
+        columns={"scienceFlux": "trueScience"}
+    )
+    m = static.merge(t, on=["visit", "detector", "truthId"])
+    pull = (m["psfFlux"].to_numpy(float) - m["diffFlux"].to_numpy(float)) / m[
+        "psfFluxErr"
+    ].to_numpy(float)
+    edges = np.quantile(m["trueScience"], [0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        sel = (m["trueScience"] >= lo) & (m["trueScience"] <= hi)
+        out.append({"science_flux_njy": [float(lo), float(hi)], **pull_statistics(pull[sel])})
+    return out
+
+
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def main(argv: list[str]) -> dict:
+    p = argparse.ArgumentParser(prog="python -m bench quality", description=__doc__.split("\n")[0])
+    p.add_argument("--visits", type=int, default=20)
+    p.add_argument("--detectors", type=int, default=4)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--detector-size", type=int, default=512)
+    p.add_argument("--sources-per-detector", type=float, default=53.0)
+    p.add_argument("--root", default=None, help="keep the simulated bundles here")
+    p.add_argument(
+        "--isolation-px",
+        type=float,
+        default=20.0,
+        help="static stars used for pulls have no other true object this close (px)",
+    )
+    a = p.parse_args(argv)
+    out = run(
+        visits=a.visits,
+        detectors=a.detectors,
+        seed=a.seed,
+        detector_size=a.detector_size,
+        sources_per_detector=a.sources_per_detector,
+        root=a.root,
+        isolation_px=a.isolation_px,
+    )
+    s = out["association"]
+    print(f"{'figure':<34}{'value':>12}")
+    for k in (
+        "purity",
+        "completeness",
+        "completeness_stored",
+        "false_new_fraction",
+        "bogus_new_fraction",
+        "n_dia_objects",
+        "n_impure",
+        "n_true_objects_2plus",
+        "n_incomplete",
+        "n_split",
+        "n_new",
+        "n_false_new",
+        "n_bogus_new",
+        "n_moving_new",
+    ):
+        print(f"{k:<34}{_fmt(s[k]):>12}")
+    for which in ("diff", "science"):
+        ps = out["static_forced_pulls"][which]
+        print(
+            f"static {which} pull mean/std/robust  {ps['mean']:+.4f} {ps['std']:.4f} "
+            f"{ps['robust_std']:.4f}  (n={ps['n']})"
+        )
+    for b in out["static_forced_pulls"]["by_flux"]:
+        lo, hi = b["science_flux_njy"]
+        print(
+            f"  static stars {lo:>10.0f}-{hi:<10.0f} nJy: diff pull {b['mean']:+.3f} ± "
+            f"{b['std']:.3f} (n={b['n']})"
+        )
+    for kind, v in out["pipeline_forced_pulls"].items():
+        if isinstance(v, dict):
+            print(
+                f"pipeline forced {kind:<10} diff pull {v['diff']['mean']:+.3f} ± "
+                f"{v['diff']['std']:.3f} (n={v['diff']['n']})"
+            )
+    print("seconds:", {k: round(v, 2) for k, v in out["seconds"].items()})
+    return out

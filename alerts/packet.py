@@ -73,6 +73,7 @@ _PRIMITIVES = ("long", "int", "float", "double", "boolean", "string", "bytes")
 #: Avro logical types on ``long``: microseconds / milliseconds since 1970 UTC.
 _TIMESTAMPS = {"timestamp-micros": 1_000_000, "timestamp-millis": 1_000}
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_RANGE = np.arange(1 << 16)
 _NULL = b"\x00"
 _SOME = b"\x02"
 
@@ -257,15 +258,14 @@ def wire_header(schema_id: int) -> bytes:
 
 
 def _zigzag_varint(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Avro ``long``/``int`` encoding of int64 ``v``: (bytes (n, 10) uint8, lengths (n,))."""
+    """Avro ``long``/``int`` encoding of int64 ``v``: (bytes (10, n) uint8, lengths (n,))."""
     v = np.asarray(v, dtype=np.int64)
     z = ((v << np.int64(1)) ^ (v >> np.int64(63))).view(np.uint64)
     shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
-    groups = (z[:, None] >> shifts[None, :]) & np.uint64(0x7F)
-    nonzero = (z[:, None] >> shifts[None, :]) != 0
-    lens = np.maximum(1, nonzero.sum(axis=1)).astype(np.int64)
-    cont = np.arange(10)[None, :] < (lens[:, None] - 1)
-    out = (groups | (cont.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
+    shifted = z[None, :] >> shifts[:, None]
+    lens = np.maximum(1, (shifted != 0).sum(axis=0)).astype(np.int64)
+    cont = np.arange(10)[:, None] < (lens[None, :] - 1)
+    out = ((shifted & np.uint64(0x7F)) | (cont.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
     return out, lens
 
 
@@ -286,7 +286,7 @@ def varint(n: int) -> bytes:
 def _fixed(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     arr = np.ascontiguousarray(values, dtype=dtype)
     width = arr.dtype.itemsize
-    return arr.view(np.uint8).reshape(-1, width), np.full(len(arr), width, dtype=np.int64)
+    return arr.view(np.uint8).reshape(-1, width).T, np.full(len(arr), width, dtype=np.int64)
 
 
 def _strings(values: np.ndarray, null: np.ndarray, what: str) -> list:
@@ -297,18 +297,17 @@ def _strings(values: np.ndarray, null: np.ndarray, what: str) -> list:
         raise AlertError(f"{what}: cannot encode string as UTF-8: {exc}") from exc
     n = len(encoded)
     width = max(encoded.dtype.itemsize, 1)
-    chars = (
-        np.frombuffer(encoded.tobytes(), dtype=np.uint8).reshape(n, width)
-        if n
-        else (np.zeros((0, 1), dtype=np.uint8))
-    )
+    if n and encoded.dtype.itemsize:
+        chars = np.frombuffer(encoded.tobytes(), dtype=np.uint8).reshape(n, width).T
+    else:
+        chars = np.zeros((1, n), dtype=np.uint8)
     lens = np.char.str_len(encoded).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
     head, hlens = _zigzag_varint(lens)
     return [(head, hlens), (chars, lens)]
 
 
 def _column(values, null: np.ndarray | None, kind: str, what: str) -> list:
-    """Byte pieces [(matrix (n, w) uint8, lengths (n,)), ...] of one non-null value column."""
+    """Byte pieces [(matrix (w, n) uint8, lengths (n,)), ...] of one non-null value column."""
     if kind in ("long", "int") or kind in _TIMESTAMPS:
         try:
             ints = np.asarray(values).astype(np.int64)
@@ -386,41 +385,60 @@ def encode_table(
         if n is None:
             raise ValueError("encode_table: n is required with a column mapping")
         get = lambda name, kind: columns.get(name)  # noqa: E731
-    pieces: list[tuple[np.ndarray, np.ndarray]] = []
+    # (bytes matrix (w, n), lengths (n,) or None when every row uses all w bytes);
+    # field-major so that every piece is written as contiguous rows.
+    pieces: list[tuple[np.ndarray, np.ndarray | None]] = []
+    zeros = np.zeros((1, n), np.uint8)
     for name, kind, nullable in layout.fields:
         what = f"{layout.name}.{name}"
         col = get(name, kind)
         if col is None:
             if not nullable:
                 raise AlertError(f"{what}: required by the alert schema but missing")
-            pieces.append((np.zeros((n, 1), np.uint8), np.ones(n, np.int64)))
+            pieces.append((zeros, None))
             continue
         values, null = col
         values = np.asarray(values)
         null = np.asarray(null, dtype=bool)
         if kind in ("float", "double") and nullable and values.dtype.kind == "f":
             null = null | np.isnan(values)
-        if null.any() and not nullable:
+        any_null = bool(null.any())
+        if any_null and not nullable:
             bad = int(np.flatnonzero(null)[0])
             raise AlertError(
                 f"{what}: null at row {bad} but the alert schema field is not nullable"
             )
         if nullable:
-            pieces.append(((~null).astype(np.uint8)[:, None] * np.uint8(2), np.ones(n, np.int64)))
-            if null.any() and kind in ("long", "int", "boolean"):
+            pieces.append((((~null).view(np.uint8) << 1)[None, :], None))
+            if any_null and kind in ("long", "int", "boolean"):
                 values = np.where(null, 0, values)
         for mat, lens in _column(values, null, kind, what):
-            pieces.append((mat, np.where(null, 0, lens) if nullable else lens))
+            if any_null:
+                pieces.append((mat, np.where(null, 0, lens)))
+            elif kind in ("float", "double", "boolean"):
+                pieces.append((mat, None))
+            else:
+                pieces.append((mat, lens))
     if n == 0:
         return b"", np.zeros(1, dtype=np.int64)
-    big = np.concatenate([m for m, _ in pieces], axis=1)
-    keep = np.concatenate(
-        [np.arange(m.shape[1])[None, :] < lens[:, None] for m, lens in pieces], axis=1
-    )
-    row_len = keep.sum(axis=1)
+    width = sum(m.shape[0] for m, _ in pieces)
+    big = np.empty((width, n), dtype=np.uint8)
+    keep = np.ones((width, n), dtype=bool)
+    row_len = np.zeros(n, dtype=np.int64)
+    c = 0
+    for mat, lens in pieces:
+        w = mat.shape[0]
+        big[c : c + w] = mat
+        if lens is None:
+            row_len += w
+        else:
+            keep[c : c + w] = _RANGE[:w, None] < lens[None, :]
+            row_len += lens
+        c += w
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(row_len, out=offsets[1:])
-    return big[keep].tobytes(), offsets
+    # row-major order of the (n, width) view = each row's bytes, rows one after another
+    return big.T[keep.T].tobytes(), offsets
 
 
 # --------------------------------------------------------------------------
@@ -684,7 +702,7 @@ def package_alerts(
         parts = []
         for name, kind in schema.top:
             if name in ("diaSourceId", "alertId"):
-                parts.append(id_mat[i, : id_len[i]].tobytes())
+                parts.append(id_mat[: id_len[i], i].tobytes())
             elif name == "observation_reason":
                 parts.append(reason)
             elif name == "target_name":

@@ -153,3 +153,12 @@ def test_s3_alert_file_and_dead_letters(s3, batch):
     assert store.read(d).payloads == batch.payloads
     store.remove(d)
     assert store.list() == []
+
+
+def test_cli_lists_dead_letters_with_counts(tmp_path, batch, capsys):
+    from alerts import __main__ as cli
+
+    store = DeadLetterStore(str(tmp_path))
+    url = store.put(batch)
+    assert cli.main(["list", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.split() == [str(len(batch)), url]

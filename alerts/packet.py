@@ -40,7 +40,7 @@ import functools
 import logging
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import fastavro
 import numpy as np
@@ -475,7 +475,6 @@ class AlertBatch:
     n_history_forced: int = 0
     n_without_object: int = 0
     n_without_cutouts: int = 0
-    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.payloads)

@@ -180,6 +180,29 @@ def build_metadata() -> sa.MetaData:
     return md
 
 
+_PG_TYPE_OF = {
+    "double": "float8",
+    "float": "float4",
+    "long": "int8",
+    "int": "int4",
+    "short": "int2",
+    "byte": "int2",
+    "boolean": "bool",
+}
+
+
+def _pg_types(sdm_table: str) -> dict[str, str]:
+    return {c.name: _PG_TYPE_OF.get(c.datatype, "text") for c in sdm.columns(sdm_table)}
+
+
+_EXTRA_PG_TYPES = {PIXEL_COLUMN: "int8", PAYLOAD_COLUMN: "bytea"}
+_PG_TYPES = {
+    "DiaObject": _pg_types("DiaObject"),
+    LAST_TABLE: _pg_types("DiaObjectLast") | _EXTRA_PG_TYPES,
+    "DiaSource": _pg_types("DiaSource") | _EXTRA_PG_TYPES,
+    "DiaForcedSource": _pg_types("DiaForcedSource") | _EXTRA_PG_TYPES,
+}
+
 TABLES = ("DiaObject", LAST_TABLE, "DiaSource", "DiaForcedSource", MARKER_TABLE, "metadata")
 
 
@@ -1013,7 +1036,10 @@ class ApdbSql(Apdb):
             values = ", ".join(["?"] * len(names))
             cur.executemany(f"INSERT INTO {_q(table)} ({cols}) VALUES ({values})", rows)
         else:
-            with cur.copy(f"COPY {_q(table)} ({cols}) FROM STDIN") as copy:
+            # Binary COPY: psycopg's C dumpers write each value without text formatting.
+            types = [_PG_TYPES[table][n] for n in names]
+            with cur.copy(f"COPY {_q(table)} ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
+                copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
 

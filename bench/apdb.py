@@ -215,6 +215,10 @@ class DaxApdb:
         from lsst.dax.apdb import Apdb
         from lsst.dax.apdb.sql import ApdbSql as DaxApdbSql
 
+        # dax_apdb's PostgreSQL path is written for psycopg2 (SQLAlchemy's default
+        # postgresql driver): with psycopg 3 its all-None validityEnd column is bound
+        # as VARCHAR and the insert fails.
+        url = url.replace("postgresql+psycopg://", "postgresql+psycopg2://")
         config = DaxApdbSql.init_database(
             db_url=url, dia_object_index="last_object_table", drop=True
         )

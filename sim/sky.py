@@ -99,7 +99,9 @@ class Sky:
             if kind == "transient":
                 tr = rng.uniform(2.0, 10.0, n)
                 tf = rng.uniform(10.0, 60.0, n)
-                tp = rng.uniform(t0 - 60.0, t1 + 10.0, n)
+                # peaks from well before the survey, so early visits see as many
+                # fading transients as later ones
+                tp = rng.uniform(t0 - 200.0, t1 + 10.0, n)
             df["peakMjd"], df["riseTime"], df["fallTime"] = tp, tr, tf
             vxi = np.zeros(n)
             veta = np.zeros(n)

@@ -350,7 +350,7 @@ class Survey:
         )
         return np.sqrt(var) / p2
 
-    def _detections_per_object(self, kind: str, n_trial: int = 20000) -> float:
+    def _detections_per_object(self, kind: str, n_trial: int = 4000) -> float:
         """Mean DiaSources per detector per visit contributed by one object of ``kind``."""
         cfg = self.config
         trial = Sky({kind: n_trial}, self.field_radius, cfg, _rng(cfg.seed, _TRIAL, len(kind)))

@@ -11,7 +11,7 @@ import pandas as pd
 from sim.config import SurveyConfig
 from sim.survey import Survey
 
-CFG = SurveyConfig(seed=3, n_detectors=2, detector_size=(128, 128), n_visits=20)
+CFG = SurveyConfig(seed=3, n_detectors=2, detector_size=(256, 256), n_visits=20)
 
 
 def _checksums(root: Path) -> dict[str, str]:

@@ -66,6 +66,7 @@ def _pulls(root, survey, image_kind, flux_col, movers_only):
     return np.concatenate(pulls)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("image_kind", "flux_col", "movers_only"),
     [
@@ -85,6 +86,7 @@ def test_forced_flux_at_true_positions_has_unit_pulls(phys_root, image_kind, flu
     assert np.mean(np.abs(pulls) > 4) < 0.005
 
 
+@pytest.mark.slow
 def test_measured_positions_scatter_within_errors(phys_root):
     """Detected true objects lie within their measured errors of the truth."""
     root, survey = phys_root
@@ -105,6 +107,7 @@ def test_measured_positions_scatter_within_errors(phys_root):
     assert np.mean(np.abs(pos) < 3) > 0.97
 
 
+@pytest.mark.slow
 def test_measured_psf_flux_tracks_true_difference_flux(phys_root):
     """psfInstFlux of real detections scatters around the true difference flux."""
     root, survey = phys_root

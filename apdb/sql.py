@@ -5,10 +5,10 @@ engine, the connection pool, the URL handling and the DDL (compiled from
 :mod:`apdb.sdm`); the hot paths talk to the DB-API driver underneath it, in
 columns:
 
-* reads fetch tuples and build each DataFrame column with one numpy call
-  (never a Python object per row);
-* writes bind whole columns: ``executemany`` on SQLite, ``COPY ... FROM
-  STDIN`` (psycopg 3) on PostgreSQL;
+* reads fetch one packed ``payload`` per row and decode all rows with one
+  ``numpy.frombuffer`` (see "Packed payloads" below);
+* writes bind whole columns: ``executemany`` on SQLite, binary ``COPY ...
+  FROM STDIN`` (psycopg 3) on PostgreSQL; all-null columns are left out;
 * long DiaObject ID lists go to the server as one parameter: a JSON array
   expanded by ``json_each`` on SQLite, ``= ANY(%s)`` on a bigint array on
   PostgreSQL — no chunking, no 999-parameter limit.
@@ -19,20 +19,33 @@ Layout
     Every version of every DiaObject (SDM columns). A new version closes the
     previous one by setting its ``validityEndMjdTai``, as Rubin's dax_apdb does.
 ``DiaObjectLast``
-    The latest version of each DiaObject: all SDM ``DiaObject`` columns (a
-    superset of the SDM ``DiaObjectLast``, so a region query reads one table)
-    plus ``pixelId``, the HEALPix nest pixel of (ra, dec) at the database's
-    order, indexed. A region query reads the pixel ranges covering the region
-    and then filters exactly.
+    The latest version of each DiaObject: the SDM ``DiaObjectLast`` columns,
+    plus ``pixelId`` (the HEALPix nest pixel of (ra, dec) at the database's
+    order, indexed) and ``payload`` (the whole SDM ``DiaObject`` row, packed).
+    A region query reads the pixel ranges covering the region, decodes the
+    payloads and then filters exactly.
 ``DiaSource``, ``DiaForcedSource``
-    SDM columns; indexed on ``(diaObjectId, midpointMjdTai)`` (DiaSource) and
-    by the SDM primary key ``(diaObjectId, visit, detector)`` (DiaForcedSource).
+    SDM columns plus ``payload``; indexed on ``(diaObjectId, midpointMjdTai)``
+    (DiaSource) and by the SDM primary key ``(diaObjectId, visit, detector)``
+    (DiaForcedSource, stored in key order on SQLite).
 ``ApdbVisitDetector``
     One row per stored (visit, detector), written in the same transaction as
     the data: the idempotency marker, with the row counts written.
 ``metadata``
     SDM ``metadata`` (name, value): ``version:schema`` (SDM version),
     ``version:ApdbSql`` (this layout), ``config:healpix_order``.
+
+Packed payloads
+---------------
+Reading a DiaSource through a DB-API driver costs one Python object per
+column per row (~100 per row), which dominates a history load. Every row of
+the three tables read in bulk therefore also carries its SDM values packed
+into one little-endian fixed-width record (:class:`_Packing`): a bulk read
+fetches one ``payload`` per row (plus the string columns) and decodes all rows
+with one ``numpy.frombuffer``. The SDM columns stay the queryable truth for SQL
+users; both are written from the same arrays in the same statement, and the
+layout signature is recorded in ``metadata`` so a mismatching database is
+refused. The price is ~1.6x the row size on disk.
 
 Concurrency
 -----------
@@ -169,7 +182,7 @@ def build_metadata() -> sa.MetaData:
         md,
         sa.Column("visit", sa.BigInteger, nullable=False),
         sa.Column("detector", sa.SmallInteger, nullable=False),
-        sa.Column("validityStartMjdTai", sa.Double, nullable=False),
+        sa.Column("validityStartMjdTai", sa.Double, nullable=True),
         sa.Column("storedUtc", sa.Text, nullable=False),
         sa.Column("nDiaObjects", sa.Integer, nullable=False),
         sa.Column("nDiaObjectsUpdated", sa.Integer, nullable=False),
@@ -978,7 +991,16 @@ class ApdbSql(Apdb):
                     f'"nDiaObjectsUpdated", "nDiaSources", "nDiaForcedSources") '
                     f"VALUES ({', '.join([ph] * 8)}) "
                     f'ON CONFLICT ("visit", "detector") DO NOTHING',
-                    [visit, detector, time_mjd, stored, objs.n, 0, srcs.n, fsrcs.n],
+                    [
+                        visit,
+                        detector,
+                        None if np.isnan(time_mjd) else time_mjd,
+                        stored,
+                        objs.n,
+                        0,
+                        srcs.n,
+                        fsrcs.n,
+                    ],
                 )
                 if cur.rowcount == 0:
                     raise _AlreadyStored

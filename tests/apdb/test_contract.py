@@ -390,3 +390,49 @@ def test_sqlite_lock_held_too_long_is_transient(tmp_path):
         holder.close()
     assert store_detector(db, 1, 1, [1], 0.0, 0.0, 60000.0).n_objects == 1
     db.close()
+
+
+def test_sdm_columns_hold_the_same_values_as_the_reads(db, apdb_url):
+    """SQL users see the SDM columns; they must agree with what the API returns."""
+    ra = np.array([120.0, 120.01])
+    sources = make_sources(
+        [1, 2],
+        [10, 20],
+        ra,
+        5.0,
+        visit=3,
+        detector=1,
+        mjd=60000.25,
+        ssObjectId=pd.array([None, 9], dtype="Int64"),
+    )
+    db.store(3, 1, make_objects([10, 20], ra, 5.0), sources, None, time_mjd=60000.25)
+    engine = sa.create_engine(ApdbConfig(url=apdb_url).sqlalchemy_url())
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql(
+            'SELECT "diaSourceId", "psfFlux", "ssObjectId", "band", "midpointMjdTai" '
+            'FROM "DiaSource" ORDER BY "diaSourceId"'
+        ).fetchall()
+        last = conn.exec_driver_sql(
+            'SELECT "diaObjectId", "ra", "nDiaSources" FROM "DiaObjectLast" ORDER BY 1'
+        ).fetchall()
+    engine.dispose()
+    api = db.get_sources([10, 20], None).sort_values("diaSourceId")
+    assert [r[0] for r in rows] == api["diaSourceId"].tolist()
+    assert np.array_equal(
+        np.array([r[1] for r in rows], dtype=np.float32), api["psfFlux"].to_numpy()
+    )
+    assert [r[2] for r in rows] == [None, 9]
+    assert [r[3] for r in rows] == ["r", "r"]
+    assert [r[4] for r in rows] == [60000.25, 60000.25]
+    assert [(r[0], r[1], r[2]) for r in last] == [(10, 120.0, 1), (20, 120.01, 1)]
+
+
+def test_empty_store_needs_no_time(db):
+    result = db.store(9, 9, None, None, None)
+    assert not result.already_stored
+    assert db.is_done(9, 9)
+
+
+def test_objects_without_a_time_are_refused(db):
+    with pytest.raises(InputError, match="time_mjd is needed"):
+        db.store(9, 9, make_objects([1], 0.0, 0.0), None, None)

@@ -194,3 +194,20 @@ def test_wcs_headers_parse_without_warnings(small_root):
         warnings.simplefilter("error")
         w = WCS(h)
     assert w.wcs.ctype[0] == "RA---TAN"
+
+
+def test_bundle_reader_accepts_every_detector(small_root, small_survey):
+    """The pipeline's own reader (tasks.bundle) validates what the simulator writes."""
+    from tasks.bundle import read_detector_bundle, read_visit_info
+
+    info = read_visit_info(small_root, 1)
+    assert info == small_survey.visit_info(1)
+    for det in small_survey.detectors:
+        b = read_detector_bundle(small_root, 1, det)
+        cat = read_parquet(f"{small_root}/1/{det}/diaSources.parquet")
+        assert len(b.sources) == len(cat)
+        assert b.difference.photo_calib == b.science.photo_calib == b.template.photo_calib
+        ra, dec = b.difference.wcs.pixel_to_world_values(3.0, 4.0)
+        np.testing.assert_allclose(
+            small_survey.pixel_to_sky(1, det, 3.0, 4.0), (ra, dec), rtol=0, atol=1e-10
+        )

@@ -45,6 +45,7 @@ __all__ = [
     "get_bundle",
     "load_detector",
     "package_detector",
+    "recover_detector",
     "store_detector",
 ]
 
@@ -247,7 +248,7 @@ def package_detector(
         pd.concat([loaded.forced, forced], ignore_index=True) if len(forced) else loaded.forced
     )
     return package_alerts(
-        associated.association.sources,
+        associated.association.sources.sort_values("diaSourceId"),
         associated.objects,
         loaded.sources,
         history_forced,
@@ -255,4 +256,36 @@ def package_detector(
         visit,
         config.packaging,
         detector=detector,
+    )
+
+
+def recover_detector(
+    root: str, visit: VisitInfo, detector: int, config: PipelineConfig
+) -> AlertBatch:
+    """Rebuild a stored detector's alerts from the APDB (stages 7-8 only).
+
+    Used when the (visit, detector) marker is in the APDB but its alerts never
+    went out (the process died between the store and the produce). The stored
+    DiaSources of this (visit, detector), their DiaObjects, their history before
+    this visit and the forced photometry up to this visit are read back, so the
+    alerts carry exactly what was committed — association is not re-run against
+    a database that already holds this visit.
+    """
+    bundle = get_bundle(root, visit, detector, config)
+    apdb = get_apdb(config)
+    region_objects = apdb.get_objects(footprint(bundle))
+    since = apdb.history_start(visit.midpointMjdTai)
+    sources = apdb.get_sources(region_objects["diaObjectId"].to_numpy(), since)
+    mine = (sources["visit"] == visit.visit) & (sources["detector"] == detector)
+    new = sources[mine].sort_values("diaSourceId").reset_index(drop=True)
+    obj_ids = new["diaObjectId"].to_numpy()
+    history = sources[
+        sources["diaObjectId"].isin(obj_ids) & (sources["midpointMjdTai"] < visit.midpointMjdTai)
+    ]
+    forced = apdb.get_forced_sources(obj_ids, since)
+    forced = forced[forced["midpointMjdTai"] <= visit.midpointMjdTai]
+    objects = region_objects[region_objects["diaObjectId"].isin(obj_ids)]
+    cutouts = make_cutouts(new, bundle, config.cutouts)
+    return package_alerts(
+        new, objects, history, forced, cutouts, visit, config.packaging, detector=detector
     )

@@ -1,17 +1,48 @@
-"""Stage 9 for one detector: alert files, Kafka, dead letters (SPEC §4.9)."""
+"""Stage 9 for one detector: alert files, Kafka, dead letters (SPEC §4.9), receipts.
+
+A detector is *finished* when the APDB holds its (visit, detector) marker and
+its receipt ``{alert location}/receipts/{visit}_{detector}.json`` exists. The
+receipt is written last, after the alert file and after Kafka has acknowledged
+every alert or the unacknowledged ones are in the dead-letter store, so a
+process that dies anywhere before it leaves the detector unfinished and the
+next run produces its alerts again (at least once, same bytes).
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Any
+
+import fsspec
 
 from alerts.kafka import produce_alerts
 from alerts.packet import AlertBatch
-from alerts.store import DeadLetterStore, write_alerts
+from alerts.store import DeadLetterStore, _atomic_write, write_alerts
 from flows.config import PipelineConfig
 from tasks.bundle import VisitInfo
 from tasks.errors import AlertError
 
-__all__ = ["produce_detector"]
+__all__ = ["finished_detectors", "produce_detector", "receipt_url"]
+
+
+def receipt_url(config: PipelineConfig, visit: int, detector: int) -> str:
+    """Where the receipt of a produced (visit, detector) lives."""
+    return f"{config.output.store.location.rstrip('/')}/receipts/{int(visit)}_{int(detector)}.json"
+
+
+def finished_detectors(config: PipelineConfig, visit: int) -> set[int]:
+    """Detectors of ``visit`` whose alerts were produced (receipt written)."""
+    base = f"{config.output.store.location.rstrip('/')}/receipts"
+    fs, path = fsspec.core.url_to_fs(base, **dict(config.output.store.storage_options))
+    if not fs.exists(path):
+        return set()
+    prefix = f"{int(visit)}_"
+    out = set()
+    for p in fs.ls(path, detail=False):
+        name = p.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(prefix) and name.endswith(".json"):
+            out.add(int(name[len(prefix) : -5]))
+    return out
 
 
 def produce_detector(
@@ -31,6 +62,7 @@ def produce_detector(
     """
     out: dict[str, Any] = {"alerts": 0, "file": None, "delivered": 0, "dead_letters": None}
     if batch is None or len(batch) == 0:
+        _write_receipt(config, visit, detector, out)
         return out, {"alerts": 0, "delivered": 0, "failed": 0}
     out["alerts"] = len(batch)
     if config.output.do_write_alerts:
@@ -53,4 +85,15 @@ def produce_detector(
                 f"visit {visit.visit} detector {detector}: Kafka did not acknowledge {failed} of "
                 f"{len(batch)} alerts and do_write_failed_alerts is off"
             )
+    out["failed"] = failed
+    _write_receipt(config, visit, detector, out)
     return out, {"alerts": out["alerts"], "delivered": out["delivered"], "failed": failed}
+
+
+def _write_receipt(config: PipelineConfig, visit: VisitInfo, detector: int, out: dict) -> None:
+    body = {"visit": visit.visit, "detector": int(detector), **out}
+    _atomic_write(
+        receipt_url(config, visit.visit, detector),
+        json.dumps(body, sort_keys=True).encode(),
+        dict(config.output.store.storage_options),
+    )

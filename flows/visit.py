@@ -21,7 +21,7 @@ from prefect.states import Completed
 
 from flows import detector as D
 from flows.config import PipelineConfig
-from flows.produce import produce_detector
+from flows.produce import finished_detectors, produce_detector
 from flows.stages import STAGES, GroupResult, configure, stage_task
 from tasks.bundle import VisitInfo, read_visit_info
 from tasks.errors import InputError, TransientError
@@ -91,8 +91,13 @@ def _package(root, visit, det, config, inputs, t):
 
 
 def _produce(root, visit, det, config, inputs, t):
-    batch, stored = inputs
-    return produce_detector(visit, det, config, batch)
+    # inputs: (package,) or (package, store) — the store only orders and gates it.
+    return produce_detector(visit, det, config, inputs[0])
+
+
+def _recover(root, visit, det, config, inputs, t):
+    batch = D.recover_detector(root, visit, det, config)
+    return batch, {"alerts": len(batch)}
 
 
 load_task = stage_task("load", _load)
@@ -103,14 +108,18 @@ store_task = stage_task("store", _store, cached=False)
 cutout_task = stage_task("cutout", _cutout)
 package_task = stage_task("package", _package)
 produce_task = stage_task("produce", _produce)
+recover_task = stage_task("recover", _recover, cached=False)
 
 
 class VisitResult(dict):
     """The flow's return value: a plain dict (JSON-friendly) with these keys.
 
-    ``visit``, ``detectors`` (processed), ``succeeded`` (list), ``failed``
-    (detector → error), ``alerts`` (total), ``alert_files``, ``stage_seconds``
-    (stage → total seconds), ``table`` (per detector and stage rows), ``wall_s``.
+    ``visit``, ``detectors`` (asked for), ``succeeded`` (list, including
+    ``skipped``), ``failed`` (detector → error), ``skipped`` (finished by an
+    earlier run: stored and produced), ``recovered`` (stored by an earlier run
+    whose alerts never went out: rebuilt from the APDB and produced now),
+    ``alerts`` (produced by this run), ``alert_files``, ``stage_seconds`` (stage →
+    total seconds), ``table`` (per detector and stage rows), ``wall_s``.
     """
 
 
@@ -171,22 +180,26 @@ def process_visit(
             f"{bundle_root}/{visit}/visit.json: detectors {unknown} are not in the visit"
         )
     # Fail fast, before any work, when the APDB cannot be reached.
-    already = D.get_apdb(config).done_detectors(info.visit)
+    stored = D.get_apdb(config).done_detectors(info.visit) & set(dets)
+    produced = finished_detectors(config, info.visit) & set(dets)
+    skipped = sorted(stored & produced)  # finished before: nothing to do
+    recover = sorted(stored - produced)  # stored, alerts never went out: rebuild from the APDB
+    todo = [d for d in dets if d not in stored]
     time_mjd = _now_mjd_tai()
     logger.info(
-        "visit %s: %d detectors (%d already stored), band %s, APDB %s",
+        "visit %s: %d detectors (%d finished before, %d stored without alerts), band %s, APDB %s",
         info.visit,
         len(dets),
-        len(already & set(dets)),
+        len(skipped),
+        len(recover),
         info.band,
         config.apdb.safe_url(),
     )
 
-    cached = config.orchestration.cache
     t = {
-        name: configure(task_, config, cached=(name != "store"))
+        name: configure(task_, config, cached=(name not in ("store", "recover")))
         for name, task_ in zip(
-            STAGES,
+            (*STAGES, "recover"),
             (
                 load_task,
                 calibrate_task,
@@ -196,12 +209,14 @@ def process_visit(
                 cutout_task,
                 package_task,
                 produce_task,
+                recover_task,
             ),
             strict=True,
         )
     }
-    del cached
-    groups = _chunks(dets, config.orchestration.detectors_per_task)
+    produce_uncached = configure(produce_task, config, cached=False)
+    size = config.orchestration.detectors_per_task
+    groups = _chunks(todo, size)
     futures: list[dict[str, Any]] = []
     for g in groups:
         args = (bundle_root, info, g, config, time_mjd)
@@ -217,20 +232,30 @@ def process_visit(
         )
         f["produce"] = t["produce"].submit(*args, upstream=(f["package"], f["store"]))
         futures.append(f)
+    recover_groups = _chunks(recover, size)
+    for g in recover_groups:
+        args = (bundle_root, info, g, config, time_mjd)
+        f = {"recover": t["recover"].submit(*args)}
+        # Not cached: the receipt decides whether a recovered detector is finished.
+        f["produce"] = produce_uncached.submit(*args, upstream=(f["recover"],))
+        futures.append(f)
+    groups = groups + recover_groups
 
-    if show_progress:
-        _progress(futures, len(dets), groups)
+    if show_progress and futures:
+        _progress(futures, len(todo) + len(recover), groups)
     wait([f["produce"] for f in futures])
     outcomes = [
         {
-            stage: f[stage].result()
-            if f[stage].state.is_completed()
-            else _group_failure(f[stage].state, stage)
-            for stage in STAGES
+            stage: fut.result() if fut.state.is_completed() else _group_failure(fut.state, stage)
+            for stage, fut in f.items()
         }
         for f in futures
     ]
     result = _collect(info, groups, outcomes, time.perf_counter() - t_start)
+    result["skipped"] = skipped
+    result["recovered"] = recover
+    result["succeeded"] = sorted(set(result["succeeded"]) | set(skipped))
+    result["detectors"] = dets
     D.forget_bundles()
     _artifacts(result)
     n_failed = len(result["failed"])
@@ -271,7 +296,7 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
     files: list[str] = []
     for g, outcome in zip(groups, outcomes, strict=True):
         results: dict[str, GroupResult | None] = {}
-        for stage in STAGES:
+        for stage in outcome:
             r = outcome[stage]
             if isinstance(r, GroupResult):
                 results[stage] = r
@@ -281,7 +306,7 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
                     failed.setdefault(det, r)
         for det in g:
             row: dict[str, Any] = {"detector": det}
-            for stage in STAGES:
+            for stage in results:
                 r = results[stage]
                 if r is None:
                     continue
@@ -290,10 +315,10 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
                 sec = r.seconds.get(det)
                 if sec is not None:
                     row[f"{stage}_ms"] = round(sec * 1000, 1)
-                    stage_seconds[stage] += sec
+                    stage_seconds[stage] = stage_seconds.get(stage, 0.0) + sec
                 for k, v in r.counts.get(det, {}).items():
                     row[f"{stage}_{k}"] = v
-            prod = results["produce"]
+            prod = results.get("produce")
             if prod is not None and det in prod.values:
                 p = prod.values[det]
                 alerts += p.get("alerts", 0)

@@ -203,6 +203,49 @@ class Polygon(Region):
         """Boolean mask of the positions (deg) inside or on the edges; NaN is outside."""
         return np.all(unit_vectors(ra, dec) @ self._normals.T >= 0.0, axis=-1)
 
+    def padded(self, pad_arcsec: float) -> Polygon:
+        """This polygon with every edge moved outward by at least ``pad_arcsec``.
+
+        Works in the gnomonic projection about the vertex centroid, where the
+        great-circle edges are straight lines: each line is shifted outward and
+        adjacent lines are intersected. The shift is scaled by 1/cos^2 of the
+        largest vertex distance so that the angular pad is never smaller than
+        asked (it may be slightly larger towards the corners).
+        """
+        if pad_arcsec < 0 or not np.isfinite(pad_arcsec):
+            raise InputError(f"Polygon.padded: pad_arcsec must be >= 0, got {pad_arcsec}")
+        if pad_arcsec == 0:
+            return self
+        c = self._centre
+        # Orthonormal tangent basis (e, n) at the centre.
+        e = np.cross([0.0, 0.0, 1.0], c)
+        if np.linalg.norm(e) < 1e-12:
+            e = np.array([1.0, 0.0, 0.0])
+        e /= np.linalg.norm(e)
+        n = np.cross(c, e)
+        verts = unit_vectors(self.ra, self.dec)
+        if np.cross(verts[0], verts[1]) @ self._normals[0] < 0:
+            verts = verts[::-1]
+        z = verts @ c
+        xy = np.stack([verts @ e, verts @ n], axis=1) / z[:, None]
+        shift = math.radians(pad_arcsec / 3600.0) / math.cos(math.radians(self._radius)) ** 2
+        a, b = xy, np.roll(xy, -1, axis=0)
+        d = b - a
+        # Inward normal of each edge (vertices are counter-clockwise seen from inside).
+        inward = np.stack([-d[:, 1], d[:, 0]], axis=1) / np.linalg.norm(d, axis=1)[:, None]
+        a = a - shift * inward
+        # Vertex i is the intersection of edges i-1 and i.
+        p0, d0 = np.roll(a, 1, axis=0), np.roll(d, 1, axis=0)
+        p1, d1 = a, d
+        cross = d0[:, 0] * d1[:, 1] - d0[:, 1] * d1[:, 0]
+        t = ((p1 - p0)[:, 0] * d1[:, 1] - (p1 - p0)[:, 1] * d1[:, 0]) / cross
+        new_xy = p0 + t[:, None] * d0
+        v = c + new_xy[:, :1] * e + new_xy[:, 1:] * n
+        v /= np.linalg.norm(v, axis=1)[:, None]
+        return Polygon(
+            np.degrees(np.arctan2(v[:, 1], v[:, 0])) % 360.0, np.degrees(np.arcsin(v[:, 2]))
+        )
+
     def bounding_radius_deg(self) -> float:
         """Largest angle (deg) from the vertex centroid to a vertex."""
         return self._radius

@@ -109,3 +109,44 @@ def test_bad_polygons_are_refused(ra, dec, match):
 def test_bad_circle_radius_is_refused(radius):
     with pytest.raises(InputError, match="radius_deg"):
         Circle(10.0, 10.0, radius)
+
+
+@pytest.mark.parametrize(
+    ("ra", "dec"),
+    [
+        ([359.9, 0.1, 0.1, 359.9], [-0.1, -0.1, 0.1, 0.1]),
+        ([0.0, 90.0, 180.0, 270.0], [89.8] * 4),
+        ([150.0, 150.3, 150.25, 149.95], [-60.0, -59.95, -59.7, -59.75]),
+    ],
+    ids=["ra-wrap", "pole", "rotated"],
+)
+def test_padded_polygon_grows_every_edge_by_the_pad(ra, dec):
+    poly = Polygon(ra, dec)
+    pad = 2.0  # arcsec
+    grown = poly.padded(pad)
+    v = np.stack(
+        [
+            np.cos(np.radians(dec)) * np.cos(np.radians(ra)),
+            np.cos(np.radians(dec)) * np.sin(np.radians(ra)),
+            np.sin(np.radians(dec)),
+        ],
+        axis=1,
+    )
+    mids = v + np.roll(v, -1, axis=0)
+    mids /= np.linalg.norm(mids, axis=1)[:, None]
+    centre = v.sum(axis=0) / np.linalg.norm(v.sum(axis=0))
+
+    def step_out(points, arcsec):
+        # Move each point away from the centre along the great circle through both.
+        away = points * (points @ centre)[:, None] - centre
+        away /= np.linalg.norm(away, axis=1)[:, None]
+        ang = np.radians(arcsec / 3600.0)
+        p = points * np.cos(ang) + away * np.sin(ang)
+        return np.degrees(np.arctan2(p[:, 1], p[:, 0])) % 360.0, np.degrees(np.arcsin(p[:, 2]))
+
+    near = step_out(mids, 0.9 * pad)
+    far = step_out(mids, 3.0 * pad)
+    assert not poly.contains(*near).any()
+    assert grown.contains(*near).all()
+    assert not grown.contains(*far).any()
+    assert poly.padded(0.0) is poly

@@ -8,6 +8,10 @@ replay SRC
     dead letter was delivered, 1 otherwise.
 list SRC
     List the alert files under SRC with their alert counts.
+show FILE [--id DIASOURCEID] [--png OUT]
+    Print a summary of one alert of an alert file (default: the first); with
+    ``--png``, also draw its three stamps and light curve there. Reads
+    diapipe's files and Rubin's (broker-redistributed) packets alike.
 
 Kafka credentials come from the environment (``DIAPIPE_KAFKA_USERNAME``,
 ``DIAPIPE_KAFKA_PASSWORD``); S3 credentials from the usual AWS variables.
@@ -58,6 +62,18 @@ def _list(args) -> int:
     return 0
 
 
+def _show(args) -> int:
+    from alerts.viewer import show_alert
+    from tasks.errors import InputError
+
+    try:
+        print(show_alert(args.file, args.id, args.png, _storage_options(args)))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alerts", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list alert or dead-letter files with their alert counts")
     common(p)
     p.set_defaults(func=_list)
+
+    p = sub.add_parser("show", help="summarise one alert of a file; draw stamps + light curve")
+    p.add_argument("file", help="Avro alert file (local path or s3:// URL)")
+    p.add_argument("--id", type=int, metavar="DIASOURCEID", help="which alert (default: the first)")
+    p.add_argument("--png", metavar="OUT", help="also draw the stamps and light curve to this PNG")
+    p.add_argument("--endpoint-url", help="S3 endpoint (e.g. a local S3 server)")
+    p.add_argument("--storage-options", help="fsspec options as JSON")
+    p.set_defaults(func=_show)
     return parser
 
 

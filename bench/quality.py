@@ -25,6 +25,7 @@ the same stars, and pulls per brightness quintile, are reported beside them.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,14 @@ class MemoryApdb:
             self.forced.append(forced)
 
 
+def fsspec_exists(url: str) -> bool:
+    """Whether ``url`` exists (local path or fsspec URL)."""
+    import fsspec
+
+    fs, _, (path,) = fsspec.get_fs_token_paths(url)
+    return fs.exists(path)
+
+
 def _isolated(here: pd.DataFrame, root: str, visit: int, detector: int, radius: float):
     """Static stars with no other true object or bogus detection within ``radius`` px."""
     rows = pd.read_parquet(f"{detector_path(root, visit, detector)}/truth.parquet")
@@ -151,6 +160,7 @@ def run(
     association: AssociationConfig | None = None,
     isolation_px: float = 20.0,
     return_frames: bool = False,
+    drop_images: bool = False,
 ) -> dict:
     """Simulate, run the four stages per detector, score. Returns every figure."""
     from sim.config import SurveyConfig
@@ -172,18 +182,21 @@ def run(
         tmp = tempfile.TemporaryDirectory(prefix="diapipe-quality-")
         root = tmp.name
     dets = list(survey.detectors)
+    t_sim = 0.0
     t0 = time.perf_counter()
-    for v in range(visits):
-        survey.write_visit(root, v, dets)
-    t_sim = time.perf_counter() - t0
-
     apdb = MemoryApdb()
     cal_cfg, sum_cfg, fc_cfg = CalibrateConfig(), SummaryConfig(), ForcedConfig()
     stage_s = {"read": 0.0, "calibrate": 0.0, "associate": 0.0, "summarise": 0.0, "forced": 0.0}
     static_forced = []
     counts = {"n_matched": 0, "n_new": 0, "n_rejected": 0, "n_nan_dropped": 0, "n_forced": 0}
-    truth_objects = load_truth(root, range(visits), dets, packer, objects=True)
+    truth_parts = []
     for v in range(visits):
+        t = time.perf_counter()
+        if not fsspec_exists(f"{detector_path(root, v, dets[-1])}/difference.fits"):
+            survey.write_visit(root, v, dets)  # a kept --root is reused as is
+        t_sim += time.perf_counter() - t
+        truth_parts.append(load_truth(root, [v], dets, packer, objects=True))
+        truth_objects = truth_parts[-1]
         for d in dets:
             t = time.perf_counter()
             bundle = read_detector_bundle(root, v, d)
@@ -228,6 +241,10 @@ def run(
             res = forced_photometry(probe, bundle, fc_cfg, id_packer=packer, time_processed_mjd=mjd)
             fs = res.sources.assign(truthId=res.sources["diaObjectId"], edge=res.edge)
             static_forced.append(fs[~fs["edge"]])
+            if drop_images:
+                for kind in ("difference", "science", "template"):
+                    os.remove(f"{detector_path(root, v, d)}/{kind}.fits")
+    truth_objects = pd.concat(truth_parts, ignore_index=True)
     t_pipe = time.perf_counter() - t0 - t_sim
 
     truth = load_truth(root, range(visits), dets, packer)
@@ -321,6 +338,11 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--sources-per-detector", type=float, default=53.0)
     p.add_argument("--root", default=None, help="keep the simulated bundles here")
     p.add_argument(
+        "--drop-images",
+        action="store_true",
+        help="delete each detector's FITS files once processed (large detectors)",
+    )
+    p.add_argument(
         "--isolation-px",
         type=float,
         default=20.0,
@@ -335,6 +357,7 @@ def main(argv: list[str]) -> dict:
         sources_per_detector=a.sources_per_detector,
         root=a.root,
         isolation_px=a.isolation_px,
+        drop_images=a.drop_images,
     )
     s = out["association"]
     print(f"{'figure':<34}{'value':>12}")

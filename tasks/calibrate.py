@@ -299,8 +299,7 @@ def calibrate(
     else:
         out["diaSourceId"] = ids.to_numpy(dtype=np.int64)
 
-    frame = pd.DataFrame(out, index=pd.RangeIndex(n))
-    return sdm.conform(frame, "DiaSource")
+    return sdm.frame(out, "DiaSource", n)
 
 
 calibrate_task = task(calibrate, name="calibrate", cache_policy=NO_CACHE)

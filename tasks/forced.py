@@ -143,13 +143,15 @@ def _shift_matrices(d: np.ndarray, k: int, half: int) -> np.ndarray:
     with the Dirichlet kernel D(x) = sin(πx) / (k·sin(πx/k)) (odd k).
     """
     h = k // 2
-    out_idx = np.arange(-half, half + 1)[None, :, None]
-    in_idx = np.arange(-h, h + 1)[None, None, :]
-    x = out_idx - in_idx - d[:, None, None]
+    # L[i, n] depends on j = i − n only (Toeplitz): evaluate D(j − d) once per
+    # object for the m + k − 1 offsets j, then gather the (m, k) table
+    j = np.arange(-(half + h), half + h + 1, dtype=np.float64)
+    x = j[None, :] - d[:, None]
     den = k * np.sin(np.pi * x / k)
     with np.errstate(invalid="ignore", divide="ignore"):
-        w = np.sin(np.pi * x) / den
-    return np.where(np.abs(den) < 1e-12, 1.0, w)
+        vec = np.where(np.abs(den) < 1e-9, 1.0, np.sin(np.pi * x) / den)
+    idx = (np.arange(-half, half + 1)[:, None] - np.arange(-h, h + 1)[None, :]) + (half + h)
+    return vec[:, idx]
 
 
 def shifted_psf(
@@ -322,25 +324,23 @@ def forced_photometry(
     sci_flux, sci_err, edge_s = measure_psf_flux(bundle.science, x, y, **opts)
     n = sel.size
     v = bundle.visit
-    frame = pd.DataFrame(
-        {
-            "diaForcedSourceId": id_packer.pack(v.visit, bundle.detector, np.arange(n)),
-            "diaObjectId": objects["diaObjectId"].to_numpy(dtype=np.int64)[sel],
-            "ra": ra[sel],
-            "dec": dec[sel],
-            "visit": np.full(n, v.visit, dtype=np.int64),
-            "detector": np.full(n, bundle.detector, dtype=np.int16),
-            "psfFlux": psf_flux,
-            "psfFluxErr": psf_err,
-            "midpointMjdTai": np.full(n, v.midpointMjdTai),
-            "scienceFlux": sci_flux,
-            "scienceFluxErr": sci_err,
-            "band": np.full(n, v.band, dtype=object),
-            "timeProcessedMjdTai": np.full(n, float(time_processed_mjd)),
-        }
-    )
+    data = {
+        "diaForcedSourceId": id_packer.pack(v.visit, bundle.detector, np.arange(n)),
+        "diaObjectId": objects["diaObjectId"].to_numpy(dtype=np.int64)[sel],
+        "ra": ra[sel],
+        "dec": dec[sel],
+        "visit": np.full(n, v.visit, dtype=np.int64),
+        "detector": np.full(n, bundle.detector, dtype=np.int16),
+        "psfFlux": psf_flux,
+        "psfFluxErr": psf_err,
+        "midpointMjdTai": np.full(n, v.midpointMjdTai),
+        "scienceFlux": sci_flux,
+        "scienceFluxErr": sci_err,
+        "band": np.full(n, v.band, dtype=object),
+        "timeProcessedMjdTai": np.full(n, float(time_processed_mjd)),
+    }
     return ForcedResult(
-        sources=sdm.conform(frame, "DiaForcedSource"),
+        sources=sdm.frame(data, "DiaForcedSource", n),
         edge=edge_d | edge_s,
         n_off_image=n_off,
         n_ineligible=n_inel,

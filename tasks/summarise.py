@@ -407,34 +407,31 @@ def summarise(
             ],
             "DiaSource history",
         )
-    new_obj = new_sources["diaObjectId"]
-    new_rows = new_sources.loc[new_obj.notna().to_numpy()]
-    touched = np.unique(new_rows["diaObjectId"].to_numpy(dtype=np.int64))
+    new_obj = new_sources["diaObjectId"].to_numpy(dtype=np.float64, na_value=np.nan)
+    new_ok = np.isfinite(new_obj)
+    touched = np.unique(new_sources["diaObjectId"].to_numpy(dtype=np.int64, na_value=-1)[new_ok])
     n_obj = touched.size
 
-    hist_obj = (
-        history["diaObjectId"].to_numpy(dtype=np.float64, na_value=np.nan)
-        if len(history)
-        else np.empty(0)
-    )
-    hist_rows = history.loc[np.isin(hist_obj, touched)] if len(history) else history
-    cols = [c for c in _HISTORY_COLUMNS]
-    parts = [
-        pd.DataFrame(
-            {c: (hist_rows[c].to_numpy() if c in hist_rows.columns else np.nan) for c in cols}
-        )
-        if len(hist_rows)
-        else None,
-        pd.DataFrame(
-            {c: (new_rows[c].to_numpy() if c in new_rows.columns else np.nan) for c in cols}
-        ),
-    ]
-    rows = pd.concat([p for p in parts if p is not None], ignore_index=True)
+    # only the columns used, as arrays: never copy whole SDM frames
+    def take(df: pd.DataFrame, sel: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            c: (df[c].to_numpy()[sel] if c in df.columns else np.full(int(sel.sum()), np.nan))
+            for c in _HISTORY_COLUMNS
+        }
+
+    parts = [take(new_sources, new_ok)]
+    if len(history):
+        hist_obj = history["diaObjectId"].to_numpy(dtype=np.float64, na_value=np.nan)
+        parts.insert(0, take(history, np.isin(hist_obj, touched)))
+    rows = {
+        c: np.concatenate([np.asarray(p[c], dtype=object) if c == "band" else p[c] for p in parts])
+        for c in _HISTORY_COLUMNS
+    }
     # de-duplicate on diaSourceId, the new row winning (it comes last)
-    sid = rows["diaSourceId"].to_numpy(dtype=np.int64)
+    sid = rows["diaSourceId"].astype(np.int64)
     _, last_first = np.unique(sid[::-1], return_index=True)
     keep = np.sort(len(sid) - 1 - last_first)
-    rows = rows.iloc[keep]
+    rows = pd.DataFrame({c: v[keep] for c, v in rows.items()})
 
     obj = np.searchsorted(touched, rows["diaObjectId"].to_numpy(dtype=np.int64))
     t = _num(rows, "midpointMjdTai")
@@ -489,18 +486,14 @@ def summarise(
             forced_sources, ["diaObjectId", "band", "psfFlux", "psfFluxErr"], "DiaForcedSource"
         )
         fobj_id = forced_sources["diaObjectId"].to_numpy(dtype=np.int64)
-        fobj = np.searchsorted(touched, fobj_id)
-        fobj_ok = (
-            (fobj < n_obj) & (touched[np.minimum(fobj, max(n_obj - 1, 0))] == fobj_id)
-            if n_obj
-            else np.zeros(len(fobj_id), bool)
-        )
-        fband = _band_codes(forced_sources["band"], bands)
-        sel = fobj_ok & (fband >= 0)
+        mine = np.isin(fobj_id, touched)
+        fobj = np.searchsorted(touched, fobj_id[mine])
+        fband = _band_codes(forced_sources["band"].iloc[np.flatnonzero(mine)], bands)
+        sel = fband >= 0
         fp_mean, fp_err = _weighted_mean(
-            fobj[sel] * nb + fband[sel].astype(np.int64),
-            _num(forced_sources, "psfFlux")[sel],
-            _num(forced_sources, "psfFluxErr")[sel],
+            fobj[sel] * nb + fband[sel],
+            _num(forced_sources, "psfFlux")[mine][sel],
+            _num(forced_sources, "psfFluxErr")[mine][sel],
             n_obj * nb,
         )
     elif forced_sources is None and len(objects) and "diaObjectId" in objects.columns:
@@ -519,8 +512,12 @@ def summarise(
             out[f"{b}_fpFluxMeanErr"] = fp_err[k::nb]
     for b in BANDS:
         out.setdefault(f"{b}_psfFluxNdata", np.zeros(n_obj, dtype=np.int64))
-    frame = pd.DataFrame(out)
-    return sdm.conform(frame, "DiaObject", extra="keep")
+    base = sdm.frame(out, "DiaObject", n_obj)
+    schema = sdm.dtypes("DiaObject")
+    extras = {k: v for k, v in out.items() if k not in schema}
+    if not extras:
+        return base
+    return pd.concat([base, pd.DataFrame(extras, index=base.index)], axis=1)
 
 
 summarise_task = task(summarise, name="summarise", cache_policy=NO_CACHE)

@@ -7,7 +7,11 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 
-import pytest  # noqa: E402
+import pytest
+
+from flows.config import PipelineConfig
+
+N_DETECTORS = 4
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +24,42 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def survey_root(tmp_path_factory) -> str:
+    """Two simulated visits of 4 small detectors (256 px), written once per session."""
+    from sim.config import SurveyConfig
+    from sim.survey import Survey
+
+    root = tmp_path_factory.mktemp("bundles")
+    survey = Survey(
+        SurveyConfig(
+            seed=7,
+            n_detectors=N_DETECTORS,
+            n_visits=3,
+            detector_size=(256, 256),
+            sources_per_detector=25,
+        )
+    )
+    for visit in range(3):
+        survey.write_visit(str(root), visit)
+    return str(root)
+
+
+def make_config(tmp_path, **orchestration) -> PipelineConfig:
+    """Everything under ``tmp_path``: SQLite APDB, alert files, results cache."""
+    return PipelineConfig.model_validate(
+        {
+            "apdb": {"url": str(tmp_path / "apdb.sqlite3")},
+            "output": {
+                "store": {"location": str(tmp_path / "alerts")},
+                "dead_letter_location": str(tmp_path / "dead"),
+            },
+            "orchestration": {
+                "result_storage": str(tmp_path / "results"),
+                "detectors_per_task": 2,
+                **orchestration,
+            },
+        }
+    )

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.flows.conftest import make_config
+from tests.conftest import make_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -11,7 +11,7 @@ import pytest
 from alerts.store import read_alert_batch, read_alert_file
 from apdb import make_apdb
 from flows.visit import run_visit
-from tests.flows.conftest import N_DETECTORS, make_config
+from tests.conftest import N_DETECTORS, make_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 

@@ -346,6 +346,52 @@ def _series_values(s: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return s.to_numpy(dtype=object), null
 
 
+_CATEGORY = {
+    "long": "int",
+    "int": "int",
+    "float": "float",
+    "double": "float",
+    "boolean": "bool",
+    "string": "str",
+    "bytes": "str",
+}
+
+
+def _frame_columns(frame: pd.DataFrame, layout: RecordLayout) -> dict:
+    """Field → (values, null mask) for the fields ``frame`` has, a few pandas calls per table.
+
+    Columns are converted in groups of one Avro kind (one ``to_numpy`` per
+    group) rather than one Series at a time, which dominates for small tables.
+    """
+    present = [(name, kind) for name, kind, _ in layout.fields if name in frame.columns]
+    if not present:
+        return {}
+    names = [name for name, _ in present]
+    null_all = np.ascontiguousarray(frame[names].isna().to_numpy().T)
+    row = {name: j for j, name in enumerate(names)}
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    groups: dict[str, list[str]] = {}
+    for name, kind in present:
+        if kind in _TIMESTAMPS:
+            out[name] = _series_values(frame[name], kind)
+        else:
+            groups.setdefault(_CATEGORY[kind], []).append(name)
+    for cat, cols in groups.items():
+        sub = frame[cols]
+        if cat == "int":
+            vals = sub.to_numpy(dtype=np.int64, na_value=0)
+        elif cat == "float":
+            vals = sub.to_numpy(dtype=np.float64, na_value=np.nan)
+        elif cat == "bool":
+            vals = sub.to_numpy(dtype=bool, na_value=False)
+        else:
+            vals = sub.to_numpy(dtype=object)
+        vals = np.ascontiguousarray(vals.T)
+        for j, name in enumerate(cols):
+            out[name] = (vals[j], null_all[row[name]])
+    return out
+
+
 def encode_table(
     columns: Mapping[str, tuple[np.ndarray, np.ndarray]] | pd.DataFrame,
     layout: RecordLayout,
@@ -376,22 +422,18 @@ def encode_table(
         If a field the schema declares non-nullable is missing or null.
     """
     if isinstance(columns, pd.DataFrame):
-        frame = columns
-        n = len(frame)
-        get = lambda name, kind: (  # noqa: E731
-            _series_values(frame[name], kind) if name in frame.columns else None
-        )
-    else:
-        if n is None:
-            raise ValueError("encode_table: n is required with a column mapping")
-        get = lambda name, kind: columns.get(name)  # noqa: E731
+        n = len(columns)
+        columns = _frame_columns(columns, layout)
+    elif n is None:
+        raise ValueError("encode_table: n is required with a column mapping")
+    get = columns.get
     # (bytes matrix (w, n), lengths (n,) or None when every row uses all w bytes);
     # field-major so that every piece is written as contiguous rows.
     pieces: list[tuple[np.ndarray, np.ndarray | None]] = []
     zeros = np.zeros((1, n), np.uint8)
     for name, kind, nullable in layout.fields:
         what = f"{layout.name}.{name}"
-        col = get(name, kind)
+        col = get(name)
         if col is None:
             if not nullable:
                 raise AlertError(f"{what}: required by the alert schema but missing")

@@ -500,6 +500,7 @@ def _parse(argv):
     p.add_argument("--topic", default="alerts", help="Kafka topic (with --kafka)")
     p.add_argument("--runner", default="thread", help="thread | dask | dask=tcp://host:port")
     p.add_argument("--detectors-per-task", type=int, default=None)
+    p.add_argument("--max-workers", type=int, default=None, help="threads of the task runner")
     p.add_argument("--sim-visits", type=int, default=3, help="visits to simulate (no --root)")
     p.add_argument("--sim-detectors", type=int, default=4, help="detectors to simulate (no --root)")
     p.add_argument(
@@ -542,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     orch: dict[str, Any] = {"task_runner": args.runner, "cache": not args.no_cache}
     if args.detectors_per_task:
         orch["detectors_per_task"] = args.detectors_per_task
+    if args.max_workers:
+        orch["max_workers"] = args.max_workers
     config = PipelineConfig.model_validate(
         {
             "apdb": {"url": args.apdb or str(work / "apdb.sqlite3")},

@@ -1,0 +1,358 @@
+"""``python -m bench visit``: one full LSST visit — ~10,000 alerts — end to end, timed.
+
+The case (built once and cached under ``.bench-cache/``, see
+:mod:`bench.history`): a field covered by 189 detectors (512×512 px), 120
+prior visits (12 months at a 3-day cadence) stored in the APDB, and the
+rendered bundle of the next visit, ~53 DiaSources per detector.
+
+Timed, from the bundle on disk to the alerts on disk and the APDB committed:
+
+1. the Prefect flow (:func:`flows.visit.run_visit`, task runner from
+   ``--runner``), after a warm-up flow so that the ephemeral API server's
+   start-up is not counted;
+2. the same stages without Prefect (:func:`flows.visit.run_visit_plain`).
+
+Each run starts from its own copy of the built APDB (SQLite file copy,
+PostgreSQL ``CREATE DATABASE ... TEMPLATE``), so both see the same state.
+``overhead_fraction = (prefect − plain) / prefect``. Peak memory is the
+largest resident set size of this process plus its children, sampled every
+50 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+# Before anything imports Prefect: no analytics (no internet here), no log shipping
+# to the API (it competes with the task runs for the server), a generous server
+# start-up timeout on a busy machine, and a Prefect home of its own.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_HOME", str(Path(".bench-cache/prefect-home").resolve()))
+
+import numpy as np
+
+from bench.history import (
+    HistorySpec,
+    Prepared,
+    alert_depths,
+    drop_copy,
+    fresh_apdb,
+    prepare,
+)
+
+__all__ = ["main", "parser", "run_case", "timed_run"]
+
+STAGE_ORDER = ("load", "calibrate", "associate", "forced", "store", "cutout", "package", "produce")
+
+
+class PeakRss:
+    """Largest RSS (bytes) of this process plus its children while active."""
+
+    def __init__(self, interval: float = 0.25):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        total = 0
+        with contextlib.suppress(Exception):
+            total = self._proc.memory_info().rss
+            for child in self._proc.children(recursive=True):
+                with contextlib.suppress(Exception):
+                    total += child.memory_info().rss
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            self._stop.wait(self.interval)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of this process and its (live and reaped) children."""
+        total = 0.0
+        with contextlib.suppress(Exception):
+            t = self._proc.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in self._proc.children(recursive=True):
+                with contextlib.suppress(Exception):
+                    c = child.cpu_times()
+                    total += c.user + c.system
+        return total
+
+    def __enter__(self):
+        self.cpu0 = self.cpu_seconds()
+        self.peak = self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._sample())
+        self.cpu = self.cpu_seconds() - self.cpu0
+
+
+def parser(prog: str = "python -m bench visit") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    p.add_argument("--apdb", choices=("sqlite", "postgresql"), default="sqlite")
+    p.add_argument("--runner", default="thread", help="thread | dask | dask=tcp://host:port")
+    p.add_argument("--rebuild", action="store_true", help="rebuild the cached case")
+    p.add_argument(
+        "--prior-visits", type=int, default=120, help="visits of history (3-day cadence)"
+    )
+    p.add_argument("--detectors", type=int, default=189, help="detectors per visit")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--detectors-per-task", type=int, default=None)
+    p.add_argument("--max-workers", type=int, default=None)
+    p.add_argument("--cache", action="store_true", help="Prefect result caching on (default off)")
+    p.add_argument("--no-plain", action="store_true", help="skip the run without Prefect")
+    p.add_argument("--no-prefect", action="store_true", help="skip the Prefect run")
+    p.add_argument("--cache-root", type=Path, default=Path(".bench-cache"))
+    p.add_argument("--profile", type=Path, help="write a pyinstrument HTML profile of plain run")
+    return p
+
+
+def make_config(prepared: Prepared, url: str, run: str, args):
+    from flows.config import PipelineConfig
+
+    orch = {"task_runner": args.runner, "cache": bool(args.cache)}
+    if args.detectors_per_task:
+        orch["detectors_per_task"] = args.detectors_per_task
+    if args.max_workers:
+        orch["max_workers"] = args.max_workers
+    if args.cache:
+        orch["result_storage"] = str(prepared.directory / f"results-{run}")
+    return PipelineConfig.model_validate(
+        {
+            "apdb": {"url": url, "auto_create": False},
+            "output": {
+                "store": {"location": str(prepared.directory / f"alerts-{run}")},
+                "dead_letter_location": str(prepared.directory / f"dead-{run}"),
+            },
+            "orchestration": orch,
+        }
+    )
+
+
+def warm_prefect() -> float:
+    """Start Prefect's ephemeral API server with a trivial flow; return its seconds."""
+    from prefect import flow, task
+
+    @task
+    def _one() -> int:
+        return 1
+
+    @flow(name="bench-warmup")
+    def _warm() -> int:
+        return _one.submit().result()
+
+    t0 = time.perf_counter()
+    _warm()
+    return time.perf_counter() - t0
+
+
+def warm_files(root: str) -> float:
+    """Read every bundle file once (the page cache then holds them, as after upstream wrote them)."""
+    t0 = time.perf_counter()
+    for path in Path(root).rglob("*"):
+        if path.is_file():
+            with path.open("rb") as fh:
+                while fh.read(1 << 22):
+                    pass
+    return time.perf_counter() - t0
+
+
+def timed_run(prepared: Prepared, backend: str, args, mode: str) -> dict:
+    """One timed run (``mode`` 'prefect' or 'plain') on a fresh APDB copy."""
+    import shutil
+
+    from apdb import make_apdb
+    from apdb.config import ApdbConfig
+    from flows.visit import run_visit, run_visit_plain
+
+    url = fresh_apdb(prepared, backend, mode)
+    config = make_config(prepared, url, mode, args)
+    out_dir = Path(config.output.store.location)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+        with PeakRss() as mem:
+            t0 = time.perf_counter()
+            if mode == "prefect":
+                state, result = run_visit(prepared.bundle_root, prepared.visit, config)
+                state_name = state.name
+            else:
+                result = run_visit_plain(prepared.bundle_root, prepared.visit, config)
+                state_name = "plain"
+            wall = time.perf_counter() - t0
+            load = os.getloadavg()[0]
+        if isinstance(result, BaseException):
+            raise result
+        apdb = make_apdb(ApdbConfig(url=url, auto_create=False))
+        try:
+            summary = apdb.visit_summary(prepared.visit)
+            new_ids = _alerting_objects(apdb, prepared.visit)
+        finally:
+            apdb.close()
+        files = sorted(out_dir.glob("*.avro"))
+        row = {
+            "mode": mode,
+            "state": state_name,
+            "wall_s": wall,
+            "flow_wall_s": float(result["wall_s"]),
+            "alerts": int(result["alerts"]),
+            "alert_files": len(files),
+            "alert_bytes": int(sum(f.stat().st_size for f in files)),
+            "detectors_ok": len(result["succeeded"]),
+            "detectors_failed": len(result["failed"]),
+            "failures": dict(list(result["failed"].items())[:5]),
+            "apdb_detectors_committed": len(summary),
+            "apdb_sources_committed": int(summary["nDiaSources"].sum()) if len(summary) else 0,
+            "apdb_forced_committed": int(summary["nDiaForcedSources"].sum()) if len(summary) else 0,
+            "stage_seconds": dict(result["stage_seconds"]),
+            "peak_rss_gib": mem.peak / 2**30,
+            "cpu_s": mem.cpu,
+            "load_avg_1min": load,
+            "alerts_per_s": int(result["alerts"]) / wall if wall > 0 else float("nan"),
+            "_alerting_objects": new_ids,
+            "_table": result["table"],
+        }
+        return row
+    finally:
+        drop_copy(prepared, backend, mode)
+
+
+def _alerting_objects(apdb, visit: int) -> np.ndarray:
+    """DiaObject IDs of the DiaSources stored for ``visit`` (one alert each)."""
+    with apdb._connection("alerting objects") as conn:
+        cur = conn.cursor()
+        cur.execute(f'SELECT "diaObjectId" FROM "DiaSource" WHERE "visit" = {apdb._ph}', [visit])
+        return np.array([r[0] for r in cur.fetchall()], dtype=np.int64)
+
+
+def run_case(args, *, log=print) -> dict:
+    """Prepare the case, run the requested modes, return every figure."""
+    spec = HistorySpec(seed=args.seed, prior_visits=args.prior_visits, n_detectors=args.detectors)
+    t0 = time.perf_counter()
+    prepared = prepare(spec, args.apdb, cache_root=args.cache_root, rebuild=args.rebuild, log=log)
+    log(f"case ready in {time.perf_counter() - t0:.1f} s: {prepared.directory}")
+    warm_files(prepared.bundle_root)
+    out: dict = {
+        "spec": spec.__dict__,
+        "apdb": args.apdb,
+        "runner": args.runner,
+        "build": prepared.stats,
+    }
+    runs = {}
+    if not args.no_prefect:
+        out["prefect_warmup_s"] = warm_prefect()
+        runs["prefect"] = timed_run(prepared, args.apdb, args, "prefect")
+    if not args.no_plain:
+        if args.profile:
+            from pyinstrument import Profiler
+
+            prof = Profiler(interval=0.005)
+            prof.start()
+        runs["plain"] = timed_run(prepared, args.apdb, args, "plain")
+        if args.profile:
+            prof.stop()
+            args.profile.write_text(prof.output_html())
+            print(prof.output_text(unicode=False, color=False, show_all=False)[:20000])
+    first = next(iter(runs.values()))
+    from flows.config import OrchestrationConfig
+
+    o = OrchestrationConfig()
+    out["orchestration"] = {
+        "detectors_per_task": args.detectors_per_task or o.detectors_per_task,
+        "max_workers": args.max_workers or o.max_workers,
+        "cache": bool(args.cache),
+    }
+    out["alert_history"] = alert_depths(
+        prepared, first.pop("_alerting_objects"), _visit_mjd(prepared)
+    )
+    for r in runs.values():
+        r.pop("_alerting_objects", None)
+        r["per_detector"] = r.pop("_table")
+    out["runs"] = runs
+    if "prefect" in runs and "plain" in runs:
+        p, q = runs["prefect"]["wall_s"], runs["plain"]["wall_s"]
+        out["overhead_fraction"] = (p - q) / p
+    return out
+
+
+def _visit_mjd(prepared: Prepared) -> float:
+    from tasks.bundle import read_visit_info
+
+    return float(read_visit_info(prepared.bundle_root, prepared.visit).midpointMjdTai)
+
+
+def print_report(out: dict) -> None:
+    runs = out["runs"]
+    print()
+    print(f"APDB {out['apdb']}, runner {out['runner']}, {out['orchestration']}")
+    print(
+        f"history: {out['build']['rows']['DiaObject']:,} DiaObjects, "
+        f"{out['build']['rows']['DiaSource']:,} DiaSources, "
+        f"{out['build']['rows']['DiaForcedSource']:,} DiaForcedSources"
+    )
+    h = out["alert_history"]
+    for name in ("prv_sources", "prv_forced"):
+        d = h[name]
+        print(
+            f"  {name} per alert: mean {d['mean']:.1f} (objects with history: "
+            f"{d['mean_with_history']:.1f}), median {d['median']:.0f}, p90 {d['p90']:.0f}, "
+            f"none {100 * d['zero_fraction']:.0f}%"
+        )
+    print()
+    print(
+        f"{'mode':8} {'wall s':>8} {'alerts':>7} {'alerts/s':>9} {'peak GiB':>9} "
+        f"{'APDB dets':>9} {'failed':>6} {'CPU s':>7} {'load':>5}"
+    )
+    for mode, r in runs.items():
+        print(
+            f"{mode:8} {r['wall_s']:8.2f} {r['alerts']:7d} {r['alerts_per_s']:9.0f} "
+            f"{r['peak_rss_gib']:9.2f} {r['apdb_detectors_committed']:9d} {r['detectors_failed']:6d} "
+            f"{r['cpu_s']:7.1f} {r['load_avg_1min']:5.1f}"
+        )
+    if "overhead_fraction" in out:
+        print(f"Prefect overhead fraction: {100 * out['overhead_fraction']:.1f} %")
+    print()
+    ref = runs.get("plain") or runs.get("prefect")
+    total = sum(ref["stage_seconds"].values()) or 1.0
+    print(
+        "stage share of summed detector-stage time ("
+        + ("plain" if "plain" in runs else "prefect")
+        + ")"
+    )
+    for stage in STAGE_ORDER:
+        s = ref["stage_seconds"].get(stage, 0.0)
+        print(f"  {stage:10} {s:8.2f} s  {100 * s / total:5.1f} %")
+
+
+def main(argv: list[str]) -> dict:
+    args = parser().parse_args(argv)
+    out = run_case(args)
+    print_report(out)
+    runs = out["runs"]
+    main_run = runs.get("prefect") or runs["plain"]
+    out["headline"] = {
+        "wall_s": round(main_run["wall_s"], 2),
+        "alerts": main_run["alerts"],
+        "overhead_fraction": round(out["overhead_fraction"], 4)
+        if "overhead_fraction" in out
+        else None,
+        "alerts_per_s": round(main_run["alerts_per_s"], 1),
+        "peak_rss_gib": round(main_run["peak_rss_gib"], 2),
+        "apdb": out["apdb"],
+    }
+    return out

@@ -20,9 +20,11 @@ purity
     come from one true identity.
 completeness
     Of the true non-moving objects with ≥ 2 detections (catalog rows), the
-    fraction whose detections were *all* stored and all in exactly one
-    DiaObject. ``completeness_stored`` relaxes "all stored": detections the
-    quality cut rejected are ignored.
+    fraction that end as exactly one DiaObject: their stored detections all
+    sit in one DiaObject (detections the quality cut rejected belong to no
+    DiaObject). ``completeness_all_detections`` also requires every
+    detection to be stored, so it counts quality-cut losses (e.g. a first
+    detection on a bad column) too.
 false_new_fraction
     New DiaObjects created by a detection of a real, non-moving true object
     that already had a DiaObject (an association miss: a duplicate), over all
@@ -119,7 +121,7 @@ def score_association(stored: pd.DataFrame, truth: pd.DataFrame) -> dict:
     Returns
     -------
     dict
-        ``purity, completeness, completeness_stored, false_new_fraction,
+        ``purity, completeness, completeness_all_detections, false_new_fraction,
         bogus_new_fraction`` and the counts behind them.
     """
     t = truth[["diaSourceId", "truthId", "kind"]].copy()
@@ -162,15 +164,16 @@ def score_association(stored: pd.DataFrame, truth: pd.DataFrame) -> dict:
     return {
         "purity": purity,
         "purity_multi_source": float((multi == 1).mean()) if multi.size else float("nan"),
-        "completeness": float(complete.mean()) if n_eligible else float("nan"),
-        "completeness_stored": float(one_object.mean()) if n_eligible else float("nan"),
+        "completeness": float(one_object.mean()) if n_eligible else float("nan"),
+        "completeness_all_detections": float(complete.mean()) if n_eligible else float("nan"),
         "false_new_fraction": duplicates / n_new if n_new else 0.0,
         "bogus_new_fraction": n_bogus_new / n_new if n_new else 0.0,
         "n_dia_objects": n_objects,
         "n_impure": int((n_ident > 1).sum()),
         "n_stored_sources": int(len(s)),
         "n_true_objects_2plus": n_eligible,
-        "n_incomplete": int((~complete).sum()),
+        "n_incomplete": int((~one_object).sum()),
+        "n_not_all_stored": int((one_object & ~complete).sum()),
         "n_split": int((n_obj > 1).sum()),
         "n_new": n_new,
         "n_false_new": duplicates,

@@ -87,18 +87,18 @@ def test_cost_closed_form_with_floor_and_fallback():
 
 
 def test_unmatched_cost_is_k_sigma_at_the_floor():
-    assert unmatched_cost(CFG) == pytest.approx(0.5 * 25 + 0.5 * np.log(0.05**4))
+    assert unmatched_cost(CFG) == pytest.approx(0.5 * 100 + 0.5 * np.log(0.05**4))
     cfg = AssociationConfig(unmatched_sigma=3.0, sigma_floor_arcsec=0.1)
     assert unmatched_cost(cfg) == pytest.approx(4.5 + 2 * np.log(0.1))
 
 
 @pytest.mark.parametrize(
     ("err_arcsec", "offset_arcsec", "matched"),
-    [(0.01, 0.24, True), (0.01, 0.26, False), (0.3, 0.9, True), (0.3, 1.05, False)],
-    ids=["floor-4.8sigma", "floor-5.2sigma", "loose-inside-gate", "loose-outside-gate"],
+    [(0.01, 0.49, True), (0.01, 0.51, False), (0.3, 0.9, True), (0.3, 1.05, False)],
+    ids=["floor-9.8sigma", "floor-10.2sigma", "loose-inside-gate", "loose-outside-gate"],
 )
 def test_acceptance_is_k_sigma_or_the_gate(err_arcsec, offset_arcsec, matched):
-    """σ at the floor (0.05″ combined): accepted to 5σ = 0.25″; loose σ: the 1″ gate rules."""
+    """σ at the floor (0.05″ combined): accepted to 10σ = 0.5″; loose σ: the 1″ gate rules."""
     src = sources([0.0], [offset_arcsec * AS], err_arcsec=err_arcsec)
     res = associate(src, objects([0.0], [0.0], err_arcsec=err_arcsec), CFG)
     assert res.n_matched == int(matched) and res.n_new == int(not matched)
@@ -122,7 +122,7 @@ def test_global_assignment_beats_greedy():
 
     Greedy nearest-neighbour gives S1→O1 and leaves S2 unmatched; the global
     minimum is S1→O2, S2→O1. With σ² = 0.02 arcsec² per axis and
-    ln σ² = −3.91: costs −0.85 + 0.09 = −0.76 against −1.66 + U (U = 6.51).
+    ln σ² = −3.91: costs −0.85 + 0.09 = −0.76 against −1.66 + U (U = 44.0).
     """
     obj = objects([0.0, 0.65 * AS], [0.0, 0.0])
     src = sources([0.30 * AS, -0.40 * AS], [0.0, 0.0])

@@ -123,6 +123,13 @@ def parser(prog: str = "python -m bench visit") -> argparse.ArgumentParser:
     return p
 
 
+def default_group_size() -> int:
+    """The configured default of ``orchestration.detectors_per_task``."""
+    from flows.config import OrchestrationConfig
+
+    return OrchestrationConfig().detectors_per_task
+
+
 def make_config(prepared: Prepared, url: str, run: str, args):
     from flows.config import PipelineConfig
 

@@ -17,8 +17,8 @@ from apdb.sql import ApdbSql
 from bench.history import (
     HistorySpec,
     associate_by_truth,
-    bulk_load,
     build_frames,
+    bulk_load,
     dia_sources,
 )
 from tasks.associate import AssociationConfig

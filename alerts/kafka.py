@@ -97,7 +97,7 @@ class KafkaConfig(BaseModel, frozen=True, extra="forbid"):
     )
     idempotence: bool = Field(
         True,
-        description="Idempotent producer (enable.idempotence, needs acks=all): librdkafka's "
+        description="Idempotent producer (enable.idempotence; only with acks=all): librdkafka's "
         "retries then never duplicate or reorder alerts.",
     )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -135,7 +135,7 @@ def producer_config(config: KafkaConfig) -> dict:
         "message.max.bytes": config.message_max_bytes,
         "delivery.timeout.ms": config.delivery_timeout_ms,
         "acks": config.acks,
-        "enable.idempotence": config.idempotence,
+        "enable.idempotence": config.idempotence and config.acks == "all",
         "security.protocol": config.security_protocol,
     }
     if config.security_protocol.startswith("SASL"):

@@ -139,3 +139,9 @@ def test_credentials_from_environment_never_shown(monkeypatch):
     with pytest.raises(ConfigError, match="DIAPIPE_KAFKA_PASSWORD"):
         producer_config(config)
     assert "sasl.username" not in producer_config(KafkaConfig())
+
+
+def test_acks_one_turns_idempotence_off_and_still_delivers(mock_cluster, batch):
+    config = KafkaConfig(servers=mock_cluster, topic="alerts-acks1", acks="1")
+    assert producer_config(config)["enable.idempotence"] is False
+    assert produce_alerts(batch, config).n_delivered == len(batch)

@@ -162,3 +162,20 @@ def test_cli_lists_dead_letters_with_counts(tmp_path, batch, capsys):
     url = store.put(batch)
     assert cli.main(["list", str(tmp_path)]) == 0
     assert capsys.readouterr().out.split() == [str(len(batch)), url]
+
+
+def test_real_rubin_packets_round_trip_through_an_alert_file(tmp_path):
+    from alerts.packet import clean_alert_record, encode_alert_records, load_schema
+    from alerts.store import write_alert_file
+
+    schema = load_schema("11.1")
+    with open("/work/shared/data/rubin-lsstcam-alerts/part-2-918301.avro", "rb") as f:
+        real = [clean_alert_record(r, schema) for r in fastavro.reader(f)]
+    payloads = encode_alert_records(real, schema)
+    ids = np.array([r["diaSourceId"] for r in real], dtype=np.int64)
+    url = write_alert_file(
+        str(tmp_path / "918301_0.avro"), AlertBatch(payloads, ids, schema, 918301, 0)
+    )
+    assert read_alert_file(url) == real
+    back = read_alert_batch(url)
+    assert back.payloads == payloads and back.dia_source_ids.tolist() == ids.tolist()

@@ -222,10 +222,11 @@ class ReaderConfig(BaseModel, frozen=True, extra="forbid"):
         "WCS that does not belong to the visit (LSSTCam's field radius is ~1.75 deg).",
     )
     max_sources: int = Field(
-        2_000_000,
+        100_000,
         gt=0,
-        description="Refuse catalogs longer than this (a runaway detection run), "
-        "before any science is done on them.",
+        description="Refuse catalogs longer than this (a runaway detection run) before any "
+        "science is done on them. LSSTCam's design average is ~53 DiaSources per detector; "
+        "100,000 is far past any real detector and far past maxNewDiaObjects (1000).",
     )
 
 

@@ -179,7 +179,13 @@ class SurveyConfig(BaseModel, frozen=True, extra="forbid"):
         5.0, gt=0, description="|psfInstFlux|/psfInstFluxErr needed for a DiaSource."
     )
     workers: int = Field(
-        2, ge=1, description="Threads used to write the detectors of one visit in parallel."
+        2, ge=1, description="Threads or processes writing the detectors of a visit in parallel."
+    )
+    parallel: Literal["thread", "process"] = Field(
+        "thread",
+        description="How write_visit runs its workers: threads (no start-up cost; numpy "
+        "releases the GIL for part of the work) or spawned processes (all cores, a few "
+        "seconds of start-up per worker, kept for later visits until Survey.close()).",
     )
 
     @field_validator("detector_size", mode="before")

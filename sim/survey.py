@@ -21,7 +21,8 @@ Two ways to observe a visit:
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -229,6 +230,8 @@ class Survey:
     @lru_cache(maxsize=64)  # noqa: B019 - a survey lives as long as its visits are used
     def visit_params(self, visit: int) -> VisitParams:
         """The per-visit draws: band, time, pointing, rotation, seeing, sky, transparency."""
+        if int(visit) != visit or visit < 0:
+            raise ValueError(f"visit must be a non-negative integer, got {visit!r}")
         cfg = self.config
         rng = _rng(cfg.seed, _VISIT, visit)
         band = cfg.bands[int(rng.integers(len(cfg.bands)))]
@@ -891,24 +894,59 @@ class Survey:
                 simio.json_bytes(self.visit_info(visit).to_json_dict()),
             )
         ]
-        self._visit_objects(visit)  # warm the per-visit cache before threads start
-
-        def one(det: int) -> list[str]:
-            base = detector_path(root, visit, det)
-            return [
-                simio.write_bytes(f"{base}/{name}", data)
-                for name, data in self.detector_files(visit, det).items()
-            ]
-
         workers = min(self.config.workers, len(dets)) or 1
+        if workers > 1 and self.config.parallel == "process":
+            pool = self._process_pool()
+            jobs = [pool.submit(_write_detector_in_worker, root, visit, d) for d in dets]
+            for job in jobs:
+                written += job.result()
+            return written
+        self._visit_objects(visit)  # warm the per-visit cache before threads start
         if workers == 1:
             for d in dets:
-                written += one(d)
+                written += self.write_detector(root, visit, d)
         else:
             with ThreadPoolExecutor(workers) as pool:
-                for paths in pool.map(one, dets):
+                for paths in pool.map(lambda d: self.write_detector(root, visit, d), dets):
                     written += paths
         return written
+
+    def write_detector(self, root: str, visit: int, detector: int) -> list[str]:
+        """Write one detector's files of ``visit`` (not visit.json); returns the URLs."""
+        base = detector_path(root, visit, detector)
+        return [
+            simio.write_bytes(f"{base}/{name}", data)
+            for name, data in self.detector_files(visit, detector).items()
+        ]
+
+    def _process_pool(self) -> ProcessPoolExecutor:
+        """Worker processes (spawned, each sent a pickled copy of this survey), kept for reuse."""
+        if getattr(self, "_pool", None) is None:
+            self._pool = ProcessPoolExecutor(
+                self.config.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(self,),
+            )
+        return self._pool
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_pool", None)  # a pool does not travel to its own workers
+        return state
+
+    def close(self) -> None:
+        """Stop the worker processes of ``parallel="process"`` (if any were started)."""
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown()
+            self._pool = None
+
+    def __enter__(self) -> Survey:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def write_truth(self, root: str) -> str:
         """Write the survey catalogue to ``{root}/truth/objects.parquet``."""
@@ -950,3 +988,17 @@ class Survey:
         out["band"] = vp.band
         out["midpointMjdTai"] = np.float64(vp.mjd)
         return out
+
+
+_WORKER_SURVEY: Survey | None = None
+
+
+def _init_worker(survey: Survey) -> None:
+    """Process-pool initializer: keep the survey (pickled once per worker)."""
+    global _WORKER_SURVEY
+    _WORKER_SURVEY = survey
+
+
+def _write_detector_in_worker(root: str, visit: int, detector: int) -> list[str]:
+    assert _WORKER_SURVEY is not None, "worker not initialised"
+    return _WORKER_SURVEY.write_detector(root, visit, detector)

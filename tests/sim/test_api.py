@@ -110,3 +110,12 @@ def test_cli_writes_visits(tmp_path, capsys):
         for det in info["detectors"]:
             assert (out / str(visit) / str(det) / "diaSources.parquet").exists()
     assert (out / "truth" / "objects.parquet").exists()
+
+
+def test_unknown_visit_or_detector_is_refused(small_survey):
+    with pytest.raises(ValueError, match="non-negative integer"):
+        small_survey.visit_info(-1)
+    with pytest.raises(ValueError, match="not among this survey's detectors"):
+        small_survey.visit_catalog(0, detectors=[0])
+    with pytest.raises(ValueError, match="not among this survey's"):
+        small_survey.scene(0, 188)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from sim.config import SurveyConfig
 from sim.survey import Survey
@@ -53,3 +54,15 @@ def test_visit_catalog_is_deterministic():
     c1 = Survey(CFG).visit_catalog(2)
     c2 = Survey(CFG).visit_catalog(2)
     pd.testing.assert_frame_equal(c1, c2)
+
+
+@pytest.mark.slow
+def test_process_workers_write_the_same_bytes(tmp_path):
+    """parallel="process" (spawned workers) gives the thread path's bytes."""
+    threads, procs = tmp_path / "threads", tmp_path / "procs"
+    Survey(CFG).write_visit(str(threads), 1)
+    with Survey(CFG.model_copy(update={"parallel": "process"})) as s:
+        s.write_visit(str(procs), 1)
+        assert s._pool is not None
+    assert s._pool is None
+    assert _checksums(threads) == _checksums(procs)

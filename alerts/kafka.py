@@ -13,7 +13,9 @@ full), and one ``flush`` with a timeout ends the batch. Messages still queued
 after the timeout are purged, so they cannot be delivered later behind our
 back. Every alert whose delivery report is not a success goes to the
 dead-letter store; ``python -m alerts replay SRC`` re-sends them and removes
-only those the broker acknowledged.
+only those the broker acknowledged. Delivery is therefore at-least-once: an
+alert purged while in flight may have reached the broker and be sent again by
+a replay; consumers can de-duplicate on the key (``diaSourceId``).
 
 Credentials: SASL username and password are ``SecretStr`` fields, filled from
 the environment variables named in the config (``DIAPIPE_KAFKA_USERNAME`` /

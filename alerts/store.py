@@ -188,8 +188,8 @@ def iter_container_payloads(data: bytes, source: str = "") -> tuple[dict, Iterat
             if n == 1:
                 yield block
                 continue
-            nonlocal_schema = parsed or fastavro.parse_schema(json.loads(meta["avro.schema"]))
-            parsed = nonlocal_schema
+            if parsed is None:
+                parsed = fastavro.parse_schema(json.loads(meta["avro.schema"]))
             bio = io.BytesIO(block)
             for _ in range(n):
                 rec = fastavro.schemaless_reader(bio, parsed, None)

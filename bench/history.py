@@ -502,9 +502,20 @@ def bulk_load(apdb: ApdbSql, frames: dict[str, pd.DataFrame], chunk: int = 200_0
 
 
 def apdb_write(apdb: ApdbSql, table: str, names: list[str], rows: list[tuple]) -> None:
-    """One transaction inserting ``rows`` into ``table``."""
+    """One transaction inserting ``rows`` into ``table``.
+
+    Data tables go through the backend's own bulk path (``executemany`` /
+    binary ``COPY``); the marker table, which that path does not type, through
+    a plain ``executemany``.
+    """
     with apdb._connection(f"bulk load {table}", write=True) as conn:
-        apdb._insert(conn.cursor(), table, names, rows)
+        cur = conn.cursor()
+        if table == MARKER_TABLE:
+            cols = ", ".join(f'"{n}"' for n in names)
+            values = ", ".join([apdb._ph] * len(names))
+            cur.executemany(f'INSERT INTO "{table}" ({cols}) VALUES ({values})', rows)
+        else:
+            apdb._insert(cur, table, names, rows)
 
 
 # --------------------------------------------------------------------------- APDB copies

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {survey.write_truth(args.out)} ({len(survey.sky)} true objects)")
     for visit in range(args.first_visit, args.first_visit + args.visits):
         t0 = time.perf_counter()
-        paths = survey.write_visit(args.out, visit)
+        paths = survey.write_visit(args.out, visit, truth_catalog=False)
         dt = time.perf_counter() - t0
         info = survey.visit_info(visit)
         print(

@@ -26,6 +26,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
+import fsspec
 import numpy as np
 import pandas as pd
 from astropy.io import fits
@@ -869,7 +870,9 @@ class Survey:
             raise ValueError(f"detectors {unknown} are not among this survey's detectors")
         return dets
 
-    def write_visit(self, root: str, visit: int, detectors=None) -> list[str]:
+    def write_visit(
+        self, root: str, visit: int, detectors=None, truth_catalog: bool = True
+    ) -> list[str]:
         """Write the SPEC §2 bundle of ``visit`` and its truth under ``root``.
 
         Parameters
@@ -881,6 +884,9 @@ class Survey:
         detectors : iterable of int, optional
             Which detectors to write (default: all of the survey's). visit.json
             always lists the survey's detectors.
+        truth_catalog : bool
+            Also write ``{root}/truth/objects.parquet`` (:meth:`write_truth`)
+            when it does not exist yet.
 
         Returns
         -------
@@ -894,6 +900,10 @@ class Survey:
                 simio.json_bytes(self.visit_info(visit).to_json_dict()),
             )
         ]
+        if truth_catalog:
+            fs, path = fsspec.core.url_to_fs(self.truth_catalog_path(root))
+            if not fs.exists(path):
+                written.append(self.write_truth(root))
         workers = min(self.config.workers, len(dets)) or 1
         if workers > 1 and self.config.parallel == "process":
             pool = self._process_pool()
@@ -948,10 +958,15 @@ class Survey:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @staticmethod
+    def truth_catalog_path(root: str) -> str:
+        """``{root}/truth/objects.parquet``."""
+        return f"{root.rstrip('/')}/truth/objects.parquet"
+
     def write_truth(self, root: str) -> str:
-        """Write the survey catalogue to ``{root}/truth/objects.parquet``."""
+        """Write the survey catalogue (:meth:`truth_catalog`) to ``{root}/truth/objects.parquet``."""
         return simio.write_bytes(
-            f"{root.rstrip('/')}/truth/objects.parquet", simio.parquet_bytes(self.truth_catalog())
+            self.truth_catalog_path(root), simio.parquet_bytes(self.truth_catalog())
         )
 
     def visit_catalog(self, visit: int, detectors=None) -> pd.DataFrame:

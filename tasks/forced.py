@@ -29,6 +29,12 @@ shift, 1e-4 at σ = 1.0 px (measured in ``tests/tasks/test_forced.py``). A
 separable Lanczos-3 resampling, tried first, was biased by 0.1–0.3 % at
 σ = 1.5 px, which is a third of a σ on a bright star's science-image flux.
 
+By default the shifted kernels are computed once per image on a grid of
+1/32 px (``subpixel_steps``) and each object takes the nearest one: the flux
+bias is then ≤ (1/64)²/(4σ²) per axis (5e-5 at σ = 1.5 px; below 1e-3 on
+footprints cut by an edge or a mask), and the per-object cost drops to a
+gather, which is what makes 2,000 objects cost ~10 ms per image.
+
 This plays the role of Rubin's ``DiaForcedSourceTask``.
 """
 
@@ -84,6 +90,15 @@ class ForcedConfig(BaseModel, frozen=True, extra="forbid"):
         le=1,
         description="Sum over the smallest centred box holding this fraction of Σ P² (1: the "
         "whole kernel). Unbiased for any value; σF grows by 1/sqrt(fraction).",
+    )
+
+    subpixel_steps: int = Field(
+        32,
+        ge=0,
+        le=256,
+        description="Kernel shifts are taken from a per-image grid of 1/N px (nearest grid "
+        "point; flux bias ≤ (1/2N)²/(4σ²), 6e-5 at σ = 1 px for N = 32); 0 shifts exactly per "
+        "object (slower).",
     )
 
     @field_validator("bad_mask_planes")
@@ -192,6 +207,7 @@ def measure_psf_flux(
     *,
     bad_mask_planes: tuple[str, ...] = ("BAD", "SAT", "NO_DATA"),
     footprint_fraction: float = 0.999,
+    subpixel_steps: int = 32,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PSF-weighted forced flux at 0-based pixel positions.
 
@@ -206,6 +222,13 @@ def measure_psf_flux(
     footprint_fraction : float
         Fraction of Σ P² the summed box must hold (:func:`footprint_half_width`);
         1 uses the whole kernel.
+    subpixel_steps : int
+        Shift the kernel once per image to a grid of 1/``subpixel_steps`` px
+        and give each object the nearest grid kernel (position error ≤ half a
+        step; flux bias ≤ (step/2)²/(4σ²) per axis for a Gaussian of σ px:
+        6e-5 at σ = 1 px with 32 steps; first order, still < 1e-3, when the
+        footprint is cut by an edge or masked pixels). 0 shifts the kernel
+        exactly per object.
 
     Returns
     -------
@@ -223,7 +246,17 @@ def measure_psf_flux(
     h = footprint_half_width(psf, footprint_fraction)
     ix = np.floor(x + 0.5).astype(np.int64)
     iy = np.floor(y + 0.5).astype(np.int64)
-    kern = shifted_psf(psf, x - ix, y - iy, h)
+    if subpixel_steps:
+        q = int(subpixel_steps)
+        grid = np.arange(-(q // 2), q // 2 + 1) / q  # offsets -0.5..0.5
+        k = psf.shape[0]
+        lg = _shift_matrices(grid, k, h)  # (G, m, k), the same table for x and y
+        table = np.einsum("aik,kl,bjl->abij", lg, psf, lg, optimize=True)
+        qa = np.rint((y - iy) * q).astype(np.int64) + q // 2
+        qb = np.rint((x - ix) * q).astype(np.int64) + q // 2
+        kern = table[qa, qb]
+    else:
+        kern = shifted_psf(psf, x - ix, y - iy, h)
     ny, nx = exposure.shape
     off = np.arange(-h, h + 1)
     yy = iy[:, None, None] + off[None, :, None]
@@ -319,6 +352,7 @@ def forced_photometry(
     opts = {
         "bad_mask_planes": config.bad_mask_planes,
         "footprint_fraction": config.footprint_fraction,
+        "subpixel_steps": config.subpixel_steps,
     }
     psf_flux, psf_err, edge_d = measure_psf_flux(diff, x, y, **opts)
     sci_flux, sci_err, edge_s = measure_psf_flux(bundle.science, x, y, **opts)

@@ -62,7 +62,12 @@ def test_shifted_psf_bias_is_negligible(sigma, tol):
         assert abs(ratio - 1) < tol
 
 
-def test_noise_free_point_sources_are_recovered_exactly_in_njy():
+@pytest.mark.parametrize(
+    ("steps", "rtol"),
+    [(0, 2e-5), (32, 6e-5)],
+    ids=["exact-shift", "1/32-px-grid"],  # grid: bias ≤ 2·(1/64)²/(4σ²) = 5.4e-5 at σ = 1.5
+)
+def test_noise_free_point_sources_are_recovered_exactly_in_njy(steps, rtol):
     rng = np.random.default_rng(5)
     shape = (300, 300)
     g = np.arange(20, 281, 40.0)  # isolated: no two footprints overlap
@@ -75,11 +80,15 @@ def test_noise_free_point_sources_are_recovered_exactly_in_njy():
     sci = make_exposure(shape, wcs, image=render(shape, x, y, sci_f), photo_calib=3.0)
     bundle = make_bundle(difference=diff, science=sci)
     res = forced_photometry(
-        objects_at(wcs, x, y), bundle, ForcedConfig(), id_packer=PACKER, time_processed_mjd=60001.0
+        objects_at(wcs, x, y),
+        bundle,
+        ForcedConfig(subpixel_steps=steps),
+        id_packer=PACKER,
+        time_processed_mjd=60001.0,
     )
     out = res.sources
-    np.testing.assert_allclose(out["psfFlux"], diff_f * 2.0, rtol=2e-5, atol=1e-3)
-    np.testing.assert_allclose(out["scienceFlux"], sci_f * 3.0, rtol=2e-5)
+    np.testing.assert_allclose(out["psfFlux"], diff_f * 2.0, rtol=rtol, atol=1e-3)
+    np.testing.assert_allclose(out["scienceFlux"], sci_f * 3.0, rtol=rtol)
     # σ = sqrt(Σ P² V)/Σ P² with V = 1: 1/sqrt(Σ P²) counts
     p2 = (gaussian_psf() ** 2).sum()
     np.testing.assert_allclose(out["psfFluxErr"], 2.0 / np.sqrt(p2), rtol=0.02)
@@ -124,7 +133,16 @@ def test_edge_objects_are_flagged_and_measured_on_pixels_inside():
         objects_at(wcs, x, y), bundle, ForcedConfig(), id_packer=PACKER, time_processed_mjd=1.0
     )
     np.testing.assert_array_equal(res.edge, [True, True, True, False])
-    np.testing.assert_allclose(res.sources["psfFlux"], flux, rtol=1e-4)
+    # on a cut footprint the 1/32-px grid's position error biases to first order: < 1e-3
+    np.testing.assert_allclose(res.sources["psfFlux"], flux, rtol=1e-3)
+    exact = forced_photometry(
+        objects_at(wcs, x, y),
+        bundle,
+        ForcedConfig(subpixel_steps=0),
+        id_packer=PACKER,
+        time_processed_mjd=1.0,
+    )
+    np.testing.assert_allclose(exact.sources["psfFlux"], flux, rtol=1e-5)
 
 
 def test_off_image_and_ineligible_objects_are_counted_not_measured():
@@ -151,8 +169,9 @@ def test_masked_pixels_are_skipped_without_bias():
     mask[50, 50] = 1 << MASK_PLANES["SAT"]
     image[48, 52] = np.nan  # a NaN pixel with no mask bit
     exp = make_exposure(shape, image=image, mask=mask, photo_calib=1.0)
-    f, _, edge = measure_psf_flux(exp, x, y)
+    f, _, edge = measure_psf_flux(exp, x, y, subpixel_steps=0)
     assert f[0] == pytest.approx(1000.0, rel=1e-5) and not edge[0]
+    assert measure_psf_flux(exp, x, y)[0][0] == pytest.approx(1000.0, rel=1e-3)
     # without the mask cut the wrong pixel biases the flux; the NaN pixel is still skipped
     f_all, _, _ = measure_psf_flux(exp, x, y, bad_mask_planes=())
     assert f_all[0] > 1e5

@@ -1,8 +1,11 @@
 """``python -m bench quality``: the science stages scored against the simulator's truth.
 
-Simulates a survey (``sim.survey.Survey``: LSSTCam-like detectors, 53
-DiaSources per detector per visit, 20 % bogus, static / variable / transient /
-moving populations), writes every visit's bundles, and runs each detector
+Simulates a survey (``sim.survey.Survey``: 4 detectors of 2048² px at
+0.2″/px, 53 DiaSources per detector per visit — Rubin's 10,000 per visit over
+189 detectors — 20 % bogus, static / variable / transient / moving
+populations). On 2048² detectors that is ~4× Rubin's DiaSources per sky area
+(LSSTCam detectors are 4072×4000 px); ``--detector-size 512`` is a ~60×
+crowding stress test. Each visit's bundles are written, and each detector runs
 through read → calibrate → associate → summarise → forced photometry with an
 in-memory APDB (latest DiaObjects, DiaSource and DiaForcedSource history,
 footprint loads with the 10-px bbox padding of SPEC §4.1 and the 360-day
@@ -154,13 +157,13 @@ def run(
     visits: int = 20,
     detectors: int = 4,
     seed: int = 1,
-    detector_size: int = 512,
+    detector_size: int = 2048,
     sources_per_detector: float = 53.0,
     root: str | None = None,
     association: AssociationConfig | None = None,
     isolation_px: float = 20.0,
     return_frames: bool = False,
-    drop_images: bool = False,
+    drop_images: bool | None = None,
 ) -> dict:
     """Simulate, run the four stages per detector, score. Returns every figure."""
     from sim.config import SurveyConfig
@@ -181,6 +184,8 @@ def run(
     if root is None:
         tmp = tempfile.TemporaryDirectory(prefix="diapipe-quality-")
         root = tmp.name
+    if drop_images is None:
+        drop_images = tmp is not None  # a temporary root keeps only the parquet files
     dets = list(survey.detectors)
     t_sim = 0.0
     t0 = time.perf_counter()
@@ -334,13 +339,20 @@ def main(argv: list[str]) -> dict:
     p.add_argument("--visits", type=int, default=20)
     p.add_argument("--detectors", type=int, default=4)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--detector-size", type=int, default=512)
+    p.add_argument(
+        "--detector-size",
+        type=int,
+        default=2048,
+        help="detector side (px); 53 sources per detector at 2048² is ~4× Rubin's sources per "
+        "sky area (4072×4000 px detectors), at 512² ~60×",
+    )
     p.add_argument("--sources-per-detector", type=float, default=53.0)
     p.add_argument("--root", default=None, help="keep the simulated bundles here")
     p.add_argument(
         "--drop-images",
         action="store_true",
-        help="delete each detector's FITS files once processed (large detectors)",
+        default=None,
+        help="delete each detector's FITS files once processed (default: when no --root)",
     )
     p.add_argument(
         "--isolation-px",

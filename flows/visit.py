@@ -22,6 +22,7 @@ from prefect.states import Completed
 from flows import detector as D
 from flows.config import PipelineConfig
 from flows.produce import finished_detectors, produce_detector
+from flows.report import png_data_uri, visit_figure_png
 from flows.stages import STAGES, GroupResult, configure, stage_task
 from tasks.bundle import VisitInfo, read_visit_info
 from tasks.errors import InputError, TransientError
@@ -257,7 +258,7 @@ def process_visit(
     result["succeeded"] = sorted(set(result["succeeded"]) | set(skipped))
     result["detectors"] = dets
     D.forget_bundles()
-    _artifacts(result)
+    _artifacts(result, config.output.store if config.output.do_write_alerts else None)
     n_failed = len(result["failed"])
     if n_failed:
         msg = f"partial: {n_failed} of {len(dets)} detectors failed: " + "; ".join(
@@ -342,7 +343,8 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
     )
 
 
-def _artifacts(result: VisitResult) -> None:
+def _artifacts(result: VisitResult, report_store=None) -> None:
+    """Table and markdown artifacts; the picture also goes beside the alerts (``report_store``)."""
     visit = result["visit"]
     columns = (
         ["detector", "status"]
@@ -381,7 +383,26 @@ def _artifacts(result: VisitResult) -> None:
         lines += [f"| {d} | {e.replace('|', '/')} |" for d, e in sorted(failed.items())]
     if result["alert_files"]:
         lines += ["", "## Alert files", ""] + [f"- `{p}`" for p in result["alert_files"][:50]]
+    if result["table"]:
+        png = visit_figure_png(result)
+        lines += [
+            "",
+            "## Stage time and alerts per detector",
+            "",
+            f"![visit {visit}]({png_data_uri(png)})",
+        ]
+        if report_store is not None:
+            url = _write_report(report_store, visit, png)
+            lines += ["", f"Picture file: `{url}`"]
+            result["report_png"] = url
     create_markdown_artifact(key=f"visit-{visit}-summary", markdown="\n".join(lines))
+
+
+def _write_report(store, visit: int, png: bytes) -> str:
+    from alerts.store import _atomic_write
+
+    url = f"{store.location.rstrip('/')}/reports/visit-{int(visit)}.png"
+    return _atomic_write(url, png, dict(store.storage_options))
 
 
 # --------------------------------------------------------------------------- without Prefect

@@ -46,6 +46,11 @@ def test_visit_end_to_end_then_rerun_is_a_no_op(survey_root, tmp_path):
     # Visit 0 on an empty APDB: every source makes its own DiaObject.
     assert all(a["diaSource"]["diaObjectId"] == a["diaSourceId"] for a in alerts)
 
+    # The visit's picture: a PNG beside the alerts, embedded in the summary artifact.
+    png = tmp_path / "alerts" / "reports" / "visit-0.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert result["report_png"] == str(png)
+
     before = _digests(tmp_path / "alerts")
     state2, result2 = run_visit(survey_root, 0, config)
     assert state2.is_completed(), state2.message

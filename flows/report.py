@@ -1,0 +1,55 @@
+"""The per-visit picture: stage time per detector (stacked bars) and alerts per detector."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+from flows.stages import STAGES
+
+__all__ = ["visit_figure_png", "png_data_uri"]
+
+
+def visit_figure_png(result: dict) -> bytes:
+    """A PNG with two panels: per-stage time per detector, and the alert-count histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    rows = sorted(result["table"], key=lambda r: r["detector"])
+    dets = [r["detector"] for r in rows]
+    fig = Figure(figsize=(11, 4.2), dpi=90)
+    ax1, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]})
+    x = np.arange(len(dets))
+    bottom = np.zeros(len(dets))
+    for stage in (*STAGES, "recover"):
+        ms = np.array([float(r.get(f"{stage}_ms", 0.0) or 0.0) for r in rows])
+        if ms.any():
+            ax1.bar(x, ms, bottom=bottom, label=stage, width=0.85)
+            bottom += ms
+    failed = [i for i, r in enumerate(rows) if r.get("status") == "failed"]
+    if failed:
+        ax1.plot(x[failed], np.zeros(len(failed)), "rx", ms=8, label="failed")
+    ax1.set_xlabel("detector")
+    ax1.set_ylabel("time (ms)")
+    ax1.set_title(f"visit {result['visit']}: stage time per detector")
+    step = max(1, len(dets) // 20)
+    ax1.set_xticks(x[::step], [str(d) for d in dets[::step]], fontsize=7)
+    ax1.legend(fontsize=7, ncol=3)
+    alerts = [int(r.get("package_alerts", 0) or 0) for r in rows if r.get("status") == "ok"]
+    ax2.hist(alerts, bins=min(20, max(1, len(set(alerts)))), color="0.4")
+    ax2.set_xlabel("alerts per detector")
+    ax2.set_ylabel("detectors")
+    ax2.set_title(f"{result['alerts']} alerts")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def png_data_uri(png: bytes) -> str:
+    """``data:image/png;base64,...`` for embedding in a markdown artifact."""
+    return "data:image/png;base64," + base64.b64encode(png).decode()

@@ -110,7 +110,14 @@ def test_small_simulated_survey_meets_quality_targets(tmp_path):
     """
     from bench.quality import run
 
-    out = run(visits=6, detectors=2, seed=3, sources_per_detector=20.0, root=str(tmp_path))
+    out = run(
+        visits=6,
+        detectors=2,
+        seed=3,
+        detector_size=512,
+        sources_per_detector=20.0,
+        root=str(tmp_path),
+    )
     h = out["headline"]
     a = out["association"]
     assert a["n_dia_objects"] > 80 and a["n_true_objects_2plus"] > 20

@@ -63,12 +63,18 @@ class PeakRss:
         self.peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._children: list = []
+        self._n = 0
 
     def _sample(self) -> int:
         total = 0
         with contextlib.suppress(Exception):
             total = self._proc.memory_info().rss
-            for child in self._proc.children(recursive=True):
+            # listing children scans /proc: refresh the list every 2 s only
+            if self._n % 8 == 0:
+                self._children = self._proc.children(recursive=True)
+            self._n += 1
+            for child in self._children:
                 with contextlib.suppress(Exception):
                     total += child.memory_info().rss
         return total

@@ -13,7 +13,10 @@ Writes are atomic: on a local disk the file is written under a temporary name
 in the same directory, flushed to disk and renamed over the final name; on S3
 the object is sent with one PUT (or one completed multipart upload), which S3
 makes visible only once complete. No reader ever sees a half-written file
-under its final name.
+under its final name. A write that fails because the store could not be
+reached (connection refused or dropped, timeout, HTTP 5xx after the client's
+own retries) raises :class:`~tasks.errors.TransientError`, which the flow's
+tasks retry; rewriting the same name is harmless.
 
 The dead-letter store has the same format in its own location, with unique
 file names ``{visit}_{detector}_{utc}_{random}.avro`` so that repeated
@@ -42,7 +45,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from alerts.packet import AlertBatch, AlertSchema, load_schema, varint
-from tasks.errors import AlertError, InputError
+from tasks.errors import AlertError, InputError, TransientError
 
 __all__ = [
     "AlertStoreConfig",
@@ -216,7 +219,64 @@ def _schema_of(meta: dict, source: str) -> AlertSchema:
 # --------------------------------------------------------------------------
 
 
+def _transient_types() -> tuple[type[BaseException], ...]:
+    """Exception types meaning "the store could not be reached this time"."""
+    from fsspec.exceptions import FSTimeoutError
+
+    kinds: list[type[BaseException]] = [ConnectionError, TimeoutError, FSTimeoutError]
+    try:  # S3 through s3fs/aiobotocore: refused, dropped, timed out
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+
+        kinds += [BotoConnectionError, HTTPClientError]
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientConnectionError, ClientPayloadError
+
+        kinds += [ClientConnectionError, ClientPayloadError]
+    except ImportError:
+        pass
+    return tuple(kinds)
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """A network-level failure, or an S3 HTTP 5xx (also when s3fs re-raised it as OSError)."""
+    kinds = _transient_types()
+    for _ in range(5):  # the exception and a few of its causes
+        if exc is None:
+            break
+        if isinstance(exc, kinds):
+            return True
+        response = getattr(exc, "response", None)  # botocore ClientError
+        if isinstance(response, dict):
+            code = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if isinstance(code, int) and code >= 500:
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _atomic_write(url: str, data: bytes, storage_options: dict | None = None) -> str:
+    """Write ``data`` to ``url`` so that the final name only ever holds complete data.
+
+    Raises
+    ------
+    TransientError
+        When the store could not be reached (see :func:`_is_transient`).
+    """
+    try:
+        return _write_once(url, data, storage_options)
+    except Exception as exc:
+        if _is_transient(exc):
+            raise TransientError(
+                f"{url}: write not confirmed, object store unreachable "
+                f"({type(exc).__name__}: {exc}); a retry rewrites it whole"
+            ) from exc
+        raise
+
+
+def _write_once(url: str, data: bytes, storage_options: dict | None) -> str:
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
     if "file" in protocols or "local" in protocols:

@@ -402,7 +402,6 @@ def main(argv: list[str]) -> dict:
                                 flush=True,
                             )
 
-    df = pd.DataFrame(results)
     print()
     header = (
         f"{'backend':10s} {'impl':8s} {'N':>6s} {'S':>5s} {'objs':>6s} {'srcs':>6s} {'fsrcs':>6s} "
@@ -435,4 +434,4 @@ def main(argv: list[str]) -> dict:
         "speedup_sqlite": speedups.get("sqlite", float("nan")),
         "speedup_postgresql": speedups.get("postgresql", float("nan")),
     }
-    return {"headline": headline, "results": df.to_dict("records"), "skipped": skipped}
+    return {"headline": headline, "results": results, "skipped": skipped}

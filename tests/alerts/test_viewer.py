@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,8 +28,10 @@ from tasks.errors import InputError
 
 from .conftest import make_alert_inputs
 
-REAL = "/work/shared/data/rubin-lsstcam-alerts/part-2-918301.avro"
-REAL = os.environ.get("DIAPIPE_RUBIN_ALERTS", REAL)
+# the 7 real LSSTCam packets, beside the repository (../shared/data/...)
+REAL = str(
+    Path(__file__).resolve().parents[3] / "shared/data/rubin-lsstcam-alerts/part-2-918301.avro"
+)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -490,7 +490,7 @@ def _task_runner(spec: str, max_workers: int):
             "n_workers": 2,
             "threads_per_worker": 2,
             "processes": True,
-            "dashboard_address": None,
+            "dashboard_address": ":0",
         }
     )
 

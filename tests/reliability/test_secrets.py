@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import uuid
 
 import pytest
 
@@ -40,8 +41,9 @@ def s3_server(monkeypatch):
     endpoint = f"http://127.0.0.1:{port}"
     import s3fs
 
-    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("alerts-bucket")
-    yield endpoint
+    bucket = f"alerts-{uuid.uuid4().hex[:10]}"  # moto keeps one in-memory S3 per process
+    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
+    yield endpoint, bucket
     server.stop()
 
 
@@ -59,13 +61,14 @@ def test_no_secret_in_logs_artifacts_or_alerts(
     monkeypatch.setenv("DIAPIPE_KAFKA_PASSWORD", KAFKA_PASSWORD)
     ApdbSql.create(ApdbConfig(url=pg_url), drop=True).close()
     base = make_config(tmp_path, cache=False)
-    storage = {"endpoint_url": s3_server}
+    endpoint, bucket = s3_server
+    storage = {"endpoint_url": endpoint}
     config = base.model_validate(
         {
             **base.model_dump(),
             "apdb": {"url": pg_url},
             "output": {
-                "store": {"location": "s3://alerts-bucket/lsst", "storage_options": storage},
+                "store": {"location": f"s3://{bucket}/lsst", "storage_options": storage},
                 "dead_letter_location": str(tmp_path / "dead"),
                 "do_produce_alerts": True,
             },
@@ -105,9 +108,9 @@ def test_no_secret_in_logs_artifacts_or_alerts(
 
     api_texts = asyncio.run(stored())
     assert any("visit-0" in t or "Visit 0" in t for t in api_texts), "artifacts were read"
-    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
-    alert_bytes = [fs.cat(p) for p in fs.find("alerts-bucket/lsst")]
-    assert any(p.endswith(".avro") for p in fs.find("alerts-bucket/lsst")), "alerts went to S3"
+    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+    alert_bytes = [fs.cat(p) for p in fs.find(f"{bucket}/lsst")]
+    assert any(p.endswith(".avro") for p in fs.find(f"{bucket}/lsst")), "alerts went to S3"
     dead = [p.read_bytes() for p in (tmp_path / "dead").rglob("*") if p.is_file()]
     assert dead, "unacknowledged alerts are in the dead-letter store"
     out, err = capfd.readouterr()

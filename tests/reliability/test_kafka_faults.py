@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from alerts import __main__ as cli
 from alerts.cutouts import make_cutouts
@@ -51,6 +51,7 @@ def _alert_files(folder: Path) -> dict[int, bytes]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_broker_down_for_the_whole_visit_then_replay(survey_root, tmp_path, capsys):
     """The flow with Kafka unreachable: every alert dead-lettered; replay delivers all."""
@@ -131,6 +132,31 @@ def _wait_for_messages(servers: str, topic: str, at_least: int, timeout: float) 
         consumer.close()
 
 
+def _consume_keys(servers: str, topic: str, keys: set[int], timeout: float = 30.0) -> list:
+    """Messages of ``topic`` from the start until every key in ``keys`` was seen (or timeout)."""
+    consumer = Consumer(
+        {"bootstrap.servers": servers, "group.id": "diapipe-keys", "enable.auto.commit": False}
+    )
+    try:
+        parts = sorted(consumer.list_topics(topic, timeout=10).topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        out, missing = [], set(keys)
+        deadline = time.monotonic() + timeout
+        while missing and time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is not None and msg.error() is None:
+                out.append(msg)
+                missing.discard(int(msg.key()))
+        end = time.monotonic() + 0.5  # a little longer, to catch duplicates
+        while time.monotonic() < end:
+            msg = consumer.poll(0.1)
+            if msg is not None and msg.error() is None:
+                out.append(msg)
+        return out
+    finally:
+        consumer.close()
+
+
 class _PausingPayloads(list):
     """Payloads whose iteration calls ``at_index(k)`` just before item ``k`` is handed out.
 
@@ -155,15 +181,16 @@ def batch() -> AlertBatch:
     return package_alerts(new, objects, hist, forced, make_cutouts(new, bundle), bundle.visit)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("pause_s", "all_acknowledged"),
-    [(0.5, True), (None, False)],
+    [(0.3, True), (None, False)],
     ids=["pause-shorter-than-timeout", "paused-past-timeout"],
 )
 def test_broker_paused_mid_batch_loses_nothing(batch, tmp_path, pause_s, all_acknowledged):
     """SIGSTOP the broker after half the batch was handed to the producer.
 
-    ``message.timeout.ms`` (``delivery_timeout_ms``) is 2 s. A pause shorter than
+    ``message.timeout.ms`` (``delivery_timeout_ms``) is 3 s. A pause shorter than
     that only delays delivery; a pause past it makes librdkafka give up on the
     rest. Either way delivered + dead-lettered == every alert, and after the
     broker resumes a replay delivers every dead letter.
@@ -178,7 +205,7 @@ def test_broker_paused_mid_batch_loses_nothing(batch, tmp_path, pause_s, all_ack
             topic="alerts",
             linger_ms=0,
             batch_num_messages=4,
-            delivery_timeout_ms=2000,
+            delivery_timeout_ms=3000,
             flush_timeout_s=15.0,
         )
         half = len(batch) // 2
@@ -187,10 +214,9 @@ def test_broker_paused_mid_batch_loses_nothing(batch, tmp_path, pause_s, all_ack
         def pause():
             # wait until the broker holds some of the first half, then stop it
             _wait_for_messages(broker.servers, "alerts", at_least=1, timeout=20)
+            time.sleep(0.2)  # let their acknowledgements reach the producer
             os.kill(pid, signal.SIGSTOP)
             if pause_s is not None:
-                import threading
-
                 threading.Timer(pause_s, os.kill, (pid, signal.SIGCONT)).start()
 
         paused = AlertBatch(
@@ -220,7 +246,9 @@ def test_broker_paused_mid_batch_loses_nothing(batch, tmp_path, pause_s, all_ack
         replay = replay_dead_letters(dead, config.model_copy(update={"delivery_timeout_ms": 20000}))
         assert (replay.n_delivered, replay.n_failed) == (len(letters), 0)
         assert dead.list() == [], "dead letters emptied"
-        seen = _by_key(consume_all(broker.servers, "alerts", expected=len(batch)))
+        # timed-out requests may still have been written once the broker resumed:
+        # read until every key is seen (at least once; duplicates allowed)
+        seen = _by_key(_consume_keys(broker.servers, "alerts", set(batch.dia_source_ids.tolist())))
     finally:
         if not resumed and broker.proc is not None:
             os.kill(broker.proc.pid, signal.SIGCONT)
@@ -229,5 +257,3 @@ def test_broker_paused_mid_batch_loses_nothing(batch, tmp_path, pause_s, all_ack
     assert set(seen) == set(payloads), "every alert delivered at least once"
     for sid, bodies in seen.items():
         assert bodies == {payloads[sid]}, f"alert {sid}: every delivery has the same bytes"
-    assert letters <= set(payloads)
-    assert np.isin(batch.dia_source_ids, list(seen)).all()

@@ -249,6 +249,7 @@ def test_store_down_raises_transient_and_leaves_nothing(s3server, endpoint, batc
     assert read_alert_batch(url, config.storage_options).payloads == batch.payloads
 
 
+@pytest.mark.slow  # the S3 client waits out its own retry backoff first
 def test_upload_cut_halfway_is_never_visible(s3server, endpoint, batch):
     """The PUT is cut after half its body and the server stays down past the client's
     retries: TransientError, and no object (whole or partial) under the final name."""
@@ -266,6 +267,7 @@ def test_upload_cut_halfway_is_never_visible(s3server, endpoint, batch):
     assert back.payloads == batch.payloads, "the rewritten object is complete"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("prefect_harness")
 def test_flow_retries_a_write_cut_by_a_restart(s3server, endpoint, survey_root, tmp_path):
     """The visit's alert files on S3; the first upload is cut and the server is down

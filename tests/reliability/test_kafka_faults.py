@@ -240,7 +240,7 @@ def test_broker_paused_mid_batch_loses_nothing(batch, tmp_path, pause_s, all_ack
             assert (result.n_delivered, result.n_failed) == (len(batch), 0)
         else:
             assert result.n_delivered >= 1, "the first half went out before the pause"
-            assert result.n_failed >= len(batch) - half, "the second half timed out"
+            assert result.n_failed >= 1, "the pause outlasted the timeout for some alerts"
         letters = {sid for url in dead.list() for sid in dead.read(url).dia_source_ids.tolist()}
 
         replay = replay_dead_letters(dead, config.model_copy(update={"delivery_timeout_ms": 20000}))

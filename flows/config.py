@@ -62,11 +62,12 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
     """How the flow maps detectors onto Prefect tasks and workers."""
 
     detectors_per_task: int = Field(
-        16,
+        48,
         ge=1,
         description="Detectors handled by one task run of each stage. 1 gives one task run per "
-        "detector and stage (most visible, 8 x 189 = 1,512 task runs a visit); larger groups keep "
-        "Prefect's per-task-run cost (~20-35 ms here) a small fraction of the visit.",
+        "detector and stage (most visible: 8 x 189 = 1,512 task runs a visit, ~30-50 s of "
+        "Prefect bookkeeping here); 48 gives 4 groups x 8 stages = 32 task runs for LSSTCam's "
+        "189 detectors, the fastest setting measured on 2 cores (bench/RESULTS.md, 'visit').",
     )
     max_workers: int = Field(
         4, ge=1, description="Threads of the ThreadPoolTaskRunner (the default runner)."

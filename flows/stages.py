@@ -181,14 +181,21 @@ def stage_task(stage: str, fn, *, cached: bool = True):
     _run.__name__ = f"{stage}_group"
     _run.__qualname__ = _run.__name__
     _run.__doc__ = f"Stage {stage!r} for a group of detectors."
-    cache = {"cache_key_fn": _cache_key} if cached else {"cache_policy": NO_CACHE}
-    return task(
-        _run,
-        name=stage,
-        task_run_name=f"{stage}-{{visit.visit}}-d{{detectors[0]}}",
-        retry_condition_fn=_retry_on_transient,
-        **cache,
-    )
+    common = {
+        "name": stage,
+        "task_run_name": f"{stage}-{{visit.visit}}-d{{detectors[0]}}",
+        "retry_condition_fn": _retry_on_transient,
+    }
+    uncached = task(_run, cache_policy=NO_CACHE, **common)
+    if not cached:
+        return uncached
+    cached_task = task(_run, cache_key_fn=_cache_key, **common)
+    _UNCACHED[id(cached_task)] = uncached
+    return cached_task
+
+
+#: The uncached twin of every cached stage task (Prefect cannot drop a cache_key_fn).
+_UNCACHED: dict[int, Any] = {}
 
 
 def configure(t, config: PipelineConfig, *, cached: bool):
@@ -205,8 +212,7 @@ def configure(t, config: PipelineConfig, *, cached: bool):
         if o.result_storage:
             options["result_storage"] = _storage_block(o.result_storage)
     else:
-        options["cache_policy"] = NO_CACHE
-        options["persist_result"] = False
+        t = _UNCACHED.get(id(t), t)
     return t.with_options(**options)
 
 

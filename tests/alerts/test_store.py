@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 
 import fastavro
 import numpy as np
@@ -96,42 +95,18 @@ def test_dead_letter_store_put_list_replace_remove(tmp_path, batch):
     assert store.list() == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3():
-    """A moto S3 server on 127.0.0.1 and the fsspec options to reach it."""
-    from moto.server import ThreadedMotoServer
-
-    env = {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    opts = {
-        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"},
-        "skip_instance_cache": True,
-    }
+def s3(moto_s3_port):
+    """The session's moto S3 server, the fsspec options to reach it, bucket ``alerts-bucket``."""
     import s3fs
 
+    opts = {
+        "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{moto_s3_port}"},
+        "skip_instance_cache": True,
+    }
     fs = s3fs.S3FileSystem(**opts)
     fs.mkdir("alerts-bucket")
-    yield opts, fs
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    return opts, fs
 
 
 @pytest.mark.s3

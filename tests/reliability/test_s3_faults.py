@@ -14,7 +14,6 @@ under a final name; the retried write leaves complete alert files.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import sqlite3
@@ -29,7 +28,7 @@ from alerts.store import AlertStoreConfig, read_alert_batch, write_alerts
 from flows.visit import run_visit
 from tasks.errors import TransientError
 from tests.alerts.conftest import make_alert_inputs
-from tests.alerts.test_kafka_broker import _free_port
+from tests.conftest import free_port as _free_port
 from tests.conftest import make_config
 
 pytestmark = pytest.mark.s3
@@ -172,34 +171,15 @@ def _close(s: socket.socket) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3server():
-    """moto on 127.0.0.1 (the state outlives any outage of the proxy), bucket ``faults``."""
+def s3server(moto_s3_port):
+    """The session's moto server (its state outlives any outage of the proxy), bucket ``faults``."""
     import s3fs
-    from moto.server import ThreadedMotoServer
 
-    env = {
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
     direct = s3fs.S3FileSystem(
-        client_kwargs={"endpoint_url": f"http://127.0.0.1:{port}"}, skip_instance_cache=True
+        client_kwargs={"endpoint_url": f"http://127.0.0.1:{moto_s3_port}"}, skip_instance_cache=True
     )
     direct.mkdir(BUCKET)
-    try:
-        yield port, direct
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    return moto_s3_port, direct
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import uuid
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from apdb.config import ApdbConfig
 from apdb.sql import ApdbSql
 from flows.visit import run_visit
-from tests.conftest import make_config
+from tests.conftest import free_port, make_config
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.postgresql, pytest.mark.s3]
 
@@ -22,29 +21,15 @@ S3_SECRET = "s3-Secret-e0b7d2c6"
 SECRETS = (DB_PASSWORD, KAFKA_PASSWORD, KAFKA_PARAM_PASSWORD, S3_SECRET)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def s3_server(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "diapipe-test-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
+def s3_server(moto_s3_port, monkeypatch):
     import s3fs
 
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", S3_SECRET)
+    endpoint = f"http://127.0.0.1:{moto_s3_port}"
     bucket = f"alerts-{uuid.uuid4().hex[:10]}"  # moto keeps one in-memory S3 per process
-    s3fs.S3FileSystem(endpoint_url=endpoint).mkdir(bucket)
-    yield endpoint, bucket
-    server.stop()
+    s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir(bucket)
+    return endpoint, bucket
 
 
 def test_no_secret_in_logs_artifacts_or_alerts(
@@ -73,7 +58,7 @@ def test_no_secret_in_logs_artifacts_or_alerts(
                 "do_produce_alerts": True,
             },
             "kafka": {
-                "servers": f"127.0.0.1:{_free_port()}",  # nothing listens: every alert fails
+                "servers": f"127.0.0.1:{free_port()}",  # nothing listens: every alert fails
                 "security_protocol": "SASL_PLAINTEXT",
                 "sasl_mechanism": "PLAIN",
                 "delivery_timeout_ms": 1500,

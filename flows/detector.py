@@ -113,17 +113,11 @@ class Associated:
 
 
 def footprint(bundle: DetectorBundle) -> Polygon:
-    """Sky polygon of the detector's corners, padded outward by 2″."""
+    """Sky polygon of the detector's pixel-edge corners, every edge padded outward by 2″."""
     ny, nx = bundle.difference.shape
-    wcs = bundle.difference.wcs
     corners = np.array([[-0.5, -0.5], [nx - 0.5, -0.5], [nx - 0.5, ny - 0.5], [-0.5, ny - 0.5]])
-    centre = np.array([(nx - 1) / 2, (ny - 1) / 2])
-    scale_px = float(np.sqrt(abs(np.linalg.det(wcs.pixel_scale_matrix)))) * 3600  # ″/px
-    direction = corners - centre
-    direction /= np.linalg.norm(direction, axis=1)[:, None]
-    padded = corners + direction * (FOOTPRINT_PAD_ARCSEC / scale_px) * np.sqrt(2)
-    ra, dec = wcs.all_pix2world(padded, 0).T
-    return Polygon(ra, dec)
+    ra, dec = bundle.difference.wcs.all_pix2world(corners, 0).T
+    return Polygon(ra, dec).padded(FOOTPRINT_PAD_ARCSEC)
 
 
 def _in_bbox(bundle: DetectorBundle, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import socket
 import time
 import traceback
 from collections.abc import Callable
@@ -41,7 +43,7 @@ from flows.config import PipelineConfig
 from tasks.bundle import IMAGE_KINDS, VisitInfo, detector_path
 from tasks.errors import PipelineError, TransientError
 
-__all__ = ["STAGES", "GroupResult", "stage_task"]
+__all__ = ["STAGES", "GroupResult", "stage_task", "summary_task"]
 
 #: Stage names in the order they run (SPEC §4; summarise runs inside associate).
 STAGES = ("load", "calibrate", "associate", "forced", "store", "cutout", "package", "produce")
@@ -57,6 +59,24 @@ class GroupResult:
     errors: dict[int, str] = field(default_factory=dict)
     seconds: dict[int, float] = field(default_factory=dict)
     counts: dict[int, dict[str, int]] = field(default_factory=dict)
+    worker: str = ""  # host:pid of the process that ran the group
+
+    def light(self, keep_values: bool = False) -> GroupResult:
+        """The same result without the per-detector values (unless ``keep_values``).
+
+        What the flow needs to report a group — errors, timings, counts — is a few
+        kilobytes; the values (loaded history, stamps, alert batches) are hundreds of
+        megabytes per group and must stay in the worker that made them.
+        """
+        return GroupResult(
+            stage=self.stage,
+            key=self.key,
+            values=dict(self.values) if keep_values else {},
+            errors=dict(self.errors),
+            seconds=dict(self.seconds),
+            counts={d: dict(c) for d, c in self.counts.items()},
+            worker=self.worker,
+        )
 
 
 def _digest(*parts: object) -> str:
@@ -161,7 +181,13 @@ def run_group(
         ) from exc
     key = _digest(stage, visit.visit, detectors, config.digest(), [u.key for u in upstream])
     return GroupResult(
-        stage=stage, key=key, values=values, errors=errors, seconds=seconds, counts=counts
+        stage=stage,
+        key=key,
+        values=values,
+        errors=errors,
+        seconds=seconds,
+        counts=counts,
+        worker=f"{socket.gethostname()}:{os.getpid()}",
     )
 
 
@@ -192,6 +218,18 @@ def stage_task(stage: str, fn, *, cached: bool = True):
     cached_task = task(_run, cache_key_fn=_cache_key, **common)
     _UNCACHED[id(cached_task)] = uncached
     return cached_task
+
+
+@task(name="summary", task_run_name="summary-{visit}-d{detectors[0]}", cache_policy=NO_CACHE)
+def summary_task(
+    visit: int, detectors: list[int], results: dict[str, GroupResult]
+) -> dict[str, GroupResult]:
+    """A group's stage results without their values (the produce receipts kept).
+
+    It runs beside the group's stages (on the same Dask worker), so only this small
+    summary travels back to the flow, not the frames and alert bytes.
+    """
+    return {stage: r.light(keep_values=(stage == "produce")) for stage, r in results.items()}
 
 
 #: The uncached twin of every cached stage task (Prefect cannot drop a cache_key_fn).

@@ -8,6 +8,7 @@ per-detector glue in :mod:`flows.detector`, the task wrappers in
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from flows import detector as D
 from flows.config import PipelineConfig
 from flows.produce import finished_detectors, produce_detector
 from flows.report import png_data_uri, visit_figure_png
-from flows.stages import STAGES, GroupResult, configure, stage_task
+from flows.stages import STAGES, GroupResult, configure, stage_task, summary_task
 from tasks.bundle import VisitInfo, read_visit_info
 from tasks.errors import InputError, TransientError
 
@@ -219,39 +220,38 @@ def process_visit(
     size = config.orchestration.detectors_per_task
     groups = _chunks(todo, size)
     futures: list[dict[str, Any]] = []
-    for g in groups:
+    place = _placement(len(groups) + len(_chunks(recover, size)))
+    for i, g in enumerate(groups):
         args = (bundle_root, info, g, config, time_mjd)
         f: dict[str, Any] = {}
-        f["load"] = t["load"].submit(*args)
-        f["calibrate"] = t["calibrate"].submit(*args)
-        f["associate"] = t["associate"].submit(*args, upstream=(f["load"], f["calibrate"]))
-        f["forced"] = t["forced"].submit(*args, upstream=(f["associate"],))
-        f["store"] = t["store"].submit(*args, upstream=(f["associate"], f["forced"]))
-        f["cutout"] = t["cutout"].submit(*args, upstream=(f["associate"],))
-        f["package"] = t["package"].submit(
-            *args, upstream=(f["load"], f["associate"], f["forced"], f["cutout"])
-        )
-        f["produce"] = t["produce"].submit(*args, upstream=(f["package"], f["store"]))
+        with place(i):
+            f["load"] = t["load"].submit(*args)
+            f["calibrate"] = t["calibrate"].submit(*args)
+            f["associate"] = t["associate"].submit(*args, upstream=(f["load"], f["calibrate"]))
+            f["forced"] = t["forced"].submit(*args, upstream=(f["associate"],))
+            f["store"] = t["store"].submit(*args, upstream=(f["associate"], f["forced"]))
+            f["cutout"] = t["cutout"].submit(*args, upstream=(f["associate"],))
+            f["package"] = t["package"].submit(
+                *args, upstream=(f["load"], f["associate"], f["forced"], f["cutout"])
+            )
+            f["produce"] = t["produce"].submit(*args, upstream=(f["package"], f["store"]))
+            f["summary"] = summary_task.submit(info.visit, g, dict(f))
         futures.append(f)
     recover_groups = _chunks(recover, size)
-    for g in recover_groups:
+    for i, g in enumerate(recover_groups, start=len(groups)):
         args = (bundle_root, info, g, config, time_mjd)
-        f = {"recover": t["recover"].submit(*args)}
-        # Not cached: the receipt decides whether a recovered detector is finished.
-        f["produce"] = produce_uncached.submit(*args, upstream=(f["recover"],))
+        with place(i):
+            f = {"recover": t["recover"].submit(*args)}
+            # Not cached: the receipt decides whether a recovered detector is finished.
+            f["produce"] = produce_uncached.submit(*args, upstream=(f["recover"],))
+            f["summary"] = summary_task.submit(info.visit, g, dict(f))
         futures.append(f)
     groups = groups + recover_groups
 
     if show_progress and futures:
         _progress(futures, len(todo) + len(recover), groups)
-    wait([f["produce"] for f in futures])
-    outcomes = [
-        {
-            stage: fut.result() if fut.state.is_completed() else _group_failure(fut.state, stage)
-            for stage, fut in f.items()
-        }
-        for f in futures
-    ]
+    wait([f["summary"] for f in futures])
+    outcomes = [_outcome(f) for f in futures]
     result = _collect(info, groups, outcomes, time.perf_counter() - t_start)
     result["skipped"] = skipped
     result["recovered"] = recover
@@ -270,12 +270,57 @@ def process_visit(
     return result
 
 
+def _placement(n_groups: int):
+    """Per group index, a context that pins the group's task runs to one Dask worker.
+
+    On a Dask cluster every stage of a group then runs in the same worker process:
+    the stage results (loaded history, stamps, alert bytes: hundreds of MB a group)
+    stay in that worker's memory instead of being pickled to another, and its
+    bundle cache serves every stage. Groups are dealt round-robin over the workers;
+    ``allow_other_workers`` lets the scheduler move a group if its worker is lost.
+    With the thread runner this is a no-op.
+    """
+    import contextlib
+
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    runner = getattr(ctx, "task_runner", None) if ctx else None
+    workers: list[str] = []
+    if type(runner).__module__.startswith("prefect_dask") and n_groups > 1:
+        client = runner.client  # connects (or starts the local cluster) on first use
+        workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
+    if len(workers) < 2:
+        return lambda i: contextlib.nullcontext()
+    import dask
+
+    return lambda i: dask.annotate(workers=[workers[i % len(workers)]], allow_other_workers=True)
+
+
+def _outcome(f: dict[str, Any]) -> dict[str, Any]:
+    """A group's per-stage outcome: light GroupResults, or failure messages.
+
+    The summary task's result is used when it completed; otherwise (a stage task
+    failed for good) each stage future is asked for its state.
+    """
+    summary = f["summary"]
+    if summary.state.is_completed():
+        return summary.result()
+    return {
+        stage: fut.result().light(keep_values=(stage == "produce"))
+        if fut.state.is_completed()
+        else _group_failure(fut.state, stage)
+        for stage, fut in f.items()
+        if stage != "summary"
+    }
+
+
 def _progress(futures, n_dets: int, groups) -> None:
     from prefect.futures import as_completed
 
     done = 0
-    by_future = {id(f["produce"]): len(g) for f, g in zip(futures, groups, strict=True)}
-    for fut in as_completed([f["produce"] for f in futures]):
+    by_future = {id(f["summary"]): len(g) for f, g in zip(futures, groups, strict=True)}
+    for fut in as_completed([f["summary"] for f in futures]):
         done += by_future[id(fut)]
         width = 30
         filled = int(width * done / n_dets)
@@ -307,6 +352,10 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
                     failed.setdefault(det, r)
         for det in g:
             row: dict[str, Any] = {"detector": det}
+            # Which process(es) ran this detector's stages: one, when groups are pinned.
+            ran = sorted({r.worker for r in results.values() if r is not None and r.worker})
+            if ran:
+                row["worker"] = ",".join(ran)
             for stage in results:
                 r = results[stage]
                 if r is None:
@@ -347,7 +396,7 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
     """Table and markdown artifacts; the picture also goes beside the alerts (``report_store``)."""
     visit = result["visit"]
     columns = (
-        ["detector", "status"]
+        ["detector", "status", "worker"]
         + [f"{s}_ms" for s in STAGES]
         + [
             "calibrate_sources",
@@ -485,10 +534,12 @@ def _task_runner(spec: str, max_workers: int):
 
     if spec.startswith("dask="):
         return DaskTaskRunner(address=spec.split("=", 1)[1])
+    # One single-threaded worker process per core: stage code holds the GIL, so a
+    # second thread in a worker adds contention, not throughput.
     return DaskTaskRunner(
         cluster_kwargs={
-            "n_workers": 2,
-            "threads_per_worker": 2,
+            "n_workers": max(1, os.cpu_count() or 1),
+            "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": ":0",
         }

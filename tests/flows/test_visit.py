@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,18 @@ def test_dask_runner_on_a_local_cluster(survey_root, tmp_path):
     assert state.name == "Completed", state.message
     assert len(result["succeeded"]) == 2 and result["alerts"] > 0
     assert make_apdb(config.apdb).done_detectors(0) == set(result["succeeded"])
+
+
+def test_dask_runs_each_group_in_one_worker_process(survey_root, tmp_path):
+    """Every stage of a group runs in the same worker, and groups spread over workers."""
+    config = make_config(tmp_path, task_runner="dask", cache=False, detectors_per_task=1)
+    state, result = run_visit(survey_root, 0, config, detectors=[*_first_two(survey_root)])
+    assert state.name == "Completed", state.message
+    workers = [row["worker"] for row in result["table"]]
+    assert all(w and "," not in w for w in workers), workers  # one process per group
+    assert all(not w.endswith(f":{os.getpid()}") for w in workers), "ran in worker processes"
+    if (os.cpu_count() or 1) >= 2:
+        assert len(set(workers)) == 2, f"two groups, two workers: {workers}"
 
 
 def _first_two(root: str) -> list[int]:

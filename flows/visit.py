@@ -542,8 +542,28 @@ def _task_runner(spec: str, max_workers: int):
             "threads_per_worker": 1,
             "processes": True,
             "dashboard_address": ":0",
+            "env": _worker_api_env(),
         }
     )
+
+
+def _worker_api_env() -> dict[str, str]:
+    """Environment that points local Dask workers at this process's Prefect API.
+
+    With no ``PREFECT_API_URL`` set, Prefect runs an ephemeral API server per
+    process: every worker would start its own (~10 s each, all on one database).
+    Starting this process's ephemeral server first and handing its URL to the
+    workers gives one server for the flow and its tasks.
+    """
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return {}
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the same instance Prefect's own client uses
+    server.start()
+    return {"PREFECT_API_URL": server.api_url}
 
 
 def run_visit(

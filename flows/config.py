@@ -75,8 +75,9 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
     task_runner: str = Field(
         "thread",
         pattern=r"^(thread|dask(=.+)?)$",
-        description="'thread', 'dask' (a LocalCluster) or 'dask=tcp://host:port' (an existing "
-        "Dask scheduler), via prefect-dask.",
+        description="'thread', 'dask' (a LocalCluster, one single-threaded worker process per "
+        "core: both cores busy) or 'dask=tcp://host:port' (an existing Dask scheduler), via "
+        "prefect-dask. Each detector group's stages run on one worker.",
     )
     retries: int = Field(
         3, ge=0, le=10, description="Retries of a stage task, on TransientError only."

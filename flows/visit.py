@@ -173,6 +173,19 @@ def process_visit(
         otherwise.
     """
     logger = get_run_logger()
+    runner_spec = config.orchestration.task_runner
+    if _is_dask(_current_runner()) != runner_spec.startswith("dask"):
+        # A deployment run starts the flow on its default (thread) runner; the
+        # config asks for another, so the visit runs as a subflow on that one.
+        logger.info("visit %s: running as a subflow on task runner %r", visit, runner_spec)
+        sub = process_visit.with_options(
+            task_runner=_task_runner(runner_spec, config.orchestration.max_workers)
+        )
+        inner = sub(bundle_root, visit, detectors, config, show_progress, return_state=True)
+        data = inner.result()  # raises if the subflow failed
+        if inner.name == "Partial":
+            return Completed(name="Partial", message=inner.message, data=data)
+        return data
     t_start = time.perf_counter()
     info: VisitInfo = read_visit_info(bundle_root, visit)
     dets = list(info.detectors) if not detectors else [int(d) for d in detectors]
@@ -270,6 +283,17 @@ def process_visit(
     return result
 
 
+def _current_runner():
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return getattr(ctx, "task_runner", None) if ctx else None
+
+
+def _is_dask(runner) -> bool:
+    return type(runner).__module__.startswith("prefect_dask")
+
+
 def _placement(n_groups: int):
     """Per group index, a context that pins the group's task runs to one Dask worker.
 
@@ -282,12 +306,9 @@ def _placement(n_groups: int):
     """
     import contextlib
 
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    runner = getattr(ctx, "task_runner", None) if ctx else None
+    runner = _current_runner()
     workers: list[str] = []
-    if type(runner).__module__.startswith("prefect_dask") and n_groups > 1:
+    if _is_dask(runner) and n_groups > 1:
         client = runner.client  # connects (or starts the local cluster) on first use
         workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
     if len(workers) < 2:

@@ -11,7 +11,7 @@ import pytest
 
 from alerts.store import read_alert_batch, read_alert_file
 from apdb import make_apdb
-from flows.visit import run_visit
+from flows.visit import process_visit, run_visit
 from tests.conftest import N_DETECTORS, make_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -109,6 +109,17 @@ def test_dask_runs_each_group_in_one_worker_process(survey_root, tmp_path):
     assert all(not w.endswith(f":{os.getpid()}") for w in workers), "ran in worker processes"
     if (os.cpu_count() or 1) >= 2:
         assert len(set(workers)) == 2, f"two groups, two workers: {workers}"
+
+
+def test_flow_called_directly_honours_the_configured_dask_runner(survey_root, tmp_path):
+    """A deployment run starts the flow on threads; a Dask config moves it to a subflow on Dask."""
+    config = make_config(tmp_path, task_runner="dask", cache=False, detectors_per_task=1)
+    state = process_visit(survey_root, 0, _first_two(survey_root), config, return_state=True)
+    assert state.name == "Completed", state.message
+    result = state.result()
+    assert len(result["succeeded"]) == 2 and result["alerts"] > 0
+    workers = {row["worker"] for row in result["table"]}
+    assert all(not w.endswith(f":{os.getpid()}") for w in workers), workers
 
 
 def _first_two(root: str) -> list[int]:

@@ -186,7 +186,7 @@ def _import_pipeline() -> None:
 
 
 def start_cluster():
-    """A standing local Dask cluster, one single-threaded worker per core, warmed.
+    """A standing local Dask cluster as the flow would start it, warmed.
 
     Production runs visit after visit on workers that are already up; starting
     the cluster and importing the pipeline in its workers is therefore done here,
@@ -195,16 +195,10 @@ def start_cluster():
     """
     from distributed import Client, LocalCluster
 
-    from flows.visit import _worker_api_env
+    from flows.visit import local_cluster_kwargs
 
     t0 = time.perf_counter()
-    cluster = LocalCluster(
-        n_workers=max(1, os.cpu_count() or 1),
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",
-        env=_worker_api_env(),
-    )
+    cluster = LocalCluster(**local_cluster_kwargs())
     with Client(cluster) as client:
         client.run(_import_pipeline)
     return cluster, time.perf_counter() - t0

@@ -555,17 +555,30 @@ def _task_runner(spec: str, max_workers: int):
 
     if spec.startswith("dask="):
         return DaskTaskRunner(address=spec.split("=", 1)[1])
-    # One single-threaded worker process per core: stage code holds the GIL, so a
-    # second thread in a worker adds contention, not throughput.
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": max(1, os.cpu_count() or 1),
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": ":0",
-            "env": _worker_api_env(),
-        }
-    )
+    return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs())
+
+
+def local_cluster_kwargs() -> dict[str, Any]:
+    """Settings of the local Dask cluster that ``task_runner='dask'`` starts.
+
+    One single-threaded worker process per core: stage code holds the GIL, so a
+    second thread in a worker adds contention, not throughput. Work stealing is
+    off: it would move a pinned group's stages to another worker (see
+    :func:`_placement`) and ship their inputs across; a group still moves when
+    its worker is lost.
+    """
+    from distributed.scheduler import DEFAULT_EXTENSIONS
+
+    return {
+        "n_workers": max(1, os.cpu_count() or 1),
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": ":0",
+        "env": _worker_api_env(),
+        "scheduler_kwargs": {
+            "extensions": {k: v for k, v in DEFAULT_EXTENSIONS.items() if k != "stealing"}
+        },
+    }
 
 
 def _worker_api_env() -> dict[str, str]:

@@ -66,3 +66,28 @@ def test_served_deployment_runs_through_the_api(survey_root, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.mark.parametrize("path", ["prefect.yaml", "deployments/production.yaml"])
+def test_deployment_files_name_real_flows_and_valid_configs(path):
+    """Every deployment's entrypoint exists and its config parameters validate."""
+    import importlib
+    from pathlib import Path
+
+    import yaml
+
+    from flows.config import PipelineConfig
+
+    root = Path(__file__).resolve().parents[2]
+    doc = yaml.safe_load((root / path).read_text())
+    assert doc["deployments"], path
+    for dep in doc["deployments"]:
+        file, func = dep["entrypoint"].split(":")
+        module = importlib.import_module(file.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, func)
+        assert hasattr(flow, "serve"), f"{dep['name']}: {func} is not a Prefect flow"
+        params = dep.get("parameters", {})
+        unknown = set(params) - set(flow.parameters.properties)
+        assert not unknown, f"{dep['name']}: unknown parameters {unknown}"
+        if "config" in params:
+            PipelineConfig.model_validate(params["config"])

@@ -8,6 +8,7 @@ per-detector glue in :mod:`flows.detector`, the task wrappers in
 """
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -496,49 +497,67 @@ _UPSTREAM = {
 }
 
 
+def _plain_group(
+    bundle_root: str, info: VisitInfo, g: list[int], config: PipelineConfig, time_mjd: float
+) -> dict[str, GroupResult | str]:
+    """Every stage of one group, back to back, with plain calls; light results."""
+    from flows.stages import run_group
+
+    done: dict[str, GroupResult | str] = {}
+    for stage in STAGES:
+        ups = _UPSTREAM[stage]
+        if any(not isinstance(done[u], GroupResult) for u in ups):
+            done[stage] = next(done[u] for u in ups if not isinstance(done[u], GroupResult))
+            continue
+        try:
+            done[stage] = run_group(
+                stage,
+                _PLAIN_FUNCS[stage],
+                bundle_root,
+                info,
+                g,
+                config,
+                tuple(done[u] for u in ups),
+                time_mjd,
+            )
+        except Exception as exc:
+            done[stage] = f"{stage}: {type(exc).__name__}: {exc}"
+    return {
+        k: v.light(keep_values=(k == "produce")) if isinstance(v, GroupResult) else v
+        for k, v in done.items()
+    }
+
+
 def run_visit_plain(
-    bundle_root: str, visit: int, config: PipelineConfig, *, detectors: list[int] | None = None
+    bundle_root: str,
+    visit: int,
+    config: PipelineConfig,
+    *,
+    detectors: list[int] | None = None,
+    executor=None,
 ) -> VisitResult:
     """The same stages and grouping as :func:`process_visit`, with plain function calls.
 
     No Prefect: no task runs, no caching, no retries, no artifacts. Groups run in
-    a thread pool of ``orchestration.max_workers`` like the default task runner.
-    Used by ``python -m bench orchestration`` to measure what Prefect costs.
+    a thread pool of ``orchestration.max_workers`` like the default task runner,
+    or on ``executor`` (e.g. a ``ProcessPoolExecutor``, the baseline of the Dask
+    runner: each group's stages in one process, only light results sent back).
+    Used by ``python -m bench orchestration`` and ``python -m bench visit`` to
+    measure what Prefect costs.
     """
     from concurrent.futures import ThreadPoolExecutor
-
-    from flows.stages import run_group
 
     t_start = time.perf_counter()
     info = read_visit_info(bundle_root, visit)
     dets = list(info.detectors) if not detectors else [int(d) for d in detectors]
     time_mjd = _now_mjd_tai()
     groups = _chunks(dets, config.orchestration.detectors_per_task)
-
-    def one_group(g):
-        done: dict[str, GroupResult | str] = {}
-        for stage in STAGES:
-            ups = _UPSTREAM[stage]
-            if any(not isinstance(done[u], GroupResult) for u in ups):
-                done[stage] = next(done[u] for u in ups if not isinstance(done[u], GroupResult))
-                continue
-            try:
-                done[stage] = run_group(
-                    stage,
-                    _PLAIN_FUNCS[stage],
-                    bundle_root,
-                    info,
-                    g,
-                    config,
-                    tuple(done[u] for u in ups),
-                    time_mjd,
-                )
-            except Exception as exc:
-                done[stage] = f"{stage}: {type(exc).__name__}: {exc}"
-        return done
-
-    with ThreadPoolExecutor(config.orchestration.max_workers) as pool:
-        outcomes = list(pool.map(one_group, groups))
+    run = functools.partial(_plain_group, bundle_root, info, config=config, time_mjd=time_mjd)
+    if executor is not None:
+        outcomes = list(executor.map(run, groups))
+    else:
+        with ThreadPoolExecutor(config.orchestration.max_workers) as pool:
+            outcomes = list(pool.map(run, groups))
     D.forget_bundles()
     return _collect(info, groups, outcomes, time.perf_counter() - t_start)
 
@@ -567,6 +586,7 @@ def local_cluster_kwargs() -> dict[str, Any]:
     :func:`_placement`) and ship their inputs across; a group still moves when
     its worker is lost.
     """
+    import dask
     from distributed.scheduler import DEFAULT_EXTENSIONS
 
     return {
@@ -577,6 +597,14 @@ def local_cluster_kwargs() -> dict[str, Any]:
         "env": _worker_api_env(),
         "scheduler_kwargs": {
             "extensions": {k: v for k, v in DEFAULT_EXTENSIONS.items() if k != "stealing"}
+        },
+        # Dask's statistical profiler samples every worker thread's stack 100 times a
+        # second, under the GIL the stages need.
+        # (The nanny merges this one level deep: the whole "distributed" section.)
+        "config": {
+            "distributed": dask.config.merge(
+                dask.config.get("distributed"), {"worker": {"profile": {"enabled": False}}}
+            )
         },
     }
 

@@ -217,7 +217,7 @@ def _frame_plan(table: str) -> tuple[pd.Index, tuple[tuple[str, str, bool, int],
             rows = layout.setdefault(dt, [])
             plan.append((col.name, dt, col.nullable, len(rows)))
             rows.append(pos)
-    names = pd.Index([c.name for c in cols], dtype=object)
+    names = pd.Index([c.name for c in cols])
     return names, tuple(plan), {dt: np.asarray(p, dtype=np.intp) for dt, p in layout.items()}
 
 

@@ -238,9 +238,11 @@ def _masked(v, dt: str, n: int):
         return cls(np.zeros(n, dtype=np_dt), np.ones(n, dtype=bool))
     if isinstance(v, cls) and str(v.dtype) == dt:
         return v.copy()
-    if isinstance(v, np.ndarray) and (
-        v.dtype == np_dt or (v.dtype.kind in "iu" and dt != "boolean")
-    ) and np.can_cast(v.dtype, np_dt, casting="safe"):
+    if (
+        isinstance(v, np.ndarray)
+        and (v.dtype == np_dt or (v.dtype.kind in "iu" and dt != "boolean"))
+        and np.can_cast(v.dtype, np_dt, casting="safe")
+    ):
         return cls(v.astype(np_dt, copy=True), np.zeros(n, dtype=bool))
     return pd.array(v, dtype=dt)
 

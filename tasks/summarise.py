@@ -72,7 +72,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from apdb import sdm
 from tasks.bundle import BANDS
-from tasks.calibrate import require_columns, unit_vectors
+from tasks.calibrate import float_column, require_columns, unit_vectors
 
 __all__ = ["SummaryConfig", "summarise", "summarise_task"]
 
@@ -135,15 +135,10 @@ _NO_ID = np.iinfo(np.int64).min  # stands for a null diaObjectId
 
 def _num(df: pd.DataFrame, name: str, rows: np.ndarray | None = None) -> np.ndarray:
     """Column ``name`` (at positions ``rows``) as float64; NaN for nulls and a missing column."""
-    if name not in df.columns:
+    values = float_column(df, name, rows, table="DiaSource")
+    if values is None:
         return np.full(len(df) if rows is None else rows.size, np.nan)
-    col = df[name]
-    if isinstance(col.dtype, np.dtype) and col.dtype.kind in "fiu":
-        values = col.to_numpy()
-        return (values if rows is None else values[rows]).astype(np.float64)
-    if rows is not None:
-        col = col.iloc[rows]
-    return pd.to_numeric(col).to_numpy(dtype=np.float64, na_value=np.nan)
+    return values
 
 
 def _ids(df: pd.DataFrame) -> np.ndarray:
@@ -454,7 +449,9 @@ def summarise(
         return np.concatenate([_num(df, name, r) for df, r, _ in parts])
 
     # de-duplicate on diaSourceId, the new row winning (it comes last)
-    sid = np.concatenate([df["diaSourceId"].array[r].to_numpy(dtype=np.int64) for df, r, _ in parts])
+    sid = np.concatenate(
+        [df["diaSourceId"].array[r].to_numpy(dtype=np.int64) for df, r, _ in parts]
+    )
     _, last_first = np.unique(sid[::-1], return_index=True)
     keep = np.sort(len(sid) - 1 - last_first)
     rows = {
@@ -462,9 +459,9 @@ def summarise(
         for c in _HISTORY_COLUMNS
         if c not in ("diaSourceId", "diaObjectId", "band")
     }
-    band = np.concatenate(
-        [np.asarray(df["band"].array[r], dtype=object) for df, r, _ in parts]
-    )[keep]
+    band = np.concatenate([np.asarray(df["band"].array[r], dtype=object) for df, r, _ in parts])[
+        keep
+    ]
     obj = np.searchsorted(touched, np.concatenate([ids for _, _, ids in parts])[keep])
     t = rows["midpointMjdTai"]
     out: dict[str, object] = {"diaObjectId": touched}

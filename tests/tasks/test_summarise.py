@@ -181,7 +181,9 @@ def test_history_sorted_or_shuffled_gives_the_same_objects():
     history.loc[[3, 300], "diaObjectId"] = pd.NA  # nulls sort first and are never touched
     history = history.sort_values("diaObjectId", na_position="first", ignore_index=True)
     forced = history[["diaObjectId", "band", "psfFlux", "psfFluxErr"]].dropna()
-    new = dia_sources(np.array([2, 7, 7, 59, 500]), [1.0] * 5, [1.0] * 5, [60400.0] * 5, first_id=9000)
+    new = dia_sources(
+        np.array([2, 7, 7, 59, 500]), [1.0] * 5, [1.0] * 5, [60400.0] * 5, first_id=9000
+    )
     kw = {"time_mjd": 60401.0}
     ordered = summarise(EMPTY_OBJ, history, new, ALL_PLUGINS, forced_sources=forced, **kw)
     shuffle = rng.permutation(n)

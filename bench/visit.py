@@ -204,6 +204,19 @@ def start_cluster():
     return cluster, time.perf_counter() - t0
 
 
+def start_process_pool():
+    """One process per core, the pipeline imported in each (outside the timed run)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    n = max(1, os.cpu_count() or 1)
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+    for f in [pool.submit(_import_pipeline) for _ in range(n)]:
+        f.result()
+    return pool, time.perf_counter() - t0
+
+
 def warm_files(root: str) -> float:
     """Read every bundle file once (the page cache then holds them, as after upstream wrote them)."""
     t0 = time.perf_counter()
@@ -215,8 +228,11 @@ def warm_files(root: str) -> float:
     return time.perf_counter() - t0
 
 
-def timed_run(prepared: Prepared, backend: str, args, mode: str) -> dict:
-    """One timed run (``mode`` 'prefect' or 'plain') on a fresh APDB copy."""
+def timed_run(prepared: Prepared, backend: str, args, mode: str, executor=None) -> dict:
+    """One timed run (``mode`` 'prefect' or 'plain') on a fresh APDB copy.
+
+    ``executor``: where the plain run's groups go (default: threads).
+    """
     import shutil
 
     from apdb import make_apdb
@@ -234,7 +250,9 @@ def timed_run(prepared: Prepared, backend: str, args, mode: str) -> dict:
                 state, result = run_visit(prepared.bundle_root, prepared.visit, config)
                 state_name = state.name
             else:
-                result = run_visit_plain(prepared.bundle_root, prepared.visit, config)
+                result = run_visit_plain(
+                    prepared.bundle_root, prepared.visit, config, executor=executor
+                )
                 state_name = "plain"
             wall = time.perf_counter() - t0
             load = os.getloadavg()[0]
@@ -314,7 +332,15 @@ def run_case(args, *, log=print) -> dict:
 
             prof = Profiler(interval=0.005)
             prof.start()
-        runs["plain"] = timed_run(prepared, args.apdb, args, "plain")
+        pool = None
+        if args.runner.startswith("dask"):
+            # The Dask runner's baseline: the same processes, without Prefect or Dask.
+            pool, out["process_pool_start_s"] = start_process_pool()
+        try:
+            runs["plain"] = timed_run(prepared, args.apdb, args, "plain", executor=pool)
+        finally:
+            if pool is not None:
+                pool.shutdown()
         if args.profile:
             prof.stop()
             args.profile.write_text(prof.output_html())

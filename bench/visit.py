@@ -96,8 +96,31 @@ class PeakRss:
                     total += c.user + c.system
         return total
 
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds by kind of process: this one, the Prefect API server, workers."""
+        out: dict[str, float] = {}
+        procs = [self._proc]
+        with contextlib.suppress(Exception):
+            procs += self._proc.children(recursive=True)
+        for p in procs:
+            with contextlib.suppress(Exception):
+                cmd = " ".join(p.cmdline())
+                t = p.cpu_times()
+                kind = (
+                    "this process (flow, Dask scheduler)"
+                    if p.pid == self._proc.pid
+                    else "Prefect API server"
+                    if "uvicorn" in cmd or "prefect.server" in cmd
+                    else "workers"
+                    if "spawn_main" in cmd or "multiprocessing" in cmd
+                    else "other"
+                )
+                out[kind] = out.get(kind, 0.0) + t.user + t.system
+        return out
+
     def __enter__(self):
         self.cpu0 = self.cpu_seconds()
+        self.by0 = self.cpu_by_process()
         self.peak = self._sample()
         self._thread.start()
         return self
@@ -107,6 +130,8 @@ class PeakRss:
         self._thread.join()
         self.peak = max(self.peak, self._sample())
         self.cpu = self.cpu_seconds() - self.cpu0
+        by1 = self.cpu_by_process()
+        self.cpu_by = {k: v - self.by0.get(k, 0.0) for k, v in by1.items()}
 
 
 def parser(prog: str = "python -m bench visit") -> argparse.ArgumentParser:
@@ -282,6 +307,7 @@ def timed_run(prepared: Prepared, backend: str, args, mode: str, executor=None) 
             "stage_seconds": dict(result["stage_seconds"]),
             "peak_rss_gib": mem.peak / 2**30,
             "cpu_s": mem.cpu,
+            "cpu_s_by_process": {k: round(v, 2) for k, v in mem.cpu_by.items()},
             "load_avg_1min": load,
             "alerts_per_s": int(result["alerts"]) / wall if wall > 0 else float("nan"),
             "_alerting_objects": new_ids,
@@ -401,6 +427,9 @@ def print_report(out: dict) -> None:
             f"{r['peak_rss_gib']:9.2f} {r['apdb_detectors_committed']:9d} {r['detectors_failed']:6d} "
             f"{r['cpu_s']:7.1f} {r['load_avg_1min']:5.1f}"
         )
+    for mode, r in runs.items():
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s_by_process"].items())
+        print(f"  CPU s of {mode}: {parts}")
     if "overhead_fraction" in out:
         print(f"Prefect overhead fraction: {100 * out['overhead_fraction']:.1f} %")
     print()

@@ -69,6 +69,14 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
         "Prefect bookkeeping here); 48 gives 4 groups x 8 stages = 32 task runs for LSSTCam's "
         "189 detectors, the fastest setting measured on 2 cores (bench/RESULTS.md, 'visit').",
     )
+    bundle_cache_mb: int = Field(
+        4096,
+        ge=0,
+        description="Memory (MiB) per process for detector bundles kept between stages (LRU). "
+        "Each stage that needs pixels would otherwise read the bundle again; size it to hold "
+        "the groups a process works on at once (LSSTCam: ~200 MB a detector; the simulator's "
+        "512x512 px: ~12 MB). 0 keeps only the newest bundle.",
+    )
     max_workers: int = Field(
         4, ge=1, description="Threads of the ThreadPoolTaskRunner (the default runner)."
     )

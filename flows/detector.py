@@ -52,34 +52,56 @@ __all__ = [
 FOOTPRINT_PAD_ARCSEC = 2.0  # SPEC §4.1: the WCS polygon of the corners, padded by 2″
 BBOX_GROW_PX = 10.0  # SPEC §4.1: objects outside the bbox grown by 10 px are dropped
 
-_bundles: OrderedDict[tuple, DetectorBundle] = OrderedDict()
+_bundles: OrderedDict[tuple, tuple[DetectorBundle, int]] = OrderedDict()
 _bundles_lock = threading.Lock()
-_BUNDLE_CACHE_SIZE = 48
+
+
+def bundle_nbytes(bundle: DetectorBundle) -> int:
+    """Bytes of a bundle's pixel planes (what the cache budget counts)."""
+    total = 0
+    for e in (bundle.difference, bundle.science, bundle.template):
+        total += e.image.nbytes + e.mask.nbytes + e.variance.nbytes + e.psf.nbytes
+    return total
 
 
 def get_bundle(
     root: str, visit: VisitInfo, detector: int, config: PipelineConfig
 ) -> DetectorBundle:
-    """The detector's bundle, read once per process (LRU of the last few dozen)."""
+    """The detector's bundle, read once per process while it fits the cache budget.
+
+    The cache keeps the most recently used bundles within
+    ``orchestration.bundle_cache_mb`` (always at least the newest one). A
+    group's stages use its bundles one stage after another, so the budget must
+    hold the groups a process works on at once, or every later stage reads the
+    files again (correct, only slower).
+    """
     key = (root, visit.visit, int(detector), config.reader)
     with _bundles_lock:
         if key in _bundles:
             _bundles.move_to_end(key)
-            return _bundles[key]
+            return _bundles[key][0]
     bundle = read_detector_bundle(
         root, visit.visit, detector, visit_info=visit, config=config.reader
     )
+    budget = config.orchestration.bundle_cache_mb * 2**20
     with _bundles_lock:
-        _bundles[key] = bundle
-        while len(_bundles) > _BUNDLE_CACHE_SIZE:
-            _bundles.popitem(last=False)
+        _bundles[key] = (bundle, bundle_nbytes(bundle))
+        total = sum(n for _, n in _bundles.values())
+        while total > budget and len(_bundles) > 1:
+            _, (_, n) = _bundles.popitem(last=False)
+            total -= n
     return bundle
 
 
-def forget_bundles() -> None:
-    """Drop every cached bundle (end of a visit)."""
+def forget_bundles(visit: int | None = None, detectors=None) -> None:
+    """Drop cached bundles: all of them, or those of ``detectors`` of ``visit``."""
     with _bundles_lock:
-        _bundles.clear()
+        if visit is None:
+            _bundles.clear()
+            return
+        dets = {int(d) for d in detectors or ()}
+        for key in [k for k in _bundles if k[1] == int(visit) and k[2] in dets]:
+            del _bundles[key]
 
 
 @functools.lru_cache(maxsize=8)

@@ -227,8 +227,12 @@ def summary_task(
     """A group's stage results without their values (the produce receipts kept).
 
     It runs beside the group's stages (on the same Dask worker), so only this small
-    summary travels back to the flow, not the frames and alert bytes.
+    summary travels back to the flow, not the frames and alert bytes. The group is
+    finished then: its bundles leave this process's cache.
     """
+    from flows.detector import forget_bundles
+
+    forget_bundles(visit, detectors)
     return {stage: r.light(keep_values=(stage == "produce")) for stage, r in results.items()}
 
 

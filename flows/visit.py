@@ -316,7 +316,11 @@ def _placement(n_groups: int):
         return lambda i: contextlib.nullcontext()
     import dask
 
-    return lambda i: dask.annotate(workers=[workers[i % len(workers)]], allow_other_workers=True)
+    # Earlier groups first: a worker finishes one group before it starts the next,
+    # so it holds one group's bundles and stage results at a time, not two.
+    return lambda i: dask.annotate(
+        workers=[workers[i % len(workers)]], allow_other_workers=True, priority=n_groups - i
+    )
 
 
 def _outcome(f: dict[str, Any]) -> dict[str, Any]:
@@ -522,6 +526,7 @@ def _plain_group(
             )
         except Exception as exc:
             done[stage] = f"{stage}: {type(exc).__name__}: {exc}"
+    D.forget_bundles(info.visit, g)
     return {
         k: v.light(keep_values=(k == "produce")) if isinstance(v, GroupResult) else v
         for k, v in done.items()

@@ -419,13 +419,15 @@ def _frame_columns(
     Each column is read once as its underlying array and only the selected
     rows are converted: no intermediate DataFrame is built.
     """
-    if not frame.columns.is_unique:
-        dup = frame.columns[frame.columns.duplicated()][0]
+    names = frame.columns.tolist()
+    position = {name: i for i, name in enumerate(names)}
+    if len(position) != len(names):
+        dup = next(name for name in names if names.count(name) > 1)
         raise AlertError(f"{layout.name}: column {dup!r} appears more than once")
-    positions = frame.columns.get_indexer([name for name, _, _ in layout.fields]).tolist()
     out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
-    for (name, kind, nullable), i in zip(layout.fields, positions, strict=True):
-        if i >= 0:
+    for name, kind, nullable in layout.fields:
+        i = position.get(name)
+        if i is not None:
             out[name] = _array_values(_frame_array(frame, i), kind, nullable, rows)
     return out
 

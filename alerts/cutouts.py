@@ -31,14 +31,16 @@ Stamps that run off the image are padded with NaN (image and variance) and the
 ``NO_DATA`` mask bit. A source whose centre is off the image (or whose position
 is NaN) gets no stamps: ``(None, None, None)``.
 
-The hot path builds no astropy objects: the stamps are gathered with one numpy
-fancy index per stamp side, the FITS headers are fixed 80-character card
-templates (those of the extensions are built once per side), and the data are
-written as big-endian numpy buffers.
+The hot path builds no astropy objects: the stamps of one side are gathered
+into one array (a slice copy each), calibrated and byte-swapped in place, the
+FITS headers are fixed 80-character card templates (one format string per
+side for the primary header; the extension headers built once per side), and
+the data are written as big-endian numpy buffers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -306,6 +308,12 @@ class _SideTemplates:
         ).encode("ascii")
 
 
+@functools.lru_cache(maxsize=512)
+def _side_templates(side: int) -> _SideTemplates:
+    """The (immutable) header templates of a stamp side, built once per process."""
+    return _SideTemplates(side)
+
+
 def _psf_hdu(psf: np.ndarray) -> bytes:
     """The PSFIMAGE extension (header + float64 data) of one image."""
     psf = np.asarray(psf, dtype=np.float64)
@@ -321,19 +329,18 @@ def _psf_hdu(psf: np.ndarray) -> bytes:
 def _gather(plane: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: int, fill) -> np.ndarray:
     """Stamps (n, side, side) of ``plane`` with lower-left corners (x0, y0); ``fill`` off-image.
 
-    Stamps inside the image are copied in one fancy index of the plane's
-    (side, side) sliding-window view; the few that cross an edge are filled
-    and then copied slice by slice. The result is a new array.
+    One slice copy per stamp: stamp sides vary with ``bboxSize``, so a side
+    rarely has more than a few stamps and a per-side fancy index (or a
+    sliding-window view) costs more in set-up than these copies. Stamps that
+    cross an edge are filled first. The result is a new array.
     """
     ny, nx = plane.shape
     out = np.empty((len(x0), side, side), dtype=plane.dtype)
-    inside = (x0 >= 0) & (y0 >= 0) & (x0 <= nx - side) & (y0 <= ny - side)
-    if inside.any():
-        windows = np.lib.stride_tricks.sliding_window_view(plane, (side, side))
-        out[inside] = windows[y0[inside], x0[inside]]
-    for k in np.flatnonzero(~inside).tolist():
+    for k, (xa, ya) in enumerate(zip(x0.tolist(), y0.tolist(), strict=True)):
+        if xa >= 0 and ya >= 0 and xa + side <= nx and ya + side <= ny:
+            out[k] = plane[ya : ya + side, xa : xa + side]
+            continue
         out[k] = fill
-        xa, ya = int(x0[k]), int(y0[k])
         x1, x2 = max(xa, 0), min(xa + side, nx)
         y1, y2 = max(ya, 0), min(ya + side, ny)
         if x1 < x2 and y1 < y2:
@@ -447,7 +454,7 @@ def make_cutouts(
     if on.any():
         xs, ys, sides = x[on], y[on], side[on]
         x0, y0 = cutout_origin(xs, ys, sides)
-        templates = {s: _SideTemplates(s) for s in np.unique(sides).tolist()}
+        templates = {s: _side_templates(s) for s in np.unique(sides).tolist()}
         tpls = [templates[s] for s in sides.tolist()]
         crpix1, crpix2 = xs - x0 + 1.0, ys - y0 + 1.0
         per_kind = []

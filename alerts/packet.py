@@ -27,10 +27,11 @@ each history row is encoded once per batch and an object's history is one
 contiguous slice of the encoded table. History rows never change once stored,
 so nothing else is needed to reuse their encoding.
 
-Nulls: a pandas ``NA``/``None`` or a float ``NaN`` in a nullable field is
-written as Avro ``null``; a null in a field the schema declares non-nullable
-is an :class:`~tasks.errors.AlertError` naming the record and field (a NaN in a
-non-nullable float is written as NaN, which Avro allows).
+Nulls: in a DataFrame, a pandas ``NA``/``None`` or a float ``NaN`` is null: it
+is written as Avro ``null`` in a nullable field, and in a field the schema
+declares non-nullable it is an :class:`~tasks.errors.AlertError` naming the
+record, field and row. Dict records (:func:`encode_alert_records`) treat only
+``None`` as null, so a NaN there is written as NaN, which Avro allows.
 """
 
 from __future__ import annotations

@@ -31,14 +31,16 @@ Stamps that run off the image are padded with NaN (image and variance) and the
 ``NO_DATA`` mask bit. A source whose centre is off the image (or whose position
 is NaN) gets no stamps: ``(None, None, None)``.
 
-The hot path builds no astropy objects: the stamps are gathered with one numpy
-fancy index per stamp side, the FITS headers are fixed 80-character card
-templates (those of the extensions are built once per side), and the data are
-written as big-endian numpy buffers.
+The hot path builds no astropy objects: the stamps of one side are gathered
+into one array (a slice copy each), calibrated and byte-swapped in place, the
+FITS headers are fixed 80-character card templates (one format string per
+side for the primary header; the extension headers built once per side), and
+the data are written as big-endian numpy buffers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
@@ -194,6 +196,8 @@ def _float(v: float) -> str:
         r += ".0"
     if len(r) > 20:
         r = f"{float(v):.13E}"
+        if len(r) > 20:  # a three-digit exponent
+            r = f"{float(v):.12E}"
     return r
 
 
@@ -201,10 +205,13 @@ def _int(v: int) -> str:
     return str(int(v))
 
 
-def _end(cards: list[str]) -> bytes:
+def _end_text(cards: list[str]) -> str:
     text = "".join(cards) + f"{'END':<80}"
-    pad = -len(text) % _BLOCK
-    return (text + " " * pad).encode("ascii")
+    return text + " " * (-len(text) % _BLOCK)
+
+
+def _end(cards: list[str]) -> bytes:
+    return _end_text(cards).encode("ascii")
 
 
 def _pad(nbytes: int) -> bytes:
@@ -232,11 +239,44 @@ def _image_cards(bitpix: int, nx: int, ny: int, primary: bool) -> list[str]:
     return head
 
 
+#: The primary header's cards after the image cards: (key, value, comment); the
+#: value None is filled per stamp (see :meth:`_SideTemplates.primary_header`).
+_PRIMARY_CARDS = (
+    ("CUTMINX", None, "stamp origin x on the detector (0-based)"),
+    ("CUTMINY", None, "stamp origin y on the detector (0-based)"),
+    ("ROTPA", None, "Pos angle in deg of focal plane +Y wrt North"),
+    ("BUNIT", _str("nJy"), ""),
+    ("WCSAXES", "2", "Number of coordinate axes"),
+    ("CTYPE1", _str("RA---TAN"), "Right ascension, gnomonic projection"),
+    ("CTYPE2", _str("DEC--TAN"), "Declination, gnomonic projection"),
+    ("CUNIT1", _str("deg"), "Units of coordinate increment and value"),
+    ("CUNIT2", _str("deg"), "Units of coordinate increment and value"),
+    ("CRPIX1", None, "Pixel coordinate of reference point"),
+    ("CRPIX2", None, "Pixel coordinate of reference point"),
+    ("CD1_1", None, "Coordinate transformation matrix element"),
+    ("CD1_2", None, "Coordinate transformation matrix element"),
+    ("CD2_1", None, "Coordinate transformation matrix element"),
+    ("CD2_2", None, "Coordinate transformation matrix element"),
+    ("CRVAL1", None, "[deg] Coordinate value at reference point"),
+    ("CRVAL2", None, "[deg] Coordinate value at reference point"),
+    ("RADESYS", _str("ICRS"), "Equatorial coordinate system"),
+)
+
+
 class _SideTemplates:
     """Header bytes that depend only on the stamp side (built once per side)."""
 
     def __init__(self, side: int):
-        self.primary_head = "".join(_image_cards(-32, side, side, primary=True))
+        # The primary header as one format string: every per-stamp value is a
+        # right-aligned 20-character slot of a fixed-format card (numbers end in
+        # column 30), so filling it never moves a card boundary.
+        slot = "\x01" * 20
+        cards = _image_cards(-32, side, side, primary=True) + [
+            _card(key, slot if value is None else value, comment)
+            for key, value, comment in _PRIMARY_CARDS
+        ]
+        text = _end_text(cards).replace("{", "{{").replace("}", "}}")
+        self.primary = text.replace(slot, "{:>20}")
         self.uncert = _end(
             _image_cards(-32, side, side, primary=False)
             + [
@@ -251,6 +291,28 @@ class _SideTemplates:
         )
         self.data_pad = _pad(4 * side * side)
 
+    def primary_header(self, cutmin_x, cutmin_y, rotpa: str, crpix, crval, cd) -> bytes:
+        """The primary header of one stamp (``rotpa`` already formatted)."""
+        return self.primary.format(
+            _int(cutmin_x),
+            _int(cutmin_y),
+            rotpa,
+            _float(crpix[0]),
+            _float(crpix[1]),
+            _float(cd[0, 0]),
+            _float(cd[0, 1]),
+            _float(cd[1, 0]),
+            _float(cd[1, 1]),
+            _float(crval[0]),
+            _float(crval[1]),
+        ).encode("ascii")
+
+
+@functools.lru_cache(maxsize=512)
+def _side_templates(side: int) -> _SideTemplates:
+    """The (immutable) header templates of a stamp side, built once per process."""
+    return _SideTemplates(side)
+
 
 def _psf_hdu(psf: np.ndarray) -> bytes:
     """The PSFIMAGE extension (header + float64 data) of one image."""
@@ -264,92 +326,80 @@ def _psf_hdu(psf: np.ndarray) -> bytes:
     return head + data + _pad(len(data))
 
 
-def _primary_header(tpl: _SideTemplates, cutmin_x, cutmin_y, rotpa, crpix, crval, cd) -> bytes:
-    cards = [
-        tpl.primary_head,
-        _card("CUTMINX", _int(cutmin_x), "stamp origin x on the detector (0-based)"),
-        _card("CUTMINY", _int(cutmin_y), "stamp origin y on the detector (0-based)"),
-        _card("ROTPA", _float(rotpa), "Pos angle in deg of focal plane +Y wrt North"),
-        _card("BUNIT", _str("nJy")),
-        _card("WCSAXES", "2", "Number of coordinate axes"),
-        _card("CTYPE1", _str("RA---TAN"), "Right ascension, gnomonic projection"),
-        _card("CTYPE2", _str("DEC--TAN"), "Declination, gnomonic projection"),
-        _card("CUNIT1", _str("deg"), "Units of coordinate increment and value"),
-        _card("CUNIT2", _str("deg"), "Units of coordinate increment and value"),
-        _card("CRPIX1", _float(crpix[0]), "Pixel coordinate of reference point"),
-        _card("CRPIX2", _float(crpix[1]), "Pixel coordinate of reference point"),
-        _card("CD1_1", _float(cd[0, 0]), "Coordinate transformation matrix element"),
-        _card("CD1_2", _float(cd[0, 1]), "Coordinate transformation matrix element"),
-        _card("CD2_1", _float(cd[1, 0]), "Coordinate transformation matrix element"),
-        _card("CD2_2", _float(cd[1, 1]), "Coordinate transformation matrix element"),
-        _card("CRVAL1", _float(crval[0]), "[deg] Coordinate value at reference point"),
-        _card("CRVAL2", _float(crval[1]), "[deg] Coordinate value at reference point"),
-        _card("RADESYS", _str("ICRS"), "Equatorial coordinate system"),
-    ]
-    return _end(cards)
+def _gather(plane: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: int, fill) -> np.ndarray:
+    """Stamps (n, side, side) of ``plane`` with lower-left corners (x0, y0); ``fill`` off-image.
 
-
-def _gather(plane: np.ndarray, x0: np.ndarray, y0: np.ndarray, side: int, fill):
-    """Stamps (n, side, side) of ``plane`` with lower-left corners (x0, y0); ``fill`` off-image."""
+    One slice copy per stamp: stamp sides vary with ``bboxSize``, so a side
+    rarely has more than a few stamps and a per-side fancy index (or a
+    sliding-window view) costs more in set-up than these copies. Stamps that
+    cross an edge are filled first. The result is a new array.
+    """
     ny, nx = plane.shape
-    r = np.arange(side)
-    yy = y0[:, None] + r[None, :]  # (n, side)
-    xx = x0[:, None] + r[None, :]
-    yin = (yy >= 0) & (yy < ny)
-    xin = (xx >= 0) & (xx < nx)
-    out = plane[np.clip(yy, 0, ny - 1)[:, :, None], np.clip(xx, 0, nx - 1)[:, None, :]]
-    inside = yin[:, :, None] & xin[:, None, :]
-    if not inside.all():
-        out = np.where(inside, out, fill).astype(plane.dtype, copy=False)
+    out = np.empty((len(x0), side, side), dtype=plane.dtype)
+    for k, (xa, ya) in enumerate(zip(x0.tolist(), y0.tolist(), strict=True)):
+        if xa >= 0 and ya >= 0 and xa + side <= nx and ya + side <= ny:
+            out[k] = plane[ya : ya + side, xa : xa + side]
+            continue
+        out[k] = fill
+        x1, x2 = max(xa, 0), min(xa + side, nx)
+        y1, y2 = max(ya, 0), min(ya + side, ny)
+        if x1 < x2 and y1 < y2:
+            out[k, y1 - ya : y2 - ya, x1 - xa : x2 - xa] = plane[y1:y2, x1:x2]
     return out
+
+
+def _big_endian(stamps: np.ndarray, dtype, scale=None) -> np.ndarray:
+    """``stamps`` as ``dtype`` (times ``scale``), its memory in FITS (big-endian) byte order.
+
+    Works in place on the gathered copy; the returned array's dtype still says
+    native order, so only its raw bytes are meant to be used.
+    """
+    out = stamps.astype(dtype, copy=False)
+    if scale is not None:
+        np.multiply(out, scale, out=out)
+    if out.dtype.byteorder in ("=", "<") and np.little_endian:
+        out.byteswap(inplace=True)
+    return out
+
+
+def _primary_headers(
+    tpls: list[_SideTemplates], x0, y0, rotpa: float, crpix1, crpix2, ra, dec, cd
+) -> list[bytes]:
+    """The primary header of every stamp (``tpls[i]`` the templates of its side)."""
+    rot = _float(rotpa)
+    return [
+        tpl.primary_header(x0[i], y0[i], rot, (crpix1[i], crpix2[i]), (ra[i], dec[i]), cd[i])
+        for i, tpl in enumerate(tpls)
+    ]
 
 
 def _exposure_stamps(
     exposure: Exposure,
-    x: np.ndarray,
-    y: np.ndarray,
+    x0: np.ndarray,
+    y0: np.ndarray,
     side: np.ndarray,
-    rotpa: float,
+    headers: list[bytes],
     templates: dict[int, _SideTemplates],
 ) -> list[bytes]:
-    """FITS bytes of the stamps of one image, in the order of ``x``."""
-    n = x.size
+    """FITS bytes of the stamps of one image, in the order of ``x0``."""
+    n = x0.size
     out: list[bytes] = [b""] * n
     if n == 0:
         return out
-    x0, y0 = cutout_origin(x, y, side)
-    ra, dec, cd = local_wcs(exposure, x, y)
-    crpix1 = x - x0 + 1.0
-    crpix2 = y - y0 + 1.0
     calib = np.float32(exposure.photo_calib)
     psf = _psf_hdu(exposure.psf)
-    for s in np.unique(side):
-        s = int(s)
-        tpl = templates.setdefault(s, _SideTemplates(s))
+    for s in np.unique(side).tolist():
+        tpl = templates[s]
         idx = np.flatnonzero(side == s)
-        img = _gather(exposure.image, x0[idx], y0[idx], s, np.nan)
+        img = _big_endian(_gather(exposure.image, x0[idx], y0[idx], s, np.nan), np.float32, calib)
         var = _gather(exposure.variance, x0[idx], y0[idx], s, np.nan)
-        msk = _gather(exposure.mask, x0[idx], y0[idx], s, _NO_DATA)
-        img = (img.astype(np.float32, copy=False) * calib).astype(">f4")
-        var = (var.astype(np.float32, copy=False) * (calib * calib)).astype(">f4")
-        msk = msk.astype(">i4")
-        for k, i in enumerate(idx):
-            head = _primary_header(
-                tpl, x0[i], y0[i], rotpa, (crpix1[i], crpix2[i]), (ra[i], dec[i]), cd[i]
-            )
+        var = _big_endian(var, np.float32, calib * calib)
+        msk = _big_endian(_gather(exposure.mask, x0[idx], y0[idx], s, _NO_DATA), np.int32)
+        pad, uncert, mask = tpl.data_pad, tpl.uncert, tpl.mask
+        for k, i in enumerate(idx.tolist()):
+            # bytes.join takes the stamp arrays' buffers directly (no tobytes copy)
             out[i] = b"".join(
-                (
-                    head,
-                    img[k].tobytes(),
-                    tpl.data_pad,
-                    tpl.uncert,
-                    var[k].tobytes(),
-                    tpl.data_pad,
-                    tpl.mask,
-                    msk[k].tobytes(),
-                    tpl.data_pad,
-                    psf,
-                )
+                (headers[i], img[k], pad, uncert, var[k], pad, mask, msk[k], pad, psf)
             )
     return out
 
@@ -402,12 +452,23 @@ def make_cutouts(
         int(i): (None, None, None) for i in ids[~on]
     }
     if on.any():
-        templates: dict[int, _SideTemplates] = {}
+        xs, ys, sides = x[on], y[on], side[on]
+        x0, y0 = cutout_origin(xs, ys, sides)
+        templates = {s: _side_templates(s) for s in np.unique(sides).tolist()}
+        tpls = [templates[s] for s in sides.tolist()]
+        crpix1, crpix2 = xs - x0 + 1.0, ys - y0 + 1.0
         per_kind = []
+        made: tuple | None = None  # (wcs, rotpa, headers) of the previous image
         for kind in IMAGE_KINDS:
             exposure = bundle.image(kind)
             rotpa = float(exposure.header.get("ROTPA", bundle.visit.rotAngle))
-            per_kind.append(_exposure_stamps(exposure, x[on], y[on], side[on], rotpa, templates))
+            # The three images usually share one WCS object (the bundle reader
+            # caches it by header text): then their stamp headers are the same.
+            if made is None or made[0] is not exposure.wcs or made[1] != rotpa:
+                ra, dec, cd = local_wcs(exposure, xs, ys)
+                heads = _primary_headers(tpls, x0, y0, rotpa, crpix1, crpix2, ra, dec, cd)
+                made = (exposure.wcs, rotpa, heads)
+            per_kind.append(_exposure_stamps(exposure, x0, y0, sides, made[2], templates))
         for i, d, s, t in zip(ids[on].tolist(), *per_kind, strict=True):
             result[i] = (d, s, t)
     n_off = int((~on).sum())

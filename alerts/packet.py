@@ -27,10 +27,11 @@ each history row is encoded once per batch and an object's history is one
 contiguous slice of the encoded table. History rows never change once stored,
 so nothing else is needed to reuse their encoding.
 
-Nulls: a pandas ``NA``/``None`` or a float ``NaN`` in a nullable field is
-written as Avro ``null``; a null in a field the schema declares non-nullable
-is an :class:`~tasks.errors.AlertError` naming the record and field (a NaN in a
-non-nullable float is written as NaN, which Avro allows).
+Nulls: in a DataFrame, a pandas ``NA``/``None`` or a float ``NaN`` is null: it
+is written as Avro ``null`` in a nullable field, and in a field the schema
+declares non-nullable it is an :class:`~tasks.errors.AlertError` naming the
+record, field and row. Dict records (:func:`encode_alert_records`) treat only
+``None`` as null, so a NaN there is written as NaN, which Avro allows.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ _PRIMITIVES = ("long", "int", "float", "double", "boolean", "string", "bytes")
 _TIMESTAMPS = {"timestamp-micros": 1_000_000, "timestamp-millis": 1_000}
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _RANGE = np.arange(1 << 16)
+_SHIFTS = np.arange(10, dtype=np.uint64) * np.uint64(7)
+#: Smallest zig-zag value needing k + 2 varint bytes, k = 0..8.
+_VARINT_LIMITS = np.uint64(1) << (_SHIFTS[1:])
+_MASKED = (pd.arrays.IntegerArray, pd.arrays.BooleanArray, pd.arrays.FloatingArray)
 _NULL = b"\x00"
 _SOME = b"\x02"
 
@@ -258,14 +263,20 @@ def wire_header(schema_id: int) -> bytes:
 
 
 def _zigzag_varint(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Avro ``long``/``int`` encoding of int64 ``v``: (bytes (10, n) uint8, lengths (n,))."""
+    """Avro ``long``/``int`` encoding of int64 ``v``: (bytes (n, w) uint8, lengths (n,)).
+
+    ``w`` is the longest encoding in ``v`` (1 to 10 bytes), so small counters
+    and flags do not carry the 10-byte width of a 64-bit ID.
+    """
     v = np.asarray(v, dtype=np.int64)
     z = ((v << np.int64(1)) ^ (v >> np.int64(63))).view(np.uint64)
-    shifts = np.arange(10, dtype=np.uint64) * np.uint64(7)
-    shifted = z[None, :] >> shifts[:, None]
-    lens = np.maximum(1, (shifted != 0).sum(axis=0)).astype(np.int64)
-    cont = np.arange(10)[:, None] < (lens[None, :] - 1)
-    out = ((shifted & np.uint64(0x7F)) | (cont.astype(np.uint64) << np.uint64(7))).astype(np.uint8)
+    top = int(z.max()) if z.size else 0
+    width = max(1, (top.bit_length() + 6) // 7)
+    shifted = z[:, None] >> _SHIFTS[None, :width]
+    lens = np.searchsorted(_VARINT_LIMITS[: width - 1], z, side="right") + 1
+    out = (shifted & np.uint64(0x7F)).astype(np.uint8)
+    if width > 1:
+        out[:, :-1] |= (_RANGE[None, : width - 1] < (lens[:, None] - 1)).view(np.uint8) << 7
     return out, lens
 
 
@@ -283,119 +294,151 @@ def varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _fixed(values: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def _fixed(values: np.ndarray, dtype: str) -> tuple[np.ndarray, None]:
+    """Little-endian fixed-width values as (bytes (n, width) uint8, None): a view when possible."""
     arr = np.ascontiguousarray(values, dtype=dtype)
-    width = arr.dtype.itemsize
-    return arr.view(np.uint8).reshape(-1, width).T, np.full(len(arr), width, dtype=np.int64)
+    return arr.view(np.uint8).reshape(len(arr), arr.dtype.itemsize), None
 
 
-def _strings(values: np.ndarray, null: np.ndarray, what: str) -> list:
-    texts = np.where(null, "", values.astype(object))
-    try:
-        encoded = np.char.encode(texts.astype(str), "utf-8")
-    except UnicodeEncodeError as exc:
-        raise AlertError(f"{what}: cannot encode string as UTF-8: {exc}") from exc
-    n = len(encoded)
-    width = max(encoded.dtype.itemsize, 1)
-    if n and encoded.dtype.itemsize:
-        chars = np.frombuffer(encoded.tobytes(), dtype=np.uint8).reshape(n, width).T
-    else:
-        chars = np.zeros((1, n), dtype=np.uint8)
-    lens = np.char.str_len(encoded).astype(np.int64) if n else np.zeros(0, dtype=np.int64)
-    head, hlens = _zigzag_varint(lens)
-    return [(head, hlens), (chars, lens)]
+def _strings(values: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Avro strings (length varint + UTF-8) of an object array: (bytes (n, w), lengths (n,)).
+
+    Each distinct value is encoded once (a band or version column has a
+    handful), then gathered by its code. Values are written as ``str(value)``.
+    """
+    codes, uniques = pd.factorize(np.asarray(values, dtype=object), use_na_sentinel=False)
+    if len(uniques) == 0:
+        return np.zeros((0, 1), dtype=np.uint8), np.zeros(0, dtype=np.int64)
+    encoded = []
+    for u in uniques:
+        try:
+            raw = str(u).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise AlertError(f"{what}: cannot encode string as UTF-8: {exc}") from exc
+        encoded.append(varint(len(raw)) + raw)
+    width = max((len(e) for e in encoded), default=1)
+    table = np.zeros((len(encoded), width), dtype=np.uint8)
+    lens = np.zeros(len(encoded), dtype=np.int64)
+    for k, e in enumerate(encoded):
+        table[k, : len(e)] = np.frombuffer(e, dtype=np.uint8)
+        lens[k] = len(e)
+    return table[codes], lens[codes]
 
 
-def _column(values, null: np.ndarray | None, kind: str, what: str) -> list:
-    """Byte pieces [(matrix (w, n) uint8, lengths (n,)), ...] of one non-null value column."""
+def _column(values: np.ndarray, kind: str, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(bytes (n, w) uint8, lengths (n,) or None when all w bytes are used) of a value column."""
     if kind in ("long", "int") or kind in _TIMESTAMPS:
         try:
-            ints = np.asarray(values).astype(np.int64)
+            ints = values.astype(np.int64, copy=False)
         except (TypeError, ValueError) as exc:
             raise AlertError(f"{what}: values are not integers: {exc}") from exc
-        return [_zigzag_varint(ints)]
+        return _zigzag_varint(ints)
     if kind == "float":
-        return [_fixed(values, "<f4")]
+        return _fixed(values, "<f4")
     if kind == "double":
-        return [_fixed(values, "<f8")]
+        return _fixed(values, "<f8")
     if kind == "boolean":
-        return [_fixed(np.asarray(values).astype(bool), "u1")]
+        return _fixed(values.astype(bool, copy=False), "u1")
     if kind == "string":
-        return _strings(
-            np.asarray(values, dtype=object),
-            null if null is not None else np.zeros(len(values), bool),
-            what,
-        )
+        return _strings(values, what)
     raise AlertError(f"{what}: cannot encode Avro type {kind} column-wise")
 
 
-def _series_values(s: pd.Series, kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values with nulls filled, null mask) for one DataFrame column."""
-    null = s.isna().to_numpy()
+def _frame_array(frame: pd.DataFrame, i: int):
+    """Column ``i`` of ``frame`` as its numpy or extension array, without building a Series."""
+    get = getattr(frame, "_get_column_array", None)  # pandas >= 1.3; ~10x cheaper than iloc
+    return get(i) if get is not None else frame.iloc[:, i].array
+
+
+def _array_values(
+    arr, kind: str, nullable: bool, rows: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(values, null mask or None) of one frame column for an Avro ``kind``, at ``rows``.
+
+    A NaN in a float column counts as null, like ``pandas.isna``. For a plain
+    numpy float column of a nullable field the mask is left to
+    :func:`encode_table` (``None``), which tests NaN itself.
+    """
+    if isinstance(arr, np.ndarray) and arr.dtype.kind in "biuf":
+        v = arr if rows is None else arr[rows]
+        if arr.dtype.kind != "f":
+            return (v.astype(bool) if kind == "boolean" else v), None
+        null = np.isnan(v)
+        if kind in ("float", "double"):
+            return v, (None if nullable else null)
+        if kind in ("long", "int", "boolean") or kind in _TIMESTAMPS:
+            filled = np.where(null, 0, v).astype(np.int64)
+            return (filled.astype(bool) if kind == "boolean" else filled), null
     if kind in _TIMESTAMPS:
+        s = pd.Series(arr)
+        if rows is not None:
+            s = s.iloc[rows]
+        null = s.isna().to_numpy()
         ticks = pd.to_datetime(s, utc=True).astype("int64") // (1_000_000_000 // _TIMESTAMPS[kind])
         return ticks.to_numpy(dtype=np.int64), null
+    if isinstance(arr, _MASKED):
+        # values and mask as stored (the public to_numpy(na_value=...) copies and
+        # checks more, ~20 µs a column); masked slots hold arbitrary values.
+        data, null = arr._data, arr._mask
+        if rows is not None:
+            data, null = data[rows], null[rows]
+        if kind in ("long", "int", "boolean") and data.dtype.kind == "f":
+            data = np.where(null, 0, data).astype(np.int64)
+        if kind == "boolean":
+            data = data.astype(bool, copy=False)
+        elif kind in ("float", "double") and null.any():
+            data = np.where(null, np.nan, data)
+        if kind in ("long", "int", "float", "double", "boolean"):
+            return data, null
+    if kind == "string":
+        codes, uniques = pd.factorize(arr, use_na_sentinel=True)
+        if rows is not None:
+            codes = codes[rows]
+        texts = np.append(np.asarray(uniques, dtype=object), "")
+        return texts[codes], codes < 0
+    if isinstance(arr, np.ndarray):  # object (or other non-numeric) numpy column
+        arr = pd.arrays.NumpyExtensionArray(arr)
+    null = np.asarray(arr.isna(), dtype=bool)
     if kind in ("long", "int"):
-        if null.any():
-            return s.astype("Int64").to_numpy(dtype=np.int64, na_value=0), null
-        return s.to_numpy(dtype=np.int64), null
-    if kind in ("float", "double"):
-        return s.to_numpy(dtype="float64", na_value=np.nan), null
-    if kind == "boolean":
-        return s.to_numpy(dtype=object, na_value=False).astype(bool), null
-    return s.to_numpy(dtype=object), null
+        v = arr.to_numpy(dtype=np.int64, na_value=0) if null.any() else np.asarray(arr, np.int64)
+    elif kind in ("float", "double"):
+        v = np.asarray(arr.to_numpy(dtype=np.float64, na_value=np.nan))
+    elif kind == "boolean":
+        v = arr.to_numpy(dtype=bool, na_value=False) if null.any() else np.asarray(arr, bool)
+    else:
+        v = np.asarray(arr, dtype=object)
+    if rows is not None:
+        v, null = v[rows], null[rows]
+    return v, null
 
 
-_CATEGORY = {
-    "long": "int",
-    "int": "int",
-    "float": "float",
-    "double": "float",
-    "boolean": "bool",
-    "string": "str",
-    "bytes": "str",
-}
+def _frame_columns(
+    frame: pd.DataFrame, layout: RecordLayout, rows: np.ndarray | None = None
+) -> dict:
+    """Field → (values, null mask or None) for the fields ``frame`` has, taken at ``rows``.
 
-
-def _frame_columns(frame: pd.DataFrame, layout: RecordLayout) -> dict:
-    """Field → (values, null mask) for the fields ``frame`` has, a few pandas calls per table.
-
-    Columns are converted in groups of one Avro kind (one ``to_numpy`` per
-    group) rather than one Series at a time, which dominates for small tables.
+    Each column is read once as its underlying array and only the selected
+    rows are converted: no intermediate DataFrame is built.
     """
-    present = [(name, kind) for name, kind, _ in layout.fields if name in frame.columns]
-    if not present:
-        return {}
-    names = [name for name, _ in present]
-    null_all = np.ascontiguousarray(frame[names].isna().to_numpy().T)
-    row = {name: j for j, name in enumerate(names)}
-    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    groups: dict[str, list[str]] = {}
-    for name, kind in present:
-        if kind in _TIMESTAMPS:
-            out[name] = _series_values(frame[name], kind)
-        else:
-            groups.setdefault(_CATEGORY[kind], []).append(name)
-    for cat, cols in groups.items():
-        sub = frame[cols]
-        if cat == "int":
-            vals = sub.to_numpy(dtype=np.int64, na_value=0)
-        elif cat == "float":
-            vals = sub.to_numpy(dtype=np.float64, na_value=np.nan)
-        elif cat == "bool":
-            vals = sub.to_numpy(dtype=bool, na_value=False)
-        else:
-            vals = sub.to_numpy(dtype=object)
-        vals = np.ascontiguousarray(vals.T)
-        for j, name in enumerate(cols):
-            out[name] = (vals[j], null_all[row[name]])
+    names = frame.columns.tolist()
+    position = {name: i for i, name in enumerate(names)}
+    if len(position) != len(names):
+        dup = next(name for name in names if names.count(name) > 1)
+        raise AlertError(f"{layout.name}: column {dup!r} appears more than once")
+    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    for name, kind, nullable in layout.fields:
+        i = position.get(name)
+        if i is not None:
+            out[name] = _array_values(_frame_array(frame, i), kind, nullable, rows)
     return out
 
 
 def encode_table(
-    columns: Mapping[str, tuple[np.ndarray, np.ndarray]] | pd.DataFrame,
+    columns: Mapping[str, tuple[np.ndarray, np.ndarray | None]] | pd.DataFrame,
     layout: RecordLayout,
     n: int | None = None,
+    *,
+    rows: np.ndarray | None = None,
 ) -> tuple[bytes, np.ndarray]:
     """Avro-encode every row of a table as ``layout``'s record.
 
@@ -403,11 +446,14 @@ def encode_table(
     ----------
     columns : pandas.DataFrame or mapping
         A DataFrame (NaN/NA in a nullable field → null), or a mapping
-        field name → (values, null mask). Fields the table lacks are null.
+        field name → (values, null mask or None). Fields the table lacks are null.
     layout : RecordLayout
         The record's fields.
     n : int, optional
         Row count, needed when ``columns`` is a mapping.
+    rows : numpy.ndarray, optional
+        With a DataFrame: encode only these rows (integer positions), in this
+        order, instead of all rows; the frame is not copied.
 
     Returns
     -------
@@ -422,65 +468,77 @@ def encode_table(
         If a field the schema declares non-nullable is missing or null.
     """
     if isinstance(columns, pd.DataFrame):
-        n = len(columns)
-        columns = _frame_columns(columns, layout)
+        n = len(columns) if rows is None else len(rows)
+        columns = _frame_columns(columns, layout, rows)
     elif n is None:
         raise ValueError("encode_table: n is required with a column mapping")
     get = columns.get
-    # (bytes matrix (w, n), lengths (n,) or None when every row uses all w bytes);
-    # field-major so that every piece is written as contiguous rows.
+    # (bytes (n, w) or (1, w) to broadcast, used bytes per row): the lengths (n,), or a
+    # bool (n,) when a row uses all w bytes or none, or None when every row uses all w.
     pieces: list[tuple[np.ndarray, np.ndarray | None]] = []
-    zeros = np.zeros((1, n), np.uint8)
+    null_branch = np.zeros((1, 1), np.uint8)
+    some_branch = np.full((1, 1), 2, np.uint8)
     for name, kind, nullable in layout.fields:
         what = f"{layout.name}.{name}"
         col = get(name)
         if col is None:
             if not nullable:
                 raise AlertError(f"{what}: required by the alert schema but missing")
-            pieces.append((zeros, None))
+            pieces.append((null_branch, None))
             continue
         values, null = col
         values = np.asarray(values)
-        null = np.asarray(null, dtype=bool)
+        if null is not None:
+            null = np.asarray(null, dtype=bool)
         if kind in ("float", "double") and nullable and values.dtype.kind == "f":
-            null = null | np.isnan(values)
-        any_null = bool(null.any())
+            nan = np.isnan(values)
+            null = nan if null is None else (null | nan)
+        any_null = null is not None and bool(null.any())
         if any_null and not nullable:
             bad = int(np.flatnonzero(null)[0])
             raise AlertError(
                 f"{what}: null at row {bad} but the alert schema field is not nullable"
             )
-        if nullable:
-            pieces.append((((~null).view(np.uint8) << 1)[None, :], None))
-            if any_null and kind in ("long", "int", "boolean"):
-                values = np.where(null, 0, values)
-        for mat, lens in _column(values, null, kind, what):
-            if any_null:
-                pieces.append((mat, np.where(null, 0, lens)))
-            elif kind in ("float", "double", "boolean"):
-                pieces.append((mat, None))
-            else:
-                pieces.append((mat, lens))
+        if not any_null:
+            if nullable:
+                pieces.append((some_branch, None))
+            pieces.append(_column(values, kind, what))
+            continue
+        pieces.append((((~null).view(np.uint8) << 1)[:, None], None))
+        if null.all():
+            continue
+        if kind in ("long", "int", "boolean"):
+            values = np.where(null, 0, values)
+        mat, lens = _column(values, kind, what)
+        pieces.append((mat, ~null if lens is None else np.where(null, 0, lens)))
     if n == 0:
         return b"", np.zeros(1, dtype=np.int64)
-    width = sum(m.shape[0] for m, _ in pieces)
-    big = np.empty((width, n), dtype=np.uint8)
-    keep = np.ones((width, n), dtype=bool)
+    width = sum(m.shape[1] for m, _ in pieces)
+    big = np.empty((n, width), dtype=np.uint8)
+    keep = None
     row_len = np.zeros(n, dtype=np.int64)
+    fixed = 0
     c = 0
     for mat, lens in pieces:
-        w = mat.shape[0]
-        big[c : c + w] = mat
+        w = mat.shape[1]
+        big[:, c : c + w] = mat
         if lens is None:
-            row_len += w
+            fixed += w
         else:
-            keep[c : c + w] = _RANGE[:w, None] < lens[None, :]
-            row_len += lens
+            if keep is None:
+                keep = np.ones((n, width), dtype=bool)
+            if lens.dtype == bool:
+                keep[:, c : c + w] = lens[:, None]
+                row_len += lens * w
+            else:
+                keep[:, c : c + w] = _RANGE[None, :w] < lens[:, None]
+                row_len += lens
         c += w
+    row_len += fixed
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(row_len, out=offsets[1:])
-    # row-major order of the (n, width) view = each row's bytes, rows one after another
-    return big.T[keep.T].tobytes(), offsets
+    # row-major: each row's kept bytes, rows one after another
+    return (big.tobytes() if keep is None else big[keep].tobytes()), offsets
 
 
 # --------------------------------------------------------------------------
@@ -556,29 +614,52 @@ def _group_slices(keys: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, np.
     return start, stop
 
 
-def _window(df: pd.DataFrame, what: str, start_mjd: float) -> pd.DataFrame:
+def _member(values: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """``np.isin(values, wanted)`` for a short ``wanted``, by binary search (~5x faster)."""
+    table = np.unique(wanted)
+    if table.size == 0:
+        return np.zeros(len(values), dtype=bool)
+    pos = np.searchsorted(table, values)
+    pos[pos == table.size] = 0
+    return table[pos] == values
+
+
+def _history_rows(
+    df: pd.DataFrame,
+    what: str,
+    id_col: str,
+    start_mjd: float,
+    obj_ids: np.ndarray,
+    exclude: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of a history table that alerts carry, and their DiaObject IDs.
+
+    Rows in the time window (``midpointMjdTai >= start_mjd``) of a DiaObject in
+    ``obj_ids``, minus those whose ``id_col`` is in ``exclude``, as integer
+    positions sorted by (diaObjectId, midpointMjdTai, ``id_col``): each
+    object's history is then one contiguous run. Only the key columns are
+    read; the table is not copied.
+    """
+    none = np.zeros(0, dtype=np.intp)
     if len(df) == 0:
-        return df
+        return none, none.astype(np.int64)
     for col in ("diaObjectId", "midpointMjdTai"):
         if col not in df.columns:
             raise AlertError(f"{what}: column {col!r} is missing")
     mjd = df["midpointMjdTai"].to_numpy(dtype="float64", na_value=np.nan)
-    obj = df["diaObjectId"]
-    keep = (mjd >= start_mjd) & obj.notna().to_numpy()
-    return df.loc[keep]
-
-
-def _sorted_history(df: pd.DataFrame, id_col: str) -> pd.DataFrame:
-    if len(df) == 0:
-        return df
-    order = np.lexsort(
-        (
-            df[id_col].to_numpy(dtype=np.int64),
-            df["midpointMjdTai"].to_numpy(dtype="float64"),
-            df["diaObjectId"].to_numpy(dtype=np.int64),
-        )
-    )
-    return df.iloc[order]
+    obj_col = df["diaObjectId"]
+    obj = obj_col.to_numpy(dtype=np.int64, na_value=0)
+    keep = (mjd >= start_mjd) & obj_col.notna().to_numpy() & _member(obj, obj_ids)
+    if not keep.any():
+        return none, none.astype(np.int64)
+    if id_col not in df.columns:
+        raise AlertError(f"{what}: column {id_col!r} is missing")
+    ids = df[id_col].to_numpy(dtype=np.int64, na_value=0)
+    if exclude is not None:
+        keep &= ~_member(ids, exclude)
+    rows = np.flatnonzero(keep)
+    rows = rows[np.lexsort((ids[rows], mjd[rows], obj[rows]))]
+    return rows, obj[rows]
 
 
 def _opt_string(s: str | None) -> bytes:
@@ -663,17 +744,12 @@ def package_alerts(
     obj_ids = new_sources["diaObjectId"].astype("Int64").to_numpy(dtype=np.int64, na_value=-1)
 
     start_mjd = float(visit.midpointMjdTai) - config.history_days
-    hist = _window(history_sources, "DiaSource history", start_mjd)
-    if len(hist):
-        hist = hist.loc[~np.isin(hist["diaSourceId"].to_numpy(dtype=np.int64), src_ids)]
-        hist = hist.loc[np.isin(hist["diaObjectId"].to_numpy(dtype=np.int64), obj_ids)]
-    hist = _sorted_history(hist, "diaSourceId")
-    forced = _window(history_forced, "DiaForcedSource history", start_mjd)
-    if len(forced):
-        forced = forced.loc[np.isin(forced["diaObjectId"].to_numpy(dtype=np.int64), obj_ids)]
-    if len(forced) and "diaForcedSourceId" not in forced.columns:
-        raise AlertError("DiaForcedSource history: column 'diaForcedSourceId' is missing")
-    forced = _sorted_history(forced, "diaForcedSourceId")
+    hist_rows, hist_keys = _history_rows(
+        history_sources, "DiaSource history", "diaSourceId", start_mjd, obj_ids, exclude=src_ids
+    )
+    forced_rows, forced_keys = _history_rows(
+        history_forced, "DiaForcedSource history", "diaForcedSourceId", start_mjd, obj_ids
+    )
 
     pieces: dict[str, list[bytes]] = {}
     records = schema.records
@@ -683,26 +759,25 @@ def package_alerts(
     pieces["diaSource"] = [buf[off[i] : off[i + 1]] for i in range(n)]
 
     # histories: one encoding per row, one slice per alert
-    def arrays(name: str, table: pd.DataFrame, include: np.ndarray) -> list[bytes]:
-        if name not in records:
+    def arrays(
+        name: str, table: pd.DataFrame, rows: np.ndarray, keys: np.ndarray, include: np.ndarray
+    ) -> list[bytes]:
+        if name not in records or len(rows) == 0:
             return [_NULL] * n
-        if len(table) == 0:
-            return [_NULL] * n
-        hbuf, hoff = encode_table(table, records[name])
-        keys = table["diaObjectId"].to_numpy(dtype=np.int64)
+        hbuf, hoff = encode_table(table, records[name], rows=rows)
         start, stop = _group_slices(keys, obj_ids)
-        count = stop - start
         out = []
-        for i in range(n):
-            c = int(count[i])
-            if c == 0 or not include[i]:
+        for i, (a, b) in enumerate(zip(start.tolist(), stop.tolist(), strict=True)):
+            if a == b or not include[i]:
                 out.append(_NULL)
             else:
-                out.append(_SOME + varint(c) + hbuf[hoff[start[i]] : hoff[stop[i]]] + _NULL)
+                out.append(_SOME + varint(b - a) + hbuf[hoff[a] : hoff[b]] + _NULL)
         return out
 
     has_obj = ~obj_null
-    pieces["prvDiaSources"] = arrays("prvDiaSources", hist, has_obj)
+    pieces["prvDiaSources"] = arrays(
+        "prvDiaSources", history_sources, hist_rows, hist_keys, has_obj
+    )
 
     # diaObject rows, matched by id
     obj_pieces = [_NULL] * n
@@ -716,19 +791,20 @@ def package_alerts(
         pos = np.minimum(pos, len(oid) - 1)
         found = has_obj & (oid[order][pos] == obj_ids)
         rows = order[pos[found]]
-        sub = objects.iloc[rows]
-        obuf, ooff = encode_table(sub, records["diaObject"])
+        obuf, ooff = encode_table(objects, records["diaObject"], rows=rows)
         for k, i in enumerate(np.flatnonzero(found)):
             obj_pieces[i] = _SOME + obuf[ooff[k] : ooff[k + 1]]
         if "nDiaSources" in objects.columns:
-            n_dia[found] = sub["nDiaSources"].to_numpy(dtype="float64", na_value=0).astype(np.int64)
+            counts = objects["nDiaSources"].to_numpy(dtype="float64", na_value=0)
+            n_dia[found] = counts[rows].astype(np.int64)
     # history count + this source when nDiaSources is not known
-    hist_keys = hist["diaObjectId"].to_numpy(dtype=np.int64) if len(hist) else np.zeros(0, np.int64)
     hs, he = _group_slices(hist_keys, obj_ids)
     n_dia = np.where(n_dia > 0, n_dia, (he - hs) + 1)
     pieces["diaObject"] = obj_pieces
     include_forced = has_obj & (n_dia >= config.forced_source_history_threshold)
-    pieces["prvDiaForcedSources"] = arrays("prvDiaForcedSources", forced, include_forced)
+    pieces["prvDiaForcedSources"] = arrays(
+        "prvDiaForcedSources", history_forced, forced_rows, forced_keys, include_forced
+    )
 
     # fixed parts
     reason = _opt_string(visit.observation_reason)
@@ -743,7 +819,7 @@ def package_alerts(
         parts = []
         for name, kind in schema.top:
             if name in ("diaSourceId", "alertId"):
-                parts.append(id_mat[: id_len[i], i].tobytes())
+                parts.append(id_mat[i, : id_len[i]].tobytes())
             elif name == "observation_reason":
                 parts.append(reason)
             elif name == "target_name":
@@ -751,7 +827,11 @@ def package_alerts(
             elif name in pieces:
                 parts.append(pieces[name][i])
             elif name in stamp_names:
-                parts.append(_opt_bytes(stamps[i][stamp_names.index(name)]))
+                stamp = stamps[i][stamp_names.index(name)]
+                if stamp is None:
+                    parts.append(_NULL)
+                else:
+                    parts += (_SOME, varint(len(stamp)), stamp)
             elif kind.endswith("?"):
                 parts.append(_NULL)
             else:
@@ -763,8 +843,8 @@ def package_alerts(
         schema=schema,
         visit=int(visit.visit),
         detector=int(detector),
-        n_history_sources=len(hist),
-        n_history_forced=len(forced),
+        n_history_sources=len(hist_rows),
+        n_history_forced=len(forced_rows),
         n_without_object=sum(p == _NULL for p in obj_pieces),
         n_without_cutouts=int(sum(s[0] is None for s in stamps)),
     )

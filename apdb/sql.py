@@ -5,8 +5,10 @@ engine, the connection pool, the URL handling and the DDL (compiled from
 :mod:`apdb.sdm`); the hot paths talk to the DB-API driver underneath it, in
 columns:
 
-* reads fetch one packed ``payload`` per row and decode all rows with one
-  ``numpy.frombuffer`` (see "Packed payloads" below);
+* reads fetch the packed ``payload`` of every row, concatenated by the
+  server into one value (``group_concat`` on SQLite, ``string_agg`` in
+  binary on PostgreSQL), and decode all rows with one ``numpy.frombuffer``
+  (see "Packed payloads" below);
 * writes bind whole columns: ``executemany`` on SQLite, binary ``COPY ...
   FROM STDIN`` (psycopg 3) on PostgreSQL; all-null columns are left out;
 * long DiaObject ID lists go to the server as one parameter: a JSON array
@@ -41,8 +43,9 @@ Reading a DiaSource through a DB-API driver costs one Python object per
 column per row (~100 per row), which dominates a history load. Every row of
 the three tables read in bulk therefore also carries its SDM values packed
 into one little-endian fixed-width record (:class:`_Packing`): a bulk read
-fetches one ``payload`` per row (plus the string columns) and decodes all rows
-with one ``numpy.frombuffer``. The SDM columns stay the queryable truth for SQL
+fetches the payloads as one concatenated value (plus each string column as one
+array) and decodes all rows with one ``numpy.frombuffer``; no Python object is
+made per row. The SDM columns stay the queryable truth for SQL
 users; both are written from the same arrays in the same statement, and the
 layout signature is recorded in ``metadata`` so a mismatching database is
 refused. The price is ~1.6x the row size on disk.
@@ -273,8 +276,8 @@ class _Packing:
     Every numeric and boolean SDM column of a row, little-endian and fixed
     width, in schema order; a nullable integer or boolean column is followed
     by a one-byte validity flag; float nulls are NaN. String columns are not
-    packed: they are read from their own SDM columns. A bulk read fetches one
-    ``payload`` per row and decodes all rows with a single
+    packed: they are read from their own SDM columns. A bulk read fetches the
+    payloads of all rows as one value and decodes them with a single
     ``numpy.frombuffer``, instead of creating one Python object per value.
     """
 
@@ -310,12 +313,14 @@ class _Packing:
                 rec[col.name] = values
         return rec.view(f"V{self.dtype.itemsize}").ravel().tolist()
 
-    def unpack(self, payloads: Sequence[bytes], text: dict[str, Sequence]) -> pd.DataFrame:
-        """The SDM frame (all columns, schema order and dtypes) of packed rows."""
-        n = len(payloads)
+    def unpack(self, buf: bytes, n: int, text: dict[str, Sequence]) -> pd.DataFrame:
+        """The SDM frame (all columns, schema order and dtypes) of ``n`` packed rows.
+
+        ``buf`` holds the rows' payloads one after another; ``text`` the string
+        columns, in the same row order.
+        """
         if n == 0:
             return sdm.empty_frame(self.table)
-        buf = b"".join(payloads)
         if len(buf) != n * self.dtype.itemsize:
             raise ApdbError(
                 f"{self.table}.payload: {len(buf)} bytes for {n} rows do not match the "
@@ -530,6 +535,15 @@ class _AlreadyStored(Exception):
     pass
 
 
+#: What a database raises when an aggregated value would pass its size limit
+#: (SQLITE_TOOBIG; PostgreSQL's 1 GB string buffer).
+_TOO_BIG = (
+    sqlite3.DataError,
+    psycopg.errors.ProgramLimitExceeded,
+    psycopg.errors.OutOfMemory,
+)
+
+
 # --------------------------------------------------------------------------- backend
 
 
@@ -587,6 +601,7 @@ class ApdbSql(Apdb):
                 meta = self._read_metadata()
             self.metadata = self._check_versions(meta or {})
             self.order = int(self.metadata["config:healpix_order"])
+            self._aggregate_reads = self._can_aggregate()
         except BaseException:
             self._engine.dispose()
             raise
@@ -742,6 +757,18 @@ class ApdbSql(Apdb):
                 )
         return meta
 
+    def _can_aggregate(self) -> bool:
+        """Whether payloads can be read concatenated by the server (:meth:`_select_packed`).
+
+        SQLite concatenates blobs as text and casts back to a blob, which keeps
+        the bytes only in a UTF-8 database (the default, and how
+        :meth:`create` makes it).
+        """
+        if self.dialect != "sqlite":
+            return True
+        with self._connection("read encoding") as conn:
+            return conn.execute("PRAGMA encoding").fetchone()[0] == "UTF-8"
+
     def close(self) -> None:
         """Close every pooled connection."""
         self._engine.dispose()
@@ -780,14 +807,60 @@ class ApdbSql(Apdb):
         return df
 
     def _select_packed(self, table: str, sdm_table: str, where: str, params: list, what: str):
-        """Rows of ``table`` as an SDM frame, decoded from their packed payloads."""
+        """Rows of ``table`` as an SDM frame, decoded from their packed payloads.
+
+        The rows come back aggregated, as one result row: the payloads
+        concatenated by the server (``group_concat`` / ``string_agg``) and each
+        string column as one array (``json_group_array`` / ``array_agg``), all
+        in the same row order. A row-per-row fetch would create a tuple and a
+        ``bytes`` per row, which costs more than the decode (and, with ~15,000
+        rows a detector, frequent garbage collections). A result too large for
+        one value (SQLite's and PostgreSQL's limit is 1 GB) is read row by row.
+        """
         packing = self._packing[sdm_table]
-        names = [PAYLOAD_COLUMN, *packing.text]
-        rows = self._select(table, names, where, params, what)
-        if not rows:
-            return sdm.empty_frame(sdm_table)
-        columns = list(zip(*rows, strict=True))
-        return packing.unpack(columns[0], dict(zip(packing.text, columns[1:], strict=True)))
+        got = self._select_aggregated(table, packing, where, params, what)
+        if got is None:
+            rows = self._select(table, [PAYLOAD_COLUMN, *packing.text], where, params, what)
+            columns = list(zip(*rows, strict=True)) or [()] * (1 + len(packing.text))
+            got = (
+                b"".join(columns[0]),
+                len(rows),
+                dict(zip(packing.text, columns[1:], strict=True)),
+            )
+        return packing.unpack(*got)
+
+    def _select_aggregated(self, table: str, packing: _Packing, where: str, params: list, what):
+        """(payloads concatenated, row count, string columns) in one result row, or None.
+
+        None when the database cannot build a value that large.
+        """
+        if not self._aggregate_reads:
+            return None
+        if self.dialect == "sqlite":
+            blob = f"CAST(group_concat({_q(PAYLOAD_COLUMN)}, '') AS BLOB)"
+            texts = [f"json_group_array({_q(c)})" for c in packing.text]
+        else:
+            blob = f"string_agg({_q(PAYLOAD_COLUMN)}, ''::bytea)"
+            texts = [f"array_agg({_q(c)})" for c in packing.text]
+        sql = f"SELECT count(*), {', '.join([blob, *texts])} FROM {_q(table)} WHERE {where}"
+        with self._connection(what) as conn:
+            cur = conn.cursor()
+            try:
+                if self.dialect == "sqlite":
+                    cur.execute(sql, params)
+                else:  # binary results: the bytea as is, not hex text
+                    cur.execute(sql, params, binary=True)
+                row = cur.fetchone()
+            except _TOO_BIG as exc:
+                _LOG.info("%s: %s; reading the rows one by one", what, exc)
+                return None
+        n = int(row[0])
+        if n == 0:
+            return b"", 0, {}
+        values = row[2:]
+        if self.dialect == "sqlite":
+            values = [json.loads(v) for v in values]
+        return bytes(row[1]), n, dict(zip(packing.text, values, strict=True))
 
     def _get_history(self, table: str, object_ids, since_mjd: float | None) -> pd.DataFrame:
         ids = _ids_array(object_ids, f"{table} query")

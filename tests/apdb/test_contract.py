@@ -436,3 +436,73 @@ def test_empty_store_needs_no_time(db):
 def test_objects_without_a_time_are_refused(db):
     with pytest.raises(InputError, match="time_mjd is needed"):
         db.store(9, 9, make_objects([1], 0.0, 0.0), None, None)
+
+
+# --------------------------------------------------------------------------- bulk reads
+
+
+def _store_strings_case(db) -> np.ndarray:
+    """Two detectors of 30 objects whose sources carry awkward strings; returns the IDs."""
+    rng = np.random.default_rng(11)
+    ids = np.arange(1, 61, dtype=np.int64)
+    ra, dec = 40.0 + rng.uniform(0, 0.05, 60), -20.0 + rng.uniform(0, 0.05, 60)
+    texts = np.array(['v"1', "v\\2", "ü\tß", None, "", "r"] * 10, dtype=object)
+    for det, sel in ((1, slice(0, 30)), (2, slice(30, 60))):
+        o = ids[sel]
+        common = dict(visit=3, detector=det, mjd=60200.0 + det, seed=det)
+        db.store(
+            3,
+            det,
+            make_objects(o, ra[sel], dec[sel], seed=det),
+            make_sources(
+                o + 1000,
+                o,
+                ra[sel],
+                dec[sel],
+                reliabilityVersion=texts[sel],
+                band=np.array(list("ugrizy" * 5), dtype=object),
+                **common,
+            ),
+            make_forced(o + 5000, o, ra[sel], dec[sel], **common),
+            time_mjd=60200.0 + det,
+        )
+    return ids
+
+
+def test_aggregated_reads_equal_row_by_row_reads(db):
+    """Bulk reads come back concatenated by the server; row by row gives the same frames."""
+    ids = _store_strings_case(db)
+    region = Circle(40.025, -19.975, 0.2)
+    got = [db.get_objects(region), db.get_sources(ids, None), db.get_forced_sources(ids, 0.0)]
+    db._aggregate_reads = False
+    want = [db.get_objects(region), db.get_sources(ids, None), db.get_forced_sources(ids, 0.0)]
+    assert [len(g) for g in got] == [60, 60, 60]
+    for g, w in zip(got, want, strict=True):
+        pd.testing.assert_frame_equal(g, w)
+    assert sorted(got[1]["reliabilityVersion"].tolist(), key=str) == sorted(
+        ['v"1', "v\\2", "ü\tß", None, "", "r"] * 10, key=str
+    )
+
+
+def test_aggregate_too_large_for_sqlite_is_read_row_by_row(tmp_path, caplog):
+    """A result over SQLite's value size limit (SQLITE_TOOBIG) falls back to a row fetch."""
+    import logging
+    import sqlite3
+
+    db = ApdbSql.create(ApdbConfig(url=f"sqlite:///{tmp_path / 'small.sqlite3'}"))
+    try:
+        ids = _store_strings_case(db)
+        want = db.get_sources(ids, None)
+        db._engine.dispose()
+
+        @sa.event.listens_for(db._engine, "connect")
+        def _small_values(dbapi_conn, _record):
+            dbapi_conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 4096)  # one detector: ~11 kB
+
+        with caplog.at_level(logging.INFO, logger="apdb.sql"):
+            got = db.get_sources(ids, None)
+        assert "reading the rows one by one" in caplog.text
+        pd.testing.assert_frame_equal(got, want)
+        assert db.get_objects(Circle(40.025, -19.975, 0.2))["diaObjectId"].nunique() == 60
+    finally:
+        db.close()

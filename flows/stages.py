@@ -30,7 +30,6 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -49,17 +48,40 @@ __all__ = ["STAGES", "GroupResult", "stage_task", "summary_task"]
 STAGES = ("load", "calibrate", "associate", "forced", "store", "cutout", "package", "produce")
 
 
-@dataclass(frozen=True, eq=False)
 class GroupResult:
-    """One stage's outcome for a group of detectors."""
+    """One stage's outcome for a group of detectors.
 
-    stage: str
-    key: str
-    values: dict[int, Any] = field(default_factory=dict)
-    errors: dict[int, str] = field(default_factory=dict)
-    seconds: dict[int, float] = field(default_factory=dict)
-    counts: dict[int, dict[str, int]] = field(default_factory=dict)
-    worker: str = ""  # host:pid of the process that ran the group
+    Deliberately a plain class, not a dataclass: Prefect walks every dataclass,
+    dict and list in a task's parameters looking for futures (twice per task
+    run), and a group's values hold thousands of nested items — stamps, alert
+    payloads, frames — that hold none. A plain object is one leaf to it.
+    """
+
+    __slots__ = ("counts", "errors", "key", "seconds", "stage", "values", "worker")
+
+    def __init__(
+        self,
+        stage: str,
+        key: str,
+        values: dict[int, Any] | None = None,
+        errors: dict[int, str] | None = None,
+        seconds: dict[int, float] | None = None,
+        counts: dict[int, dict[str, int]] | None = None,
+        worker: str = "",
+    ):
+        self.stage = stage
+        self.key = key
+        self.values = values if values is not None else {}
+        self.errors = errors if errors is not None else {}
+        self.seconds = seconds if seconds is not None else {}
+        self.counts = counts if counts is not None else {}
+        self.worker = worker  # host:pid of the process that ran the group
+
+    def __repr__(self) -> str:
+        return (
+            f"GroupResult(stage={self.stage!r}, detectors={sorted(self.values)}, "
+            f"errors={len(self.errors)}, worker={self.worker!r})"
+        )
 
     def light(self, keep_values: bool = False) -> GroupResult:
         """The same result without the per-detector values (unless ``keep_values``).

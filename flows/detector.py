@@ -5,10 +5,11 @@ pure stage function from :mod:`tasks` or :mod:`alerts`; the Prefect tasks in
 :mod:`flows.stages` call them for a group of detectors. No science lives here:
 only which inputs each stage gets.
 
-Images are not passed between tasks (a detector's three images are ~10 MB):
-each stage that needs pixels gets the bundle from :func:`get_bundle`, a small
-per-process cache keyed by the files' checksums, so threads share one read
-and Dask workers read what they need.
+Images are not passed between tasks (a detector's three images are ~12 MB in
+the simulator, ~200 MB for LSSTCam): each stage that needs pixels gets the
+bundle from :func:`get_bundle`, a per-process LRU cache within
+``orchestration.bundle_cache_mb``, so threads share one read and a Dask worker
+reads its own groups' bundles once. A group's summary task drops them.
 """
 
 from __future__ import annotations

@@ -94,8 +94,17 @@ def _package(root, visit, det, config, inputs, t):
 
 
 def _produce(root, visit, det, config, inputs, t):
-    # inputs: (package,) or (package, store) — the store only orders and gates it.
-    return produce_detector(visit, det, config, inputs[0])
+    # inputs: (package,) or (package, store) — the store orders and gates it.
+    batch = inputs[0]
+    stored = inputs[1] if len(inputs) > 1 else None
+    if stored is not None and stored.already_stored and config.packaging.do_package:
+        # The detector was committed before this store ran: by an earlier attempt
+        # of this task whose result was lost (a retried store, a Dask worker that
+        # died and whose group was recomputed). The recomputed association saw the
+        # APDB with this visit already in it, so the alerts are rebuilt from what
+        # was committed, as for a detector recovered at flow start.
+        batch = D.recover_detector(root, visit, det, config)
+    return produce_detector(visit, det, config, batch)
 
 
 def _recover(root, visit, det, config, inputs, t):
@@ -234,13 +243,14 @@ def process_visit(
     size = config.orchestration.detectors_per_task
     groups = _chunks(todo, size)
     futures: list[dict[str, Any]] = []
-    place = _placement(len(groups) + len(_chunks(recover, size)))
+    place, on_dask = _placement(len(groups) + len(_chunks(recover, size)))
     for i, g in enumerate(groups):
         args = (bundle_root, info, g, config, time_mjd)
         f: dict[str, Any] = {}
         with place(i):
             f["load"] = t["load"].submit(*args)
-            f["calibrate"] = t["calibrate"].submit(*args)
+            # On Dask, waiting for load puts calibrate beside it (see _placement).
+            f["calibrate"] = t["calibrate"].submit(*args, wait_for=[f["load"]] if on_dask else None)
             f["associate"] = t["associate"].submit(*args, upstream=(f["load"], f["calibrate"]))
             f["forced"] = t["forced"].submit(*args, upstream=(f["associate"],))
             f["store"] = t["store"].submit(*args, upstream=(f["associate"], f["forced"]))
@@ -296,31 +306,28 @@ def _is_dask(runner) -> bool:
 
 
 def _placement(n_groups: int):
-    """Per group index, a context that pins the group's task runs to one Dask worker.
+    """Per group index, a context for submitting the group's task runs; and whether on Dask.
 
-    On a Dask cluster every stage of a group then runs in the same worker process:
-    the stage results (loaded history, stamps, alert bytes: hundreds of MB a group)
+    On a Dask cluster every stage of a group runs in the same worker process: the
+    stage results (loaded history, stamps, alert bytes: hundreds of MB a group)
     stay in that worker's memory instead of being pickled to another, and its
-    bundle cache serves every stage. Groups are dealt round-robin over the workers;
-    ``allow_other_workers`` lets the scheduler move a group if its worker is lost.
-    With the thread runner this is a no-op.
+    bundle cache serves every stage. That follows from data locality alone — a
+    task goes to the worker holding its inputs, and the flow makes ``calibrate``
+    wait for ``load``, so only ``load`` is free to land anywhere — with work
+    stealing off (:func:`local_cluster_kwargs`). No worker is named: a group
+    pinned to a worker address would wait forever for a worker that died (the
+    restarted one has a new address); unpinned, Dask recomputes it elsewhere.
+    Earlier groups get a higher priority, so a worker finishes one group before
+    it starts the next and holds one group's bundles at a time. With the thread
+    runner this is a no-op.
     """
     import contextlib
 
-    runner = _current_runner()
-    workers: list[str] = []
-    if _is_dask(runner) and n_groups > 1:
-        client = runner.client  # connects (or starts the local cluster) on first use
-        workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
-    if len(workers) < 2:
-        return lambda i: contextlib.nullcontext()
+    if not _is_dask(_current_runner()) or n_groups < 2:
+        return (lambda i: contextlib.nullcontext()), False
     import dask
 
-    # Earlier groups first: a worker finishes one group before it starts the next,
-    # so it holds one group's bundles and stage results at a time, not two.
-    return lambda i: dask.annotate(
-        workers=[workers[i % len(workers)]], allow_other_workers=True, priority=n_groups - i
-    )
+    return (lambda i: dask.annotate(priority=n_groups - i)), True
 
 
 def _outcome(f: dict[str, Any]) -> dict[str, Any]:

@@ -385,7 +385,7 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
                     failed.setdefault(det, r)
         for det in g:
             row: dict[str, Any] = {"detector": det}
-            # Which process(es) ran this detector's stages: one, when groups are pinned.
+            # Which process(es) ran this detector's stages: one, when a group stays together.
             ran = sorted({r.worker for r in results.values() if r is not None and r.worker})
             if ran:
                 row["worker"] = ",".join(ran)
@@ -594,7 +594,7 @@ def local_cluster_kwargs() -> dict[str, Any]:
 
     One single-threaded worker process per core: stage code holds the GIL, so a
     second thread in a worker adds contention, not throughput. Work stealing is
-    off: it would move a pinned group's stages to another worker (see
+    off: it would move a group's later stages to another worker (see
     :func:`_placement`) and ship their inputs across; a group still moves when
     its worker is lost.
     """

@@ -34,8 +34,10 @@ By default the shifted kernels are computed once per image on a grid of
 bias is then ≤ (1/64)²/(4σ²) per axis (5e-5 at σ = 1.5 px; below 1e-3 on
 footprints cut by an edge or a mask), and the per-object cost drops to a
 gather. The difference and science images share the kernel lookup and the
-box positions; 2,000 objects then cost ~4 ms per image, most of it the
-memory latency of reading their 81 pixels of image, variance and mask.
+box positions. The sums over image, variance and mask are one compiled loop
+(numba, :func:`_psf_sums`) that reads each object's box rows once: 2,000
+objects on a 4k×4k image cost ~2 ms, nearly all of it waiting on memory for
+the 9 scattered rows of each box on the three planes.
 
 This plays the role of Rubin's ``DiaForcedSourceTask``.
 """
@@ -45,6 +47,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import pandas as pd
 from prefect import task
@@ -230,8 +233,13 @@ def shifted_psf(
 
 def _kernels(
     psf: np.ndarray, x: np.ndarray, y: np.ndarray, fraction: float, steps: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """Nearest pixel centres, the (n, m·m) shifted kernel boxes and their half-width."""
+) -> tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """Nearest pixel centres, box half-width, kernel table and each object's row in it.
+
+    With ``steps`` the table is the per-image grid of shifted kernels
+    (:func:`_kernel_table`); with 0 it holds one exactly shifted kernel per
+    object. Each row is an (m·m) box, row-major.
+    """
     psf = np.ascontiguousarray(psf, dtype=np.float64)
     k = psf.shape[0]
     key = psf.tobytes()
@@ -243,102 +251,128 @@ def _kernels(
         table = _kernel_table(key, k, h, q)
         qa = np.rint((y - iy) * q).astype(np.int64) + q // 2
         qb = np.rint((x - ix) * q).astype(np.int64) + q // 2
-        kern = table[qa * (q + 1) + qb]
+        krow = qa * (q + 1) + qb
     else:
-        kern = shifted_psf(psf, x - ix, y - iy, h).reshape(x.size, -1)
-    return ix, iy, kern, h
+        table = np.ascontiguousarray(shifted_psf(psf, x - ix, y - iy, h).reshape(x.size, -1))
+        krow = np.arange(x.size, dtype=np.int64)
+    return ix, iy, h, table, krow
 
 
-@dataclass(frozen=True, eq=False)
-class _Boxes:
-    """Where the (m, m) summing box of each object lies on an image.
+# Objects per pass of :func:`_psf_sums`: the box rows of this many objects on
+# the three planes (16 objects × 9 rows × 3 planes, ≤ 2 cache lines a row:
+# ~55 KB for 9×9 boxes) are touched first, then summed while they are in L2.
+_CHUNK = 16
 
-    Boxes wholly inside the image (``inner``; all of them when None) are read
-    through a sliding-window view, the others (``outer``) through clipped flat
-    indices with an in-image mask.
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _psf_sums(img, var, mask, bits, nx, ny, ix, iy, h, table, krow, chunk, out):
+    """Σ P·I, Σ P² and Σ P²·V over each object's (2h+1)² box, into ``out`` (n, 3).
+
+    ``img``, ``var`` and ``mask`` are flat views of C-ordered (ny, nx)
+    planes: pixel (y, x) is element ``y·nx + x``. Object o is centred on
+    pixel (ix[o], iy[o]) and weighted by kernel ``table[krow[o]]`` (m·m
+    values, row-major over its box). A pixel counts when it is on the image,
+    its mask has none of ``bits`` set and its value and variance are finite.
+
+    The rows of one box are a whole image row apart (16 KB on a 4k-wide
+    detector), so each is a cache miss that the hardware prefetcher does not
+    foresee, and a summing loop (a dependent chain per object) waits for them
+    one or two at a time. A first loop over ``chunk`` objects therefore only
+    loads both ends of every box row on the three planes: independent loads,
+    many misses in flight at once. Measured with cold caches on 2,000 objects
+    on two 4072×4000 images: ~2–3 ms with that pass, ~5 ms without it and
+    ~7 ms for the numpy gather this replaced.
+
+    Returns the sum of the touched values (so the touch loop is not
+    optimised away); callers ignore it.
     """
-
-    m: int
-    edge: np.ndarray  # bool (n,): the box leaves the image
-    inner: np.ndarray | None  # rows of the inside boxes, None for all rows
-    y0: np.ndarray  # top-left pixel of each inside box
-    x0: np.ndarray
-    outer: np.ndarray  # rows of the edge boxes
-    outer_flat: np.ndarray  # (len(outer), m·m) clipped flat pixel indices
-    inside: np.ndarray | None  # (n, m·m) bool, None when every box is inside
-
-
-def _footprints(ix: np.ndarray, iy: np.ndarray, h: int, shape: tuple[int, int]) -> _Boxes:
-    """The (2h+1)² boxes centred on pixels (ix, iy) of an image of ``shape``."""
-    ny, nx = shape
+    n = ix.size
     m = 2 * h + 1
-    edge = (ix < h) | (ix >= nx - h) | (iy < h) | (iy >= ny - h)
-    if not edge.any():
-        return _Boxes(
-            m,
-            edge,
-            None,
-            iy - h,
-            ix - h,
-            np.empty(0, np.int64),
-            np.empty((0, m * m), np.int64),
-            None,
-        )
-    inner = np.flatnonzero(~edge)
-    outer = np.flatnonzero(edge)
-    off = np.arange(-h, h + 1)
-    yy = iy[outer, None, None] + off[None, :, None]
-    xx = ix[outer, None, None] + off[None, None, :]
-    inside = np.ones((ix.size, m * m), dtype=bool)
-    inside[outer] = ((yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx)).reshape(outer.size, -1)
-    flat = (np.clip(yy, 0, ny - 1) * nx + np.clip(xx, 0, nx - 1)).reshape(outer.size, -1)
-    return _Boxes(m, edge, inner, iy[inner] - h, ix[inner] - h, outer, flat, inside)
+    touched = 0.0
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        for o in range(s, e):
+            x0 = ix[o] - h
+            y0 = iy[o] - h
+            if x0 >= 0 and y0 >= 0 and x0 + m <= nx and y0 + m <= ny:
+                for r in range(m):
+                    a = np.uint64((y0 + r) * nx + x0)
+                    b = a + np.uint64(m - 1)
+                    touched += img[a] + img[b] + var[a] + var[b] + (mask[a] | mask[b])
+        for o in range(s, e):
+            x0 = ix[o] - h
+            y0 = iy[o] - h
+            k = krow[o]
+            num = 0.0
+            p2 = 0.0
+            pv = 0.0
+            for r in range(m):
+                y = y0 + r
+                if y < 0 or y >= ny:
+                    continue
+                for c in range(m):
+                    x = x0 + c
+                    if x < 0 or x >= nx:
+                        continue
+                    j = np.uint64(y * nx + x)
+                    v = img[j]
+                    w = var[j]
+                    if (mask[j] & bits) == 0 and np.isfinite(v) and np.isfinite(w):
+                        p = table[k, r * m + c]
+                        num += p * v
+                        p2 += p * p
+                        pv += p * p * w
+            out[o, 0] = num
+            out[o, 1] = p2
+            out[o, 2] = pv
+    return touched
 
 
-def _gather(plane: np.ndarray, boxes: _Boxes) -> np.ndarray:
-    """(n, m·m) pixel values of ``plane`` in every box (clipped at the edges)."""
-    m = boxes.m
-    # a window view gathers each box row as one run: ~30 % less time than flat
-    # indices on 65 MB planes, where the cost is memory latency
-    if boxes.y0.size:  # (no box is inside an image smaller than a box)
-        windows = np.lib.stride_tricks.sliding_window_view(plane, (m, m))
-        inner = windows[boxes.y0, boxes.x0].reshape(-1, m * m)
-        if boxes.inner is None:
-            return inner
-    out = np.empty((boxes.edge.size, m * m), dtype=plane.dtype)
-    if boxes.y0.size:
-        out[boxes.inner] = inner
-    out[boxes.outer] = plane.reshape(-1).take(boxes.outer_flat)
-    return out
+def _flat(plane: np.ndarray) -> np.ndarray:
+    """A C-ordered, native-byte-order 1-D view of ``plane`` (a copy only if needed)."""
+    plane = np.ascontiguousarray(plane)
+    if not plane.dtype.isnative:
+        plane = plane.astype(plane.dtype.newbyteorder("="))
+    return plane.reshape(-1)
+
+
+def _edge(ix: np.ndarray, iy: np.ndarray, h: int, shape: tuple[int, int]) -> np.ndarray:
+    """bool: the (2h+1)² box centred on pixel (ix, iy) leaves an image of ``shape``."""
+    ny, nx = shape
+    return (ix < h) | (ix >= nx - h) | (iy < h) | (iy >= ny - h)
 
 
 def _sums(
     exposure: Exposure,
-    boxes: _Boxes,
-    kern: np.ndarray,
+    ix: np.ndarray,
+    iy: np.ndarray,
+    h: int,
+    table: np.ndarray,
+    krow: np.ndarray,
     bad_mask_planes: tuple[str, ...],
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Flux and error (nJy) from one gather of image, variance and mask per box."""
-    img = _gather(exposure.image, boxes)
-    var = _gather(exposure.variance, boxes)
+    """Flux and error (nJy) of every object on one exposure."""
     bits = 0
     for plane in bad_mask_planes:
         bits |= 1 << MASK_PLANES[plane]
-    good = np.isfinite(img) & np.isfinite(var)
-    if bits:
-        good &= (_gather(exposure.mask, boxes) & bits) == 0
-    if boxes.inside is not None:
-        good &= boxes.inside
-    if good.all():
-        p = kern
-    else:  # leave the bad pixels out of every sum
-        p = np.where(good, kern, 0.0)
-        img = np.where(good, img, 0.0)
-        var = np.where(good, var, 0.0)
-    # float32 pixels are promoted exactly to float64 inside einsum
-    p2 = np.einsum("oi,oi->o", p, p)
-    num = np.einsum("oi,oi->o", p, img, dtype=np.float64, casting="safe")
-    var_sum = np.einsum("oi,oi->o", p * p, var, dtype=np.float64, casting="safe")
+    ny, nx = exposure.shape
+    out = np.empty((ix.size, 3))
+    _psf_sums(
+        _flat(exposure.image),
+        _flat(exposure.variance),
+        _flat(exposure.mask),
+        bits,
+        nx,
+        ny,
+        ix,
+        iy,
+        h,
+        table,
+        krow,
+        _CHUNK,
+        out,
+    )
+    num, p2, var_sum = out.T
     with np.errstate(invalid="ignore", divide="ignore"):
         flux = np.where(p2 > 0, num / p2, np.nan)
         err = np.where(p2 > 0, np.sqrt(var_sum) / p2, np.nan)
@@ -386,10 +420,9 @@ def measure_psf_flux(
     y = np.asarray(y, dtype=np.float64)
     if x.size == 0:
         return np.empty(0), np.empty(0), np.empty(0, dtype=bool)
-    ix, iy, kern, h = _kernels(exposure.psf, x, y, footprint_fraction, subpixel_steps)
-    boxes = _footprints(ix, iy, h, exposure.shape)
-    flux, err = _sums(exposure, boxes, kern, bad_mask_planes)
-    return flux, err, boxes.edge
+    ix, iy, h, table, krow = _kernels(exposure.psf, x, y, footprint_fraction, subpixel_steps)
+    flux, err = _sums(exposure, ix, iy, h, table, krow, bad_mask_planes)
+    return flux, err, _edge(ix, iy, h, exposure.shape)
 
 
 def forced_photometry(
@@ -468,11 +501,10 @@ def forced_photometry(
     sci = bundle.science
     if sci.shape == diff.shape and np.array_equal(sci.psf, diff.psf):
         # the usual case: one PSF image for both, so one kernel gather and one footprint
-        ix, iy, kern, h = _kernels(diff.psf, x, y, fp, steps)
-        boxes = _footprints(ix, iy, h, diff.shape)
-        psf_flux, psf_err = _sums(diff, boxes, kern, config.bad_mask_planes)
-        sci_flux, sci_err = _sums(sci, boxes, kern, config.bad_mask_planes)
-        edge = boxes.edge
+        ix, iy, h, table, krow = _kernels(diff.psf, x, y, fp, steps)
+        psf_flux, psf_err = _sums(diff, ix, iy, h, table, krow, config.bad_mask_planes)
+        sci_flux, sci_err = _sums(sci, ix, iy, h, table, krow, config.bad_mask_planes)
+        edge = _edge(ix, iy, h, diff.shape)
     else:
         psf_flux, psf_err, edge_d = measure_psf_flux(diff, x, y, **opts)
         sci_flux, sci_err, edge_s = measure_psf_flux(sci, x, y, **opts)

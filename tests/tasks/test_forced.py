@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -195,6 +196,68 @@ def test_boxes_inside_and_at_the_edge_measure_as_one_at_a_time(steps):
         f1, e1, g1 = measure_psf_flux(exp, x[k : k + 1], y[k : k + 1], subpixel_steps=steps)
         assert (f1[0], e1[0], g1[0]) == (flux[k], err[k], edge[k])
     assert np.isfinite(flux).all()
+
+
+def _reference_sums(exp, x, y, bad_bits):
+    """Flux, error (nJy) and edge flag per object over the whole kernel, pixel by pixel."""
+    psf = np.asarray(exp.psf, float)
+    h = psf.shape[0] // 2
+    flux, err, edge = [], [], []
+    for xo, yo in zip(x, y, strict=True):
+        ix, iy = int(np.floor(xo + 0.5)), int(np.floor(yo + 0.5))
+        ny, nx = exp.shape
+        edge.append(not (h <= ix < nx - h and h <= iy < ny - h))
+        kern = shifted_psf(psf, np.array([xo - ix]), np.array([yo - iy]))[0]
+        num = p2 = pv = 0.0
+        for r in range(-h, h + 1):
+            for c in range(-h, h + 1):
+                yy, xx = iy + r, ix + c
+                if not (0 <= yy < exp.shape[0] and 0 <= xx < exp.shape[1]):
+                    continue
+                v, w = float(exp.image[yy, xx]), float(exp.variance[yy, xx])
+                if exp.mask[yy, xx] & bad_bits or not (np.isfinite(v) and np.isfinite(w)):
+                    continue
+                p = kern[r + h, c + h]
+                num, p2, pv = num + p * v, p2 + p * p, pv + p * p * w
+        flux.append(num / p2 * exp.photo_calib)
+        err.append(np.sqrt(pv) / p2 * exp.photo_calib)
+    return np.array(flux), np.array(err), np.array(edge)
+
+
+def test_compiled_sums_match_a_pixel_by_pixel_reference():
+    """NaN values, infinite variances, masked bits, edge boxes; big-endian, strided planes."""
+    shape = (60, 70)
+    rng = np.random.default_rng(11)
+    x = np.r_[rng.uniform(6, 63, 20), [0.2, 69.3, 1.0]]
+    y = np.r_[rng.uniform(6, 53, 20), [30.0, 2.4, 59.4]]
+    image = (render(shape, x, y, np.full(x.size, 300.0)) + rng.normal(0, 2.0, shape)).astype(
+        np.float32
+    )
+    variance = np.full(shape, 4.0, np.float32)
+    mask = np.zeros(shape, np.int32)
+    image[rng.integers(0, 60, 30), rng.integers(0, 70, 30)] = np.nan
+    variance[rng.integers(0, 60, 30), rng.integers(0, 70, 30)] = np.inf
+    mask[rng.integers(0, 60, 40), rng.integers(0, 70, 40)] = 1 << MASK_PLANES["BAD"]
+    mask[rng.integers(0, 60, 40), rng.integers(0, 70, 40)] = 1 << MASK_PLANES["DETECTED"]
+    exp = make_exposure(shape, image=image, variance=variance, mask=mask, photo_calib=0.7)
+    bad = 1 << MASK_PLANES["BAD"]
+    want_f, want_e, want_edge = _reference_sums(exp, x, y, bad)
+    opts = {"bad_mask_planes": ("BAD",), "subpixel_steps": 0, "footprint_fraction": 1.0}
+    f, e, edge = measure_psf_flux(exp, x, y, **opts)
+    np.testing.assert_allclose(f, want_f, rtol=1e-12)
+    np.testing.assert_allclose(e, want_e, rtol=1e-12)
+    assert np.array_equal(edge, want_edge) and edge[-3:].all() and not edge.all()
+
+    # the same pixels as big-endian, non-contiguous planes (as FITS reads can give)
+    def odd(a):
+        big = np.zeros((a.shape[0], 2 * a.shape[1]), a.dtype.newbyteorder(">"))
+        big[:, ::2] = a
+        return big[:, ::2]
+
+    exp2 = dataclasses.replace(exp, image=odd(image), variance=odd(variance), mask=odd(mask))
+    assert not exp2.image.flags.c_contiguous and not exp2.mask.dtype.isnative
+    f2, e2, _ = measure_psf_flux(exp2, x, y, **opts)
+    assert np.array_equal(f2, f) and np.array_equal(e2, e)
 
 
 @pytest.mark.parametrize("case", ["do-run-off", "no-objects"])

@@ -30,7 +30,7 @@ from apdb import sdm
 from tasks.associate import AssociationConfig, associate
 from tasks.bundle import BANDS, DetectorBundle, Exposure, VisitInfo
 from tasks.calibrate import CalibrateConfig, calibrate
-from tasks.forced import ForcedConfig, forced_photometry
+from tasks.forced import ForcedConfig, forced_photometry, objects_after_visit
 from tasks.ids import IdPacker
 from tasks.summarise import SummaryConfig, summarise
 
@@ -181,10 +181,7 @@ def run_once(bundle, objects, history, forced, packer, configs) -> dict[str, flo
         objects, history, assoc.sources, sum_cfg, time_mjd=mjd, forced_sources=forced
     )
     w3, c3 = clock(), cpu()
-    keep = ~np.isin(
-        objects["diaObjectId"].to_numpy(np.int64), updated["diaObjectId"].to_numpy(np.int64)
-    )
-    everything = pd.concat([objects[keep], updated], ignore_index=True)
+    everything = objects_after_visit(objects, updated)
     res = forced_photometry(everything, bundle, fc_cfg, id_packer=packer, time_processed_mjd=mjd)
     w4, c4 = clock(), cpu()
     return {

@@ -31,7 +31,7 @@ from flows.config import PipelineConfig
 from tasks.associate import Association, associate
 from tasks.bundle import DetectorBundle, VisitInfo, read_detector_bundle
 from tasks.calibrate import calibrate
-from tasks.forced import forced_photometry
+from tasks.forced import forced_photometry, objects_after_visit
 from tasks.ids import IdPacker
 from tasks.summarise import summarise
 
@@ -132,7 +132,7 @@ class Associated:
 
     association: Association
     objects: pd.DataFrame  # new and updated DiaObjects (SDM columns)
-    all_objects: pd.DataFrame  # every DiaObject on the detector after this visit
+    all_objects: pd.DataFrame  # every DiaObject on the detector after this visit (OBJECT_COLUMNS)
 
 
 def footprint(bundle: DetectorBundle) -> Polygon:
@@ -198,9 +198,7 @@ def associate_detector(
         time_mjd=time_mjd,
         forced_sources=loaded.forced,
     )
-    touched = set(updated["diaObjectId"].tolist())
-    untouched = loaded.objects[~loaded.objects["diaObjectId"].isin(touched)]
-    all_objects = pd.concat([untouched, updated], ignore_index=True) if len(untouched) else updated
+    all_objects = objects_after_visit(loaded.objects, updated)
     return Associated(association=assoc, objects=updated, all_objects=all_objects)
 
 

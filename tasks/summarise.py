@@ -169,8 +169,17 @@ def _rows_of(ids: np.ndarray, touched: np.ndarray) -> np.ndarray:
 
 
 def _band_codes(values, bands: list[str]) -> np.ndarray:
-    """Index of each value in ``bands``; -1 for other bands and nulls."""
-    text = np.asarray(values, dtype=object).astype(str)  # nulls become "None", "nan", "<NA>"
+    """Index of each value in ``bands``; -1 for other bands and nulls.
+
+    The distinct values are found first (a hash table: a column holds a
+    handful of bands) and only they are compared as text.
+    """
+    codes, distinct = pd.factorize(np.asarray(values, dtype=object))  # nulls: code -1
+    return np.append(_distinct_band_codes(np.asarray(distinct, dtype=object), bands), -1)[codes]
+
+
+def _distinct_band_codes(values: np.ndarray, bands: list[str]) -> np.ndarray:
+    text = values.astype(str)  # nulls would become "None", "nan", "<NA>": no band
     if not bands:
         return np.full(text.size, -1, dtype=np.int64)
     order = np.argsort(bands)
@@ -464,6 +473,8 @@ def summarise(
     sid = np.concatenate([_int64(column_values(df, "diaSourceId")[r]) for df, r, _ in parts])
     _, last_first = np.unique(sid[::-1], return_index=True)
     keep = np.sort(len(sid) - 1 - last_first)
+    if keep.size == sid.size:  # no duplicate: every row, in order
+        keep = slice(None)
     rows = {
         c: column(c)[keep]
         for c in _HISTORY_COLUMNS

@@ -8,7 +8,7 @@ import pytest
 from pandas.core.internals import BlockManager
 
 from tasks.errors import InputError
-from tasks.frames import column_to_numpy, column_values, take_rows
+from tasks.frames import column_to_numpy, column_values, frame_from_blocks, take_rows
 
 
 def mixed_frame() -> pd.DataFrame:
@@ -131,3 +131,35 @@ def test_take_rows_public_path_cases(replace):
     for name, values in replace.items():
         want[name] = values
     pd.testing.assert_frame_equal(take_rows(df, rows, replace), want, check_exact=True)
+
+
+def frame_blocks():
+    n = 4
+    return [
+        (np.arange(2 * n, dtype=np.float64).reshape(2, n), np.array([0, 3], dtype=np.intp)),
+        (np.array([["a", "b", None, "d"]], dtype=object), np.array([1], dtype=np.intp)),
+        (pd.array([1, None, 3, 4], dtype="Int64"), np.array([2], dtype=np.intp)),
+    ]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["private-constructors", "public-api"])
+def test_frame_from_blocks_equals_pandas(monkeypatch, fast):
+    from pandas.api.internals import create_dataframe_from_blocks
+
+    import tasks.frames
+
+    monkeypatch.setattr(tasks.frames, "_FAST_BLOCKS", fast and tasks.frames._FAST_BLOCKS)
+    columns, index = pd.Index(["a", "b", "c", "d"]), pd.RangeIndex(4)
+    got = frame_from_blocks(frame_blocks(), index, columns)
+    want = create_dataframe_from_blocks(frame_blocks(), index=index, columns=columns)
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    got.loc[0, "a"] = -1.0  # owns its arrays, and they are writable
+    assert got.loc[0, "a"] == -1.0
+
+
+def test_frame_from_blocks_checks_lengths_and_positions():
+    columns = pd.Index(["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="a block of 4 rows for an index of 5"):
+        frame_from_blocks(frame_blocks(), pd.RangeIndex(5), columns)
+    with pytest.raises(ValueError, match="blocks hold 4 columns, the frame 5"):
+        frame_from_blocks(frame_blocks(), pd.RangeIndex(4), pd.Index([*columns, "e"]))

@@ -263,6 +263,32 @@ def pair_costs(
     return i, j, cost, sep
 
 
+def _assignment_graph(
+    i: np.ndarray, j: np.ndarray, w: np.ndarray, w_unmatched: float, n_s: int, n_c: int
+) -> sparse.csr_matrix:
+    """The (n_s, n_c + n_s) bipartite graph in CSR form, built directly.
+
+    Row ``s`` holds its candidate columns ``j`` (weights ``w``; ``i, j``
+    sorted by row then column, as :func:`pair_costs` gives them) and then its
+    own unmatched column ``n_c + s`` (weight ``w_unmatched``): the same arrays
+    scipy makes from (row, column) triplets, without the conversion (~0.1 ms).
+    """
+    nnz = w.size + n_s
+    index = np.int32 if max(nnz, n_c + n_s) < np.iinfo(np.int32).max else np.int64
+    indptr = np.zeros(n_s + 1, dtype=index)
+    np.cumsum(np.bincount(i, minlength=n_s) + 1, out=indptr[1:])
+    own = indptr[1:] - 1  # where each row's unmatched entry goes
+    pair = np.ones(nnz, dtype=bool)
+    pair[own] = False
+    indices = np.empty(nnz, dtype=index)
+    indices[pair] = j
+    indices[own] = n_c + np.arange(n_s)
+    data = np.empty(nnz)
+    data[pair] = w
+    data[own] = w_unmatched
+    return sparse.csr_matrix((data, indices, indptr), shape=(n_s, n_c + n_s))
+
+
 def unmatched_cost(config: AssociationConfig) -> float:
     """Cost of leaving a source unmatched: ``0.5·k² + 2·ln(σ_floor)`` (arcsec units)."""
     return 0.5 * config.unmatched_sigma**2 + 2.0 * np.log(config.sigma_floor_arcsec)
@@ -349,11 +375,8 @@ def associate(
         # only objects with a candidate take part; every source has its own unmatched column
         cols, j_local = np.unique(j, return_inverse=True)
         n_c = cols.size
-        w = np.concatenate([cost, np.full(n_s, u_cost)])
-        shift = 1.0 - w.min()
-        rows = np.concatenate([i, np.arange(n_s)])
-        cols_all = np.concatenate([j_local, n_c + np.arange(n_s)])
-        graph = sparse.csr_matrix((w + shift, (rows, cols_all)), shape=(n_s, n_c + n_s))
+        shift = 1.0 - min(cost.min(), u_cost)
+        graph = _assignment_graph(i, j_local, cost + shift, u_cost + shift, n_s, n_c)
         row_ind, col_ind = min_weight_full_bipartite_matching(graph)
         took = col_ind < n_c
         match_obj[row_ind[took]] = cols[col_ind[took]]

@@ -29,6 +29,11 @@ from pandas.api.extensions import no_default as _NO_DEFAULT
 
 from tasks.errors import InputError
 
+try:  # private: the base of pandas' nullable integer, float and boolean arrays
+    from pandas.core.arrays.masked import BaseMaskedArray as _Masked
+except ImportError:  # pragma: no cover - a pandas with another layout
+    _Masked = None
+
 __all__ = ["column_to_numpy", "column_values", "frame_from_blocks", "take_rows"]
 
 
@@ -90,6 +95,20 @@ def column_to_numpy(df: pd.DataFrame, name: str, dtype=None, na_value=_NO_DEFAUL
         if na_value is _NO_DEFAULT or values.dtype.kind in "iub":  # no nulls to fill
             return np.asarray(values, dtype=dtype)
         return df[name].to_numpy(dtype=dtype, na_value=na_value)
+    if (
+        _Masked is not None
+        and isinstance(values, _Masked)
+        and dtype is not None
+        and na_value is not _NO_DEFAULT
+        and na_value is not pd.NA
+        and values._data.dtype.kind in "biu"  # a cast that cannot warn
+    ):
+        # what BaseMaskedArray.to_numpy does, without its warning filters (~15 µs)
+        data = values._data.astype(dtype)
+        mask = values._mask
+        if mask.any():
+            data[mask] = na_value
+        return data
     return values.to_numpy(dtype=dtype, na_value=na_value)
 
 

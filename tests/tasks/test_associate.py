@@ -270,3 +270,24 @@ def test_inputs_not_mutated_and_result_keeps_columns():
 def test_missing_column_is_an_input_error():
     with pytest.raises(InputError, match="DiaSource: missing required column.*diaSourceId"):
         associate(sources([0.0], [0.0]).drop(columns="diaSourceId"), objects([0.0], [0.0]), CFG)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_assignment_graph_is_what_scipy_builds_from_triplets(seed):
+    from scipy import sparse
+
+    from tasks.associate import _assignment_graph
+
+    rng = np.random.default_rng(seed)
+    n_s, n_c = 40, 30
+    pairs = np.unique(np.c_[rng.integers(0, n_s, 90), rng.integers(0, n_c, 90)], axis=0)
+    i, j = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)  # by row, then column
+    w = rng.uniform(1, 50, i.size)
+    want = sparse.csr_matrix(
+        (np.r_[w, np.full(n_s, 45.0)], (np.r_[i, np.arange(n_s)], np.r_[j, n_c + np.arange(n_s)])),
+        shape=(n_s, n_c + n_s),
+    )
+    got = _assignment_graph(i, j, w, 45.0, n_s, n_c)
+    for name in ("indptr", "indices", "data"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name

@@ -102,6 +102,13 @@ def east_north(ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[np.ndarray, np.
     return east, north
 
 
+def _sines(ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[np.ndarray, ...]:
+    """cos α, sin α, cos δ, sin δ for (ra, dec) in degrees, as the two functions above take them."""
+    ra = np.asarray(ra_deg, dtype=np.float64) * DEG
+    dec = np.asarray(dec_deg, dtype=np.float64) * DEG
+    return np.cos(ra), np.sin(ra), np.cos(dec), np.sin(dec)
+
+
 def _pix2world(exposure: Exposure, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     try:
         ra, dec = exposure.wcs.all_pix2world(x, y, 0)
@@ -142,8 +149,12 @@ def sky_jacobian(
     ys = np.concatenate([y, y, y, y + step, y - step])
     ra_all, dec_all = _pix2world(exposure, xs, ys)
     ra, dec = ra_all[:n], dec_all[:n]
-    v = unit_vectors(ra_all, dec_all).reshape(5, n, 3)
-    east, north = east_north(ra, dec)
+    # unit_vectors of all five points and east_north of the first, from one set of sines
+    cos_ra, sin_ra, cos_dec, sin_dec = _sines(ra_all, dec_all)
+    v = np.stack([cos_dec * cos_ra, cos_dec * sin_ra, sin_dec], axis=-1).reshape(5, n, 3)
+    cos_ra, sin_ra, cos_dec, sin_dec = cos_ra[:n], sin_ra[:n], cos_dec[:n], sin_dec[:n]
+    east = np.stack([-sin_ra, cos_ra, np.zeros_like(cos_ra)], axis=-1)
+    north = np.stack([-sin_dec * cos_ra, -sin_dec * sin_ra, cos_dec], axis=-1)
     dvdx = (v[1] - v[2]) / (2 * step)
     dvdy = (v[3] - v[4]) / (2 * step)
     jac = np.empty((n, 2, 2))

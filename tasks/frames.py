@@ -104,10 +104,15 @@ def column_to_numpy(df: pd.DataFrame, name: str, dtype=None, na_value=_NO_DEFAUL
         and values._data.dtype.kind in "biu"  # a cast that cannot warn
     ):
         # what BaseMaskedArray.to_numpy does, without its warning filters (~15 µs)
-        data = values._data.astype(dtype)
         mask = values._mask
-        if mask.any():
-            data[mask] = na_value
+        if not mask.any():  # no copy where none is needed (a read-only view then)
+            data = values._data.astype(dtype, copy=False)
+            if data is values._data:
+                data = data.view()
+                data.flags.writeable = False
+            return data
+        data = values._data.astype(dtype)
+        data[mask] = na_value
         return data
     return values.to_numpy(dtype=dtype, na_value=na_value)
 

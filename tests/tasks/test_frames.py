@@ -19,6 +19,7 @@ def mixed_frame() -> pd.DataFrame:
             "f32": rng.normal(size=5).astype(np.float32),
             "i16": np.arange(5, dtype=np.int16),
             "nullable": pd.array([1, None, 3, None, 5], dtype="Int64"),
+            "full": pd.array([1, 2, 3, 4, 5], dtype="Int64"),
             "flag": pd.array([True, None, False, True, None], dtype="boolean"),
             "band": np.array(["g", "r", None, "i", "z"], dtype=object),
             "text": pd.array(["a", "b", None, "d", "e"], dtype="str"),
@@ -26,7 +27,7 @@ def mixed_frame() -> pd.DataFrame:
     )
 
 
-NAMES = ["f64", "f32", "i16", "nullable", "flag", "band", "text"]
+NAMES = ["f64", "f32", "i16", "nullable", "full", "flag", "band", "text"]
 
 
 def public(df: pd.DataFrame, name: str):
@@ -50,15 +51,28 @@ def test_values_equal_the_public_path(name):
         ("f64", {"dtype": np.float64, "na_value": 0.0}),
         ("nullable", {"dtype": np.int64, "na_value": -1}),
         ("nullable", {"dtype": np.float64, "na_value": np.nan}),
+        ("full", {"dtype": np.int64, "na_value": -1}),
         ("flag", {"dtype": bool, "na_value": False}),
     ],
-    ids=["int-widen", "float", "float-na", "Int64-na", "Int64-float", "boolean-na"],
+    ids=[
+        "int-widen",
+        "float",
+        "float-na",
+        "Int64-na",
+        "Int64-float",
+        "Int64-no-null",
+        "boolean-na",
+    ],
 )
 def test_to_numpy_equals_series_to_numpy(name, kwargs):
     df = mixed_frame()
+    before = df.copy()
     got, want = column_to_numpy(df, name, **kwargs), df[name].to_numpy(**kwargs)
     assert got.dtype == want.dtype
     np.testing.assert_array_equal(got, want)
+    if got.flags.writeable:  # a copy: writing to it leaves the frame alone
+        got[:] = 0
+    pd.testing.assert_frame_equal(df, before)
 
 
 def test_numpy_values_are_read_only_views():

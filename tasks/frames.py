@@ -7,7 +7,7 @@ sliced index) for every read: about 20 µs each, a millisecond per detector.
 the column's position from the column index, then its array. It uses
 ``DataFrame._mgr.iget_values``, private pandas API present since pandas 1.x;
 where it is missing (or the name is duplicated) the public path is taken, with
-the same result (pandas ≥ 2.2 and 3.x checked).
+the same result (tests run with pandas 3.1 and 2.2.3).
 
 :func:`take_rows` selects rows block by block (one numpy fancy index per
 numpy block, ``ExtensionArray.take`` per extension column) and assembles the

@@ -158,14 +158,24 @@ def frame_blocks():
 
 @pytest.mark.parametrize("fast", [True, False], ids=["private-constructors", "public-api"])
 def test_frame_from_blocks_equals_pandas(monkeypatch, fast):
-    from pandas.api.internals import create_dataframe_from_blocks
-
     import tasks.frames
 
     monkeypatch.setattr(tasks.frames, "_FAST_BLOCKS", fast and tasks.frames._FAST_BLOCKS)
     columns, index = pd.Index(["a", "b", "c", "d"]), pd.RangeIndex(4)
     got = frame_from_blocks(frame_blocks(), index, columns)
-    want = create_dataframe_from_blocks(frame_blocks(), index=index, columns=columns)
+    if got is None:  # pandas < 2.3 without the private constructors: the caller's public path
+        assert not fast and tasks.frames._from_blocks is None
+        return
+    want = pd.DataFrame(
+        {
+            "a": np.arange(4, dtype=np.float64),
+            "b": pd.Series(["a", "b", None, "d"], dtype=object),
+            "c": pd.array([1, None, 3, 4], dtype="Int64"),
+            "d": np.arange(4, 8, dtype=np.float64),
+        },
+        index=index,
+        columns=columns,
+    )
     pd.testing.assert_frame_equal(got, want, check_exact=True)
     got.loc[0, "a"] = -1.0  # owns its arrays, and they are writable
     assert got.loc[0, "a"] == -1.0

@@ -6,7 +6,7 @@ Algorithm
 2. Candidates: every (source, object) pair closer than ``max_distance_arcsec``,
    tested on the chord between their unit vectors (radius ``2 sin(θ/2)``), so
    RA wrap-around and the poles need no special case. The pairs tested are
-   those with ``|Δδ|`` within the gate, from one sort of the objects by δ.
+   those with ``|Δδ|`` within the gate, found from the sources sorted by δ.
 3. Cost of a candidate, in the tangent plane at the object (Δα·cos δ and Δδ are
    the projections of the source's unit vector on the object's local east and
    north vectors, in arcsec)::
@@ -184,9 +184,10 @@ def _dec_window_pairs(
 
     A separation within the gate needs ``|Δδ|`` within it, so these pairs hold
     every candidate; the caller applies the exact gate. The sources are sorted
-    by δ and each object looks up its window: ~20 µs for 53 sources and 2,000
-    objects, where building a kd-tree on the objects took ~0.3 ms. The window
-    is widened by a relative 1e-9 so rounding never drops a pair at its edge.
+    by δ and each object looks up its window: ~0.07 ms for 53 sources and
+    2,000 objects, where kd-trees on the unit vectors of both took ~0.5 ms.
+    The window is widened by a relative 1e-9 so rounding never drops a pair at
+    its edge.
     """
     order = np.argsort(src_dec)
     dec_sorted = src_dec[order]

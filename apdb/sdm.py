@@ -22,6 +22,7 @@ import pandas as pd
 import yaml
 
 from tasks.errors import InputError
+from tasks.frames import frame_from_blocks
 
 __all__ = [
     "Column",
@@ -247,6 +248,14 @@ def _masked(v, dt: str, n: int):
     return pd.array(v, dtype=dt)
 
 
+def _null_masked(dt: str, k: int, n: int) -> list:
+    """``k`` fresh all-null masked arrays of dtype ``dt``, rows of two 2-D allocations."""
+    cls, np_dt = _EXTENSION[dt]
+    data = np.zeros((k, n), dtype=np_dt)
+    mask = np.ones((k, n), dtype=bool)
+    return [cls(data[r], mask[r]) for r in range(k)]
+
+
 def frame(data: dict, table: str, n: int) -> pd.DataFrame:
     """Build a ``table`` frame from column arrays in one step (the stages' fast path).
 
@@ -254,10 +263,11 @@ def frame(data: dict, table: str, n: int) -> pd.DataFrame:
     table's columns in schema order and dtype, missing nullable columns null —
     for callers that hold plain arrays of ``n`` rows. It avoids conform's
     per-column pandas round trips: the columns of each numpy dtype are written
-    into one 2-D block and the frame is assembled from its blocks, without
-    pandas' per-column inference (≈ 0.2 ms for the 103-column DiaSource
-    table, against ≈ 5 ms column by column); columns not in the table are
-    ignored.
+    into one 2-D block and the frame is assembled from its blocks
+    (:func:`tasks.frames.frame_from_blocks`), without pandas' per-column
+    inference (≈ 0.2 ms for the 103-column DiaSource table, against ≈ 5 ms
+    column by column); the all-null nullable columns share two allocations
+    per dtype. Columns not in the table are ignored.
 
     Raises
     ------
@@ -267,12 +277,17 @@ def frame(data: dict, table: str, n: int) -> pd.DataFrame:
     names, plan, layout = _frame_plan(table)
     blocks = {dt: (np.empty((pos.size, n), dtype=dt), pos) for dt, pos in layout.items()}
     extension = []
+    null_ext: dict[str, list[int]] = {}  # dtype → where in `extension` its null columns go
     for pos, (name, dt, nullable, row) in enumerate(plan):
         v = data.get(name)
         if v is None and not nullable:
             raise InputError(f"{table}: required column {name!r} is missing")
         try:
             if row < 0:
+                if v is None:
+                    null_ext.setdefault(dt, []).append(len(extension))
+                    extension.append((None, np.array([pos], dtype=np.intp)))
+                    continue
                 arr = _masked(v, dt, n)
                 if len(arr) != n:
                     raise InputError(f"{table}.{name}: {len(arr)} values for {n} rows")
@@ -297,19 +312,18 @@ def frame(data: dict, table: str, n: int) -> pd.DataFrame:
             if isinstance(exc, InputError):
                 raise
             raise InputError(f"{table}.{name}: cannot convert to {dt}: {exc}") from exc
+    for dt, where in null_ext.items():
+        for k, arr in zip(where, _null_masked(dt, len(where), n), strict=True):
+            extension[k] = (arr, extension[k][1])
     index = pd.RangeIndex(n)
-    if _from_blocks is None:  # pandas < 2.3: the public constructor
-        cols = {}
-        for dt, (block, pos) in blocks.items():
-            for r, p in enumerate(pos):
-                cols[names[p]] = pd.Series(block[r], dtype=dt, index=index, copy=False)
-        for arr, pos in extension:
-            cols[names[pos[0]]] = pd.Series(arr, index=index, copy=False)
-        return pd.DataFrame({c: cols[c] for c in names}, index=index, copy=False)
-    return _from_blocks(list(blocks.values()) + extension, index=index, columns=names)
-
-
-try:  # pandas >= 2.3
-    from pandas.api.internals import create_dataframe_from_blocks as _from_blocks
-except ImportError:  # pragma: no cover - older pandas
-    _from_blocks = None
+    out = frame_from_blocks(list(blocks.values()) + extension, index, names)
+    if out is not None:
+        return out
+    # pandas < 2.3: the public constructor
+    cols = {}
+    for dt, (block, pos) in blocks.items():
+        for r, p in enumerate(pos):
+            cols[names[p]] = pd.Series(block[r], dtype=dt, index=index, copy=False)
+    for arr, pos in extension:
+        cols[names[pos[0]]] = pd.Series(arr, index=index, copy=False)
+    return pd.DataFrame({c: cols[c] for c in names}, index=index, copy=False)

@@ -33,6 +33,7 @@ from pydantic import BaseModel, Field
 from apdb import sdm
 from tasks.bundle import DIA_SOURCE_REQUIRED, DetectorBundle, Exposure
 from tasks.errors import InputError
+from tasks.frames import column_values
 from tasks.ids import IdPacker
 
 __all__ = [
@@ -101,6 +102,13 @@ def east_north(ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[np.ndarray, np.
     return east, north
 
 
+def _sines(ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[np.ndarray, ...]:
+    """cos α, sin α, cos δ, sin δ for (ra, dec) in degrees, as the two functions above take them."""
+    ra = np.asarray(ra_deg, dtype=np.float64) * DEG
+    dec = np.asarray(dec_deg, dtype=np.float64) * DEG
+    return np.cos(ra), np.sin(ra), np.cos(dec), np.sin(dec)
+
+
 def _pix2world(exposure: Exposure, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     try:
         ra, dec = exposure.wcs.all_pix2world(x, y, 0)
@@ -141,8 +149,12 @@ def sky_jacobian(
     ys = np.concatenate([y, y, y, y + step, y - step])
     ra_all, dec_all = _pix2world(exposure, xs, ys)
     ra, dec = ra_all[:n], dec_all[:n]
-    v = unit_vectors(ra_all, dec_all).reshape(5, n, 3)
-    east, north = east_north(ra, dec)
+    # unit_vectors of all five points and east_north of the first, from one set of sines
+    cos_ra, sin_ra, cos_dec, sin_dec = _sines(ra_all, dec_all)
+    v = np.stack([cos_dec * cos_ra, cos_dec * sin_ra, sin_dec], axis=-1).reshape(5, n, 3)
+    cos_ra, sin_ra, cos_dec, sin_dec = cos_ra[:n], sin_ra[:n], cos_dec[:n], sin_dec[:n]
+    east = np.stack([-sin_ra, cos_ra, np.zeros_like(cos_ra)], axis=-1)
+    north = np.stack([-sin_dec * cos_ra, -sin_dec * sin_ra, cos_dec], axis=-1)
     dvdx = (v[1] - v[2]) / (2 * step)
     dvdy = (v[3] - v[4]) / (2 * step)
     jac = np.empty((n, 2, 2))
@@ -169,16 +181,23 @@ def float_column(
     """
     if name not in df.columns:
         return None
-    col = df[name]
-    if isinstance(col.dtype, np.dtype) and col.dtype.kind in "fiub":
-        values = col.to_numpy()
+    values = column_values(df, name)
+    if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":
         return (values if rows is None else values[rows]).astype(np.float64)
+    col = df[name]
     if rows is not None:
         col = col.iloc[rows]
     try:
         return pd.to_numeric(col).to_numpy(dtype=np.float64, na_value=np.nan)
     except (TypeError, ValueError) as exc:
         raise InputError(f"{table}: column {name!r} is not numeric: {exc}") from exc
+
+
+def _has_nulls(values) -> bool:
+    """Whether a column's values (numpy array or extension array) hold a null."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iub":
+        return False
+    return bool(pd.isna(values).any())
 
 
 def calibrate(
@@ -245,7 +264,8 @@ def calibrate(
     schema_cols = sdm.dtypes("DiaSource")
     for name in sources.columns:
         if name in schema_cols:
-            out[name] = sources[name].to_numpy()
+            values = column_values(sources, name)
+            out[name] = values if isinstance(values, np.ndarray) else values.to_numpy()
 
     x = float_column(sources, "x")
     y = float_column(sources, "y")
@@ -293,11 +313,11 @@ def calibrate(
     out["midpointMjdTai"] = np.full(n, visit_info.midpointMjdTai, dtype=np.float64)
     out["exposureTime"] = np.full(n, visit_info.exposureTime, dtype=np.float32)
     out["timeProcessedMjdTai"] = np.full(n, time_processed_mjd, dtype=np.float64)
-    out["diaObjectId"] = pd.array([pd.NA] * n, dtype="Int64")
+    out["diaObjectId"] = pd.arrays.IntegerArray(np.ones(n, np.int64), np.ones(n, dtype=bool))
 
     if "bboxSize" not in sources.columns:
         out["bboxSize"] = np.full(n, diff.psf.shape[0], dtype=np.int32)
-    elif sources["bboxSize"].hasnans:
+    elif _has_nulls(column_values(sources, "bboxSize")):
         filled = sources["bboxSize"].fillna(diff.psf.shape[0])
         out["bboxSize"] = filled.to_numpy(dtype=np.int32)
     for name, default in (("psfNdata", diff.psf.size), ("trailNdata", 0), ("dipoleNdata", 0)):

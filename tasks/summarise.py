@@ -73,6 +73,7 @@ from pydantic import BaseModel, Field, field_validator
 from apdb import sdm
 from tasks.bundle import BANDS
 from tasks.calibrate import float_column, require_columns, unit_vectors
+from tasks.frames import column_to_numpy, column_values
 
 __all__ = ["SummaryConfig", "summarise", "summarise_task"]
 
@@ -143,7 +144,14 @@ def _num(df: pd.DataFrame, name: str, rows: np.ndarray | None = None) -> np.ndar
 
 def _ids(df: pd.DataFrame) -> np.ndarray:
     """``diaObjectId`` as int64, nulls as ``_NO_ID``."""
-    return df["diaObjectId"].to_numpy(dtype=np.int64, na_value=_NO_ID)
+    return column_to_numpy(df, "diaObjectId", np.int64, na_value=_NO_ID)
+
+
+def _int64(values) -> np.ndarray:
+    """Column values (numpy or extension array) as int64; an error on nulls."""
+    if isinstance(values, np.ndarray):
+        return np.asarray(values, dtype=np.int64)
+    return values.to_numpy(dtype=np.int64)
 
 
 def _rows_of(ids: np.ndarray, touched: np.ndarray) -> np.ndarray:
@@ -161,8 +169,17 @@ def _rows_of(ids: np.ndarray, touched: np.ndarray) -> np.ndarray:
 
 
 def _band_codes(values, bands: list[str]) -> np.ndarray:
-    """Index of each value in ``bands``; -1 for other bands and nulls."""
-    text = np.asarray(values, dtype=object).astype(str)  # nulls become "None", "nan", "<NA>"
+    """Index of each value in ``bands``; -1 for other bands and nulls.
+
+    The distinct values are found first (a hash table: a column holds a
+    handful of bands) and only they are compared as text.
+    """
+    codes, distinct = pd.factorize(np.asarray(values, dtype=object))  # nulls: code -1
+    return np.append(_distinct_band_codes(np.asarray(distinct, dtype=object), bands), -1)[codes]
+
+
+def _distinct_band_codes(values: np.ndarray, bands: list[str]) -> np.ndarray:
+    text = values.astype(str)  # nulls would become "None", "nan", "<NA>": no band
     if not bands:
         return np.full(text.size, -1, dtype=np.int64)
     order = np.argsort(bands)
@@ -453,19 +470,19 @@ def summarise(
         return np.concatenate([_num(df, name, r) for df, r, _ in parts])
 
     # de-duplicate on diaSourceId, the new row winning (it comes last)
-    sid = np.concatenate(
-        [df["diaSourceId"].array[r].to_numpy(dtype=np.int64) for df, r, _ in parts]
-    )
+    sid = np.concatenate([_int64(column_values(df, "diaSourceId")[r]) for df, r, _ in parts])
     _, last_first = np.unique(sid[::-1], return_index=True)
     keep = np.sort(len(sid) - 1 - last_first)
+    if keep.size == sid.size:  # no duplicate: every row, in order
+        keep = slice(None)
     rows = {
         c: column(c)[keep]
         for c in _HISTORY_COLUMNS
         if c not in ("diaSourceId", "diaObjectId", "band")
     }
-    band = np.concatenate([np.asarray(df["band"].array[r], dtype=object) for df, r, _ in parts])[
-        keep
-    ]
+    band = np.concatenate(
+        [np.asarray(column_values(df, "band")[r], dtype=object) for df, r, _ in parts]
+    )[keep]
     obj = np.searchsorted(touched, np.concatenate([ids for _, _, ids in parts])[keep])
     t = rows["midpointMjdTai"]
     out: dict[str, object] = {"diaObjectId": touched}
@@ -521,7 +538,7 @@ def summarise(
         forced_ids = _ids(forced_sources)
         frows = _rows_of(forced_ids, touched)
         fobj = np.searchsorted(touched, forced_ids[frows])
-        fband = _band_codes(forced_sources["band"].array[frows], bands)
+        fband = _band_codes(column_values(forced_sources, "band")[frows], bands)
         sel = fband >= 0
         fp_mean, fp_err = _weighted_mean(
             fobj[sel] * nb + fband[sel],

@@ -86,6 +86,38 @@ def test_cost_closed_form_with_floor_and_fallback():
     )
 
 
+@pytest.mark.parametrize(
+    ("ra0", "dec0"),
+    [(150.0, 2.0), (0.0, -30.0), (45.0, 89.999), (200.0, -89.9995)],
+    ids=["equator", "ra-wrap", "north-pole", "south-pole"],
+)
+def test_candidates_are_every_pair_within_the_chord(ra0, dec0):
+    """The δ-window search finds exactly the pairs a kd-tree on unit vectors finds."""
+    from scipy.spatial import cKDTree
+
+    from tasks.calibrate import unit_vectors
+
+    rng = np.random.default_rng(11)
+    n_o, n_s = 3000, 300
+    # a dense 20″ patch: many pairs near the 1″ gate edge
+    ora = (ra0 + rng.uniform(-10, 10, n_o) * AS / np.cos(np.radians(dec0))) % 360.0
+    odec = np.clip(dec0 + rng.uniform(-10, 10, n_o) * AS, -90, 90)
+    pick = rng.integers(0, n_o, n_s)
+    sra = (ora[pick] + rng.normal(0, 0.6, n_s) * AS / np.cos(np.radians(odec[pick]))) % 360.0
+    sdec = np.clip(odec[pick] + rng.normal(0, 0.6, n_s) * AS, -90, 90)
+    sig = (np.full(n_s, 0.1), np.full(n_s, 0.1))
+    osig = (np.full(n_o, 0.1), np.full(n_o, 0.1))
+    i, j, _, sep = pair_costs(sra, sdec, sig, ora, odec, osig, CFG)
+    chord = 2.0 * np.sin(np.radians(AS) / 2.0)
+    tree = cKDTree(unit_vectors(sra, sdec)).sparse_distance_matrix(
+        cKDTree(unit_vectors(ora, odec)), chord, output_type="ndarray"
+    )
+    want = sorted(zip(tree["i"].tolist(), tree["j"].tolist(), strict=True))
+    assert len(want) > n_s
+    assert list(zip(i.tolist(), j.tolist(), strict=True)) == want
+    assert (sep <= 1.0 + 1e-9).all()
+
+
 def test_unmatched_cost_is_k_sigma_at_the_floor():
     assert unmatched_cost(CFG) == pytest.approx(0.5 * 100 + 0.5 * np.log(0.05**4))
     cfg = AssociationConfig(unmatched_sigma=3.0, sigma_floor_arcsec=0.1)
@@ -238,3 +270,24 @@ def test_inputs_not_mutated_and_result_keeps_columns():
 def test_missing_column_is_an_input_error():
     with pytest.raises(InputError, match="DiaSource: missing required column.*diaSourceId"):
         associate(sources([0.0], [0.0]).drop(columns="diaSourceId"), objects([0.0], [0.0]), CFG)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_assignment_graph_is_what_scipy_builds_from_triplets(seed):
+    from scipy import sparse
+
+    from tasks.associate import _assignment_graph
+
+    rng = np.random.default_rng(seed)
+    n_s, n_c = 40, 30
+    pairs = np.unique(np.c_[rng.integers(0, n_s, 90), rng.integers(0, n_c, 90)], axis=0)
+    i, j = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)  # by row, then column
+    w = rng.uniform(1, 50, i.size)
+    want = sparse.csr_matrix(
+        (np.r_[w, np.full(n_s, 45.0)], (np.r_[i, np.arange(n_s)], np.r_[j, n_c + np.arange(n_s)])),
+        shape=(n_s, n_c + n_s),
+    )
+    got = _assignment_graph(i, j, w, 45.0, n_s, n_c)
+    for name in ("indptr", "indices", "data"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), name

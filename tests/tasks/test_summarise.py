@@ -333,3 +333,23 @@ def test_inputs_not_mutated_and_missing_column_errors():
     pd.testing.assert_frame_equal(src, before)
     with pytest.raises(InputError, match="DiaSource: missing required column.*psfFluxErr"):
         one(src.drop(columns="psfFluxErr"))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array(["r", None, np.nan, "x", "g", pd.NA, np.str_("i"), "r", ""], dtype=object),
+        pd.array(["r", None, "x", "g", "i", "r", ""], dtype="str"),
+        np.array([], dtype=object),
+    ],
+    ids=["object-with-nulls", "str-dtype", "empty"],
+)
+def test_band_codes_text_match_nulls_and_unknown_bands(values):
+    from tasks.summarise import _band_codes
+
+    bands = ["g", "r", "i"]
+    want = [bands.index(v) if isinstance(v, str) and v in bands else -1 for v in values]
+    got = _band_codes(values, bands)
+    assert got.dtype == np.int64
+    assert got.tolist() == want
+    assert _band_codes(values, []).tolist() == [-1] * len(values)

@@ -4,9 +4,8 @@ Algorithm
 ---------
 1. Sources with a non-finite ``ra``/``dec`` are dropped and counted.
 2. Candidates: every (source, object) pair closer than ``max_distance_arcsec``,
-   tested on the chord between their unit vectors (radius ``2 sin(θ/2)``), so
-   RA wrap-around and the poles need no special case. The pairs tested are
-   those with ``|Δδ|`` within the gate, found from the sources sorted by δ.
+   found with a kd-tree on unit vectors (chord radius ``2 sin(θ/2)``), so RA
+   wrap-around and the poles need no special case.
 3. Cost of a candidate, in the tangent plane at the object (Δα·cos δ and Δδ are
    the projections of the source's unit vector on the object's local east and
    north vectors, in arcsec)::
@@ -65,6 +64,7 @@ nearest-neighbour match.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +74,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 from scipy import sparse
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+from scipy.spatial import cKDTree
 
 from tasks.calibrate import float_column, require_columns, unit_vectors
 from tasks.errors import TooManyNewObjectsError
@@ -177,28 +178,23 @@ def _sigma_arcsec(err_deg: np.ndarray | None, n: int, missing: float) -> np.ndar
     return np.where(np.isfinite(s) & (s > 0), s, missing)
 
 
-def _dec_window_pairs(
-    src_dec: np.ndarray, obj_dec: np.ndarray, radius: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every (source, object) pair with ``|Δδ| ≤ radius`` (rad), sorted by source then object.
+def _candidates(vs: np.ndarray, vo: np.ndarray, chord: float) -> tuple[np.ndarray, np.ndarray]:
+    """(source, object) index pairs whose unit vectors are within ``chord``, sorted by source.
 
-    A separation within the gate needs ``|Δδ|`` within it, so these pairs hold
-    every candidate; the caller applies the exact gate. The sources are sorted
-    by δ and each object looks up its window: ~0.07 ms for 53 sources and
-    2,000 objects, where kd-trees on the unit vectors of both took ~0.5 ms.
-    The window is widened by a relative 1e-9 so rounding never drops a pair at
-    its edge.
+    A kd-tree on the objects' unit vectors, one ball query per source; within
+    a source the objects come in index order. Building the tree unbalanced
+    and without compacting its nodes gives the same pairs for ~0.2 ms instead
+    of ~0.26 ms at 2,000 objects (two trees and ``sparse_distance_matrix``,
+    as before, took ~0.45 ms).
     """
-    order = np.argsort(src_dec)
-    dec_sorted = src_dec[order]
-    half = radius / DEG * (1.0 + 1e-9)
-    lo = np.searchsorted(dec_sorted, obj_dec - half, side="left")
-    counts = np.searchsorted(dec_sorted, obj_dec + half, side="right") - lo
-    j = np.repeat(np.arange(obj_dec.size, dtype=np.int64), counts)
-    first = np.cumsum(counts) - counts  # where each object's pairs start
-    i = order[np.repeat(lo - first, counts) + np.arange(j.size)].astype(np.int64)
-    by_source = np.lexsort((j, i))
-    return i[by_source], j[by_source]
+    if len(vs) == 0 or len(vo) == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    tree = cKDTree(vo, balanced_tree=False, compact_nodes=False)
+    hits = tree.query_ball_point(vs, chord, return_sorted=True)
+    counts = np.fromiter(map(len, hits), dtype=np.int64, count=len(hits))
+    i = np.repeat(np.arange(len(vs), dtype=np.int64), counts)
+    j = np.fromiter(itertools.chain.from_iterable(hits), dtype=np.int64, count=int(counts.sum()))
+    return i, j
 
 
 def _basis(ra_deg: np.ndarray, dec_deg: np.ndarray):
@@ -245,12 +241,10 @@ def pair_costs(
     """
     radius = config.max_distance_arcsec * ARCSEC
     chord = 2.0 * np.sin(radius / 2.0)
-    i, j = _dec_window_pairs(src_dec, obj_dec, radius)
+    vs = unit_vectors(src_ra, src_dec)
+    i, j = _candidates(vs, unit_vectors(obj_ra, obj_dec), chord)
     vo, east, north = _basis(obj_ra[j], obj_dec[j])
-    d = unit_vectors(src_ra, src_dec)[i] - vo
-    # the gate on the chord, summed as scipy's cKDTree does: (dx² + dy²) + dz² ≤ chord²
-    inside = d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2] <= chord * chord
-    i, j, d, east, north = i[inside], j[inside], d[inside], east[inside], north[inside]
+    d = vs[i] - vo
     # tangent-plane offsets (gnomonic-like; error O(θ³) inside a 1" gate)
     da = np.einsum("ij,ij->i", d, east) / ARCSEC
     dd = np.einsum("ij,ij->i", d, north) / ARCSEC

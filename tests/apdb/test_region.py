@@ -54,12 +54,15 @@ def test_circle_cover_contains_every_inside_point(ra0, dec0, radius, order):
 @settings(max_examples=40, deadline=None)
 @given(
     ra0=st.floats(0, 360, exclude_max=True),
-    dec0=st.floats(-89.0, 89.0),
+    dec0=st.floats(-85.0, 85.0),
     half=st.floats(0.01, 1.0),
     rot=st.floats(0, 90),
 )
 def test_polygon_cover_contains_every_inside_point(ra0, dec0, half, rot):
-    # A rotated square (a detector footprint) built in the tangent plane.
+    # A rotated square (a detector footprint) built in the tangent plane. Its
+    # corners are offset by up to 1.41° in δ and by that over cos δ in α, so
+    # within ~1.5° of a pole they pass the pole or fold over (an invalid
+    # polygon, which Polygon rejects): the centres stay within ±85°.
     angles = np.radians(rot + np.array([45.0, 135.0, 225.0, 315.0]))
     x, y = half * np.sqrt(2) * np.cos(angles), half * np.sqrt(2) * np.sin(angles)
     dec_v = dec0 + y

@@ -92,7 +92,7 @@ def test_cost_closed_form_with_floor_and_fallback():
     ids=["equator", "ra-wrap", "north-pole", "south-pole"],
 )
 def test_candidates_are_every_pair_within_the_chord(ra0, dec0):
-    """The δ-window search finds exactly the pairs a kd-tree on unit vectors finds."""
+    """The one-tree ball search finds the pairs of a two-tree search and of brute force."""
     from scipy.spatial import cKDTree
 
     from tasks.calibrate import unit_vectors
@@ -116,6 +116,12 @@ def test_candidates_are_every_pair_within_the_chord(ra0, dec0):
     assert len(want) > n_s
     assert list(zip(i.tolist(), j.tolist(), strict=True)) == want
     assert (sep <= 1.0 + 1e-9).all()
+    d = unit_vectors(sra, sdec)[:, None, :] - unit_vectors(ora, odec)[None, :, :]
+    dist = np.sqrt((d * d).sum(axis=-1))
+    clear = np.abs(dist - chord) > 1e-9 * chord  # leave rounding at the gate edge aside
+    brute = set(zip(*np.nonzero((dist <= chord) & clear), strict=True))
+    got = set(zip(i.tolist(), j.tolist(), strict=True))
+    assert brute == {p for p in got if clear[p]}
 
 
 def test_unmatched_cost_is_k_sigma_at_the_floor():

@@ -56,8 +56,9 @@ from pydantic import BaseModel, Field, field_validator
 
 from apdb import sdm
 from tasks.bundle import MASK_PLANES, DetectorBundle, Exposure
-from tasks.calibrate import require_columns
+from tasks.calibrate import float_column, require_columns
 from tasks.errors import InputError
+from tasks.frames import column_to_numpy, column_values, frame_from_blocks
 from tasks.ids import IdPacker
 
 __all__ = [
@@ -73,6 +74,7 @@ __all__ = [
 
 #: The DiaObject columns :func:`forced_photometry` reads.
 OBJECT_COLUMNS = ("diaObjectId", "ra", "dec", "nDiaSources")
+_OBJECT_INDEX = pd.Index(OBJECT_COLUMNS)
 
 
 class ForcedConfig(BaseModel, frozen=True, extra="forbid"):
@@ -436,14 +438,26 @@ def objects_after_visit(loaded: pd.DataFrame, updated: pd.DataFrame) -> pd.DataF
     Rows of ``loaded`` whose ``diaObjectId`` is in ``updated`` (the new and
     re-summarised objects) are replaced by those: first the untouched loaded
     objects in their order, then ``updated``. Only :data:`OBJECT_COLUMNS` are
-    kept: concatenating the full ~100-column SDM frames cost ~0.6 ms per
-    detector, this ~0.2 ms.
+    kept: concatenating the full ~100-column SDM frames cost ~0.6–2 ms per
+    detector, four numpy concatenations and a frame made
+    from their blocks ~0.1 ms.
     """
     cols = list(OBJECT_COLUMNS)
     require_columns(loaded, cols, "DiaObject")
     require_columns(updated, cols, "DiaObject")
-    ids = loaded["diaObjectId"].to_numpy(dtype=np.int64)
-    keep = ~np.isin(ids, updated["diaObjectId"].to_numpy(dtype=np.int64))
+    ids = column_to_numpy(loaded, "diaObjectId", np.int64)
+    keep = ~np.isin(ids, column_to_numpy(updated, "diaObjectId", np.int64))
+    old = [column_values(loaded, c) for c in cols]
+    new = [column_values(updated, c) for c in cols]
+    if all(
+        isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype
+        for a, b in zip(old, new, strict=True)
+    ):  # the SDM frames' usual case: plain numpy columns, one concatenation each
+        arrays = [np.concatenate([a[keep], b]) for a, b in zip(old, new, strict=True)]
+        n = arrays[0].size
+        blocks = [(a[None, :], np.array([k], dtype=np.intp)) for k, a in enumerate(arrays)]
+        out = frame_from_blocks(blocks, pd.RangeIndex(n), _OBJECT_INDEX)
+        return out if out is not None else pd.DataFrame(dict(zip(cols, arrays, strict=True)))
     if not keep.any():
         return updated[cols].reset_index(drop=True)
     return pd.concat([loaded.loc[keep, cols], updated[cols]], ignore_index=True)
@@ -490,9 +504,10 @@ def forced_photometry(
     require_columns(objects, ["diaObjectId", "ra", "dec", "nDiaSources"], "DiaObject")
     if not config.do_run or len(objects) == 0:
         return ForcedResult(sdm.empty_frame("DiaForcedSource"), np.zeros(0, dtype=bool))
-    nsrc = pd.to_numeric(objects["nDiaSources"]).to_numpy(dtype=np.float64, na_value=0)
-    ra = pd.to_numeric(objects["ra"]).to_numpy(dtype=np.float64, na_value=np.nan)
-    dec = pd.to_numeric(objects["dec"]).to_numpy(dtype=np.float64, na_value=np.nan)
+    nsrc = float_column(objects, "nDiaSources", table="DiaObject")
+    nsrc[np.isnan(nsrc)] = 0.0
+    ra = float_column(objects, "ra", table="DiaObject")
+    dec = float_column(objects, "dec", table="DiaObject")
     eligible = (nsrc >= config.min_dia_sources) & np.isfinite(ra) & np.isfinite(dec)
     n_inel = int((~eligible).sum())
     sel = np.flatnonzero(eligible)
@@ -537,7 +552,7 @@ def forced_photometry(
     v = bundle.visit
     data = {
         "diaForcedSourceId": id_packer.pack(v.visit, bundle.detector, np.arange(n)),
-        "diaObjectId": objects["diaObjectId"].to_numpy(dtype=np.int64)[sel],
+        "diaObjectId": column_to_numpy(objects, "diaObjectId", np.int64)[sel],
         "ra": ra[sel],
         "dec": dec[sel],
         "visit": np.full(n, v.visit, dtype=np.int64),

@@ -204,22 +204,22 @@ def frame_from_blocks(
     """
     n = len(index)
     total = 0
+    made = [] if _FAST_BLOCKS else None  # the blocks, while the fast path applies
     for values, locs in blocks:
         length = values.shape[-1]
         if length != n:
             raise ValueError(f"a block of {length} rows for an index of {n}")
-        total += locs.stop - locs.start if isinstance(locs, slice) else len(locs)
-    if total != len(columns):
-        raise ValueError(f"blocks hold {total} columns, the frame {len(columns)}")
-    if _FAST_BLOCKS:
-        made = []
-        for values, locs in blocks:
+        total += locs.stop - locs.start if type(locs) is slice else len(locs)
+        if made is not None:
             block = _block(values, locs)
             if block is None:
-                break
-            made.append(block)
-        else:
-            return _manager_frame(made, index, columns)
+                made = None
+            else:
+                made.append(block)
+    if total != len(columns):
+        raise ValueError(f"blocks hold {total} columns, the frame {len(columns)}")
+    if made is not None:
+        return _manager_frame(made, index, columns)
     if _from_blocks is None:  # pragma: no cover - older pandas
         return None
     return _from_blocks([(v, _positions(locs)) for v, locs in blocks], index=index, columns=columns)
@@ -274,8 +274,8 @@ def _block_take(df: pd.DataFrame, rows: np.ndarray, replace: dict) -> pd.DataFra
             made = _block(repl.reshape(1, -1) if isinstance(repl, np.ndarray) else repl, locs)
             if made is None:
                 return None
-        else:
-            made = blk.make_block_same_class(_taken(values, rows, every_row))
+        else:  # Block.make_block_same_class without its call
+            made = type(blk)(_taken(values, rows, every_row), placement=locs, ndim=2)
         blocks.append(made)
     if new:  # a replaced column shares a block with others
         return None

@@ -207,14 +207,19 @@ def _frame_plan(table: str) -> tuple[pd.Index, tuple, tuple]:
     The columns with a numpy dtype are grouped into one 2-D block per dtype
     (as pandas' own consolidation would): (dtype, column positions, names,
     nullable flags). Each nullable integer or boolean column is a block of its
-    own: (name, dtype, nullable, positions as a slice).
+    own; they are listed per dtype: (number of them, ((dtype, ((block number
+    in schema order, name, nullable, position as a slice), ...)), ...)).
     """
     cols = columns(table)
     groups: dict[str, list[tuple[int, Column]]] = {}
-    extension = []
+    extension: dict[str, list[tuple[int, str, bool, slice]]] = {}
+    k = 0  # where the column's block goes among the extension blocks (schema order)
     for pos, col in enumerate(cols):
         if col.dtype in _EXTENSION:
-            extension.append((col.name, col.dtype, col.nullable, slice(pos, pos + 1)))
+            extension.setdefault(col.dtype, []).append(
+                (k, col.name, col.nullable, slice(pos, pos + 1))
+            )
+            k += 1
         else:
             groups.setdefault(col.dtype, []).append((pos, col))
     blocks = tuple(
@@ -226,7 +231,8 @@ def _frame_plan(table: str) -> tuple[pd.Index, tuple, tuple]:
         )
         for dt, members in groups.items()
     )
-    return pd.Index([c.name for c in cols]), blocks, tuple(extension)
+    ext = tuple((dt, tuple(members)) for dt, members in extension.items())
+    return pd.Index([c.name for c in cols]), blocks, (k, ext)
 
 
 #: nullable pandas dtypes → their masked array class
@@ -304,34 +310,34 @@ def frame(data: dict, table: str, n: int) -> pd.DataFrame:
     InputError
         A non-nullable column is missing or holds NaN, or a value cannot be cast.
     """
-    names, groups, ext_plan = _frame_plan(table)
+    names, groups, (n_ext, ext_plan) = _frame_plan(table)
     blocks = [
         (_numpy_block(data, table, n, dt, group_names, nullable), pos)
         for dt, pos, group_names, nullable in groups
     ]
-    extension = []
-    null_ext: dict[str, list[int]] = {}  # dtype → where in `extension` its null columns go
-    for name, dt, nullable, pos in ext_plan:
-        v = data.get(name)
-        if v is None:
-            if not nullable:
-                raise InputError(f"{table}: required column {name!r} is missing")
-            null_ext.setdefault(dt, []).append(len(extension))
-            extension.append((None, pos))
-            continue
-        try:
-            arr = _masked(v, dt, n)
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"{table}.{name}: cannot convert to {dt}: {exc}") from exc
-        if len(arr) != n:
-            raise InputError(f"{table}.{name}: {len(arr)} values for {n} rows")
-        extension.append((arr, pos))
-    for dt, where in null_ext.items():  # all-null columns: rows of one data and one mask array
-        cls, np_dt = _EXTENSION[dt]
-        values = np.zeros((len(where), n), dtype=np_dt)
-        mask = np.ones((len(where), n), dtype=bool)
-        for r, k in enumerate(where):
-            extension[k] = (masked_array(cls, values[r], mask[r]), extension[k][1])
+    extension: list = [None] * n_ext
+    for dt, members in ext_plan:
+        nulls = []
+        for k, name, nullable, pos in members:
+            v = data.get(name)
+            if v is None:
+                if not nullable:
+                    raise InputError(f"{table}: required column {name!r} is missing")
+                nulls.append((k, pos))
+                continue
+            try:
+                arr = _masked(v, dt, n)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"{table}.{name}: cannot convert to {dt}: {exc}") from exc
+            if len(arr) != n:
+                raise InputError(f"{table}.{name}: {len(arr)} values for {n} rows")
+            extension[k] = (arr, pos)
+        if nulls:  # all-null columns: rows of one data and one mask array
+            cls, np_dt = _EXTENSION[dt]
+            values = np.zeros((len(nulls), n), dtype=np_dt)
+            mask = np.ones((len(nulls), n), dtype=bool)
+            for r, (k, pos) in enumerate(nulls):
+                extension[k] = (masked_array(cls, values[r], mask[r]), pos)
     index = pd.RangeIndex(n)
     out = frame_from_blocks(blocks + extension, index, names)
     if out is not None:

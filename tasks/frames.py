@@ -158,14 +158,14 @@ def _block(values, locs):
     """One pandas block of ``values`` at ``locs``; None where the fast path does not apply."""
     if not isinstance(locs, _Placement):
         locs = _Placement(locs)
+    if _Masked is not None and isinstance(values, _Masked):  # always 1-D
+        return _ExtensionBlock(values, locs, ndim=2)
     if type(values) is np.ndarray:
         if values.ndim != 2 or values.dtype.kind not in "biufO":
             return None
         return _NumpyBlock(values, locs, ndim=2)
     if values.ndim != 1:
         return None
-    if _Masked is not None and isinstance(values, _Masked):
-        return _ExtensionBlock(values, locs, ndim=2)
     return _new_block(values, locs, ndim=2)
 
 

@@ -72,7 +72,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from apdb import sdm
 from tasks.bundle import BANDS
-from tasks.calibrate import float_column, require_columns, unit_vectors
+from tasks.calibrate import float_column, require_columns
 from tasks.frames import column_to_numpy, column_values
 
 __all__ = ["SummaryConfig", "summarise", "summarise_task"]
@@ -179,13 +179,12 @@ def _band_codes(values, bands: list[str]) -> np.ndarray:
 
 
 def _distinct_band_codes(values: np.ndarray, bands: list[str]) -> np.ndarray:
-    text = values.astype(str)  # nulls would become "None", "nan", "<NA>": no band
-    if not bands:
-        return np.full(text.size, -1, dtype=np.int64)
-    order = np.argsort(bands)
-    known = np.asarray(bands, dtype=str)[order]
-    pos = np.minimum(np.searchsorted(known, text), len(bands) - 1)
-    return np.where(known[pos] == text, order[pos], -1).astype(np.int64)
+    """Index in ``bands`` of each (distinct, so few) value's text; -1 for any other.
+
+    Nulls would read "None", "nan", "<NA>": no band.
+    """
+    index = {b: k for k, b in enumerate(bands)}
+    return np.fromiter((index.get(str(v), -1) for v in values), dtype=np.int64, count=len(values))
 
 
 def _weighted_mean(g, f, e, n_groups):
@@ -201,7 +200,7 @@ def _weighted_mean(g, f, e, n_groups):
 def _segment_starts(keys_sorted: np.ndarray) -> np.ndarray:
     if keys_sorted.size == 0:
         return np.empty(0, dtype=np.int64)
-    return np.flatnonzero(np.r_[True, keys_sorted[1:] != keys_sorted[:-1]])
+    return np.flatnonzero(np.concatenate(([True], keys_sorted[1:] != keys_sorted[:-1])))
 
 
 def _quantile_sorted(values, starts, counts, q):
@@ -471,10 +470,11 @@ def summarise(
 
     # de-duplicate on diaSourceId, the new row winning (it comes last)
     sid = np.concatenate([_int64(column_values(df, "diaSourceId")[r]) for df, r, _ in parts])
-    _, last_first = np.unique(sid[::-1], return_index=True)
-    keep = np.sort(len(sid) - 1 - last_first)
-    if keep.size == sid.size:  # no duplicate: every row, in order
-        keep = slice(None)
+    keep = slice(None)  # no duplicate (the usual case, one sort tells): every row, in order
+    sid_sorted = np.sort(sid)
+    if sid.size and not (sid_sorted[1:] != sid_sorted[:-1]).all():
+        _, last_first = np.unique(sid[::-1], return_index=True)
+        keep = np.sort(len(sid) - 1 - last_first)
     rows = {
         c: column(c)[keep]
         for c in _HISTORY_COLUMNS
@@ -492,8 +492,17 @@ def summarise(
 
     ra, dec = rows["ra"], rows["dec"]
     pos_ok = np.isfinite(ra) & np.isfinite(dec)
-    v = unit_vectors(ra[pos_ok], dec[pos_ok])
-    vs = np.stack([np.bincount(obj[pos_ok], v[:, k], minlength=n_obj) for k in range(3)], 1)
+    # Σ of the unit vectors (as tasks.calibrate.unit_vectors makes them) per object
+    ra_rad, dec_rad, pos_obj = ra[pos_ok] * DEG, dec[pos_ok] * DEG, obj[pos_ok]
+    cos_dec = np.cos(dec_rad)
+    vs = np.stack(
+        [
+            np.bincount(pos_obj, cos_dec * np.cos(ra_rad), minlength=n_obj),
+            np.bincount(pos_obj, cos_dec * np.sin(ra_rad), minlength=n_obj),
+            np.bincount(pos_obj, np.sin(dec_rad), minlength=n_obj),
+        ],
+        1,
+    )
     with np.errstate(invalid="ignore", divide="ignore"):
         norm = np.sqrt((vs**2).sum(1))
         out["ra"] = np.mod(np.arctan2(vs[:, 1], vs[:, 0]) / DEG, 360.0)

@@ -187,3 +187,17 @@ def test_frame_from_blocks_checks_lengths_and_positions():
         frame_from_blocks(frame_blocks(), pd.RangeIndex(5), columns)
     with pytest.raises(ValueError, match="blocks hold 4 columns, the frame 5"):
         frame_from_blocks(frame_blocks(), pd.RangeIndex(4), pd.Index([*columns, "e"]))
+
+
+@pytest.mark.parametrize("simple", [True, False], ids=["simple-new", "public-take"])
+def test_take_rows_masked_columns_both_paths(monkeypatch, simple):
+    """Masked columns taken with ``_simple_new`` or with ``ExtensionArray.take``: the same."""
+    import tasks.frames
+
+    monkeypatch.setattr(tasks.frames, "_SIMPLE_MASKED", simple and tasks.frames._SIMPLE_MASKED)
+    df = mixed_frame()
+    for rows in (np.array([4, 0, 2]), np.arange(5), np.array([], dtype=np.intp)):
+        got = take_rows(df, rows)
+        pd.testing.assert_frame_equal(got, df.iloc[rows].reset_index(drop=True), check_exact=True)
+        for name in ("nullable", "flag"):
+            assert not np.shares_memory(got[name].array._data, df[name].array._data)

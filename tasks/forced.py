@@ -439,8 +439,8 @@ def objects_after_visit(loaded: pd.DataFrame, updated: pd.DataFrame) -> pd.DataF
     re-summarised objects) are replaced by those: first the untouched loaded
     objects in their order, then ``updated``. Only :data:`OBJECT_COLUMNS` are
     kept: concatenating the full ~100-column SDM frames cost ~0.6–2 ms per
-    detector, four numpy concatenations and a frame made
-    from their blocks ~0.1 ms.
+    detector, four numpy concatenations and a frame made from their blocks
+    ~0.1 ms.
     """
     cols = list(OBJECT_COLUMNS)
     require_columns(loaded, cols, "DiaObject")

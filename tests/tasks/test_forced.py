@@ -16,7 +16,14 @@ from astropy.wcs import WCS
 from apdb import sdm
 from tasks.bundle import MASK_PLANES
 from tasks.errors import InputError
-from tasks.forced import ForcedConfig, forced_photometry, measure_psf_flux, shifted_psf
+from tasks.forced import (
+    OBJECT_COLUMNS,
+    ForcedConfig,
+    forced_photometry,
+    measure_psf_flux,
+    objects_after_visit,
+    shifted_psf,
+)
 from tasks.ids import IdPacker
 from tests.tasks.factories import (
     gaussian_psf,
@@ -258,6 +265,35 @@ def test_compiled_sums_match_a_pixel_by_pixel_reference():
     assert not exp2.image.flags.c_contiguous and not exp2.mask.dtype.isnative
     f2, e2, _ = measure_psf_flux(exp2, x, y, **opts)
     assert np.array_equal(f2, f) and np.array_equal(e2, e)
+
+
+@pytest.mark.parametrize("nullable", [False, True], ids=["numpy-columns", "nullable-column"])
+def test_objects_after_visit_replaces_updated_rows_and_keeps_order(nullable):
+    loaded = pd.DataFrame(
+        {
+            "diaObjectId": np.array([10, 11, 12, 13], np.int64),
+            "ra": [1.0, 2.0, 3.0, 4.0],
+            "dec": [-1.0, -2.0, -3.0, -4.0],
+            "nDiaSources": np.array([2, 3, 4, 5], np.int32),
+            "other": ["a", "b", "c", "d"],
+        }
+    )
+    updated = pd.DataFrame(
+        {
+            "diaObjectId": np.array([12, 99], np.int64),
+            "ra": [3.5, 9.0],
+            "dec": [-3.5, -9.0],
+            "nDiaSources": pd.array([5, 1], dtype="Int32") if nullable else np.int32([5, 1]),
+        }
+    )
+    out = objects_after_visit(loaded, updated)
+    assert list(out.columns) == list(OBJECT_COLUMNS)
+    assert out["diaObjectId"].tolist() == [10, 11, 13, 12, 99]
+    assert out["ra"].tolist() == [1.0, 2.0, 4.0, 3.5, 9.0]
+    assert out["nDiaSources"].tolist() == [2, 3, 5, 5, 1]
+    assert out.index.equals(pd.RangeIndex(5))
+    with pytest.raises(InputError, match="nDiaSources"):
+        objects_after_visit(loaded.drop(columns="nDiaSources"), updated)
 
 
 @pytest.mark.parametrize("case", ["do-run-off", "no-objects"])

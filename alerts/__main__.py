@@ -64,7 +64,7 @@ def _list(args) -> int:
 
 def _show(args) -> int:
     from alerts.viewer import show_alert
-    from tasks.errors import InputError
+    from core.errors import InputError
 
     try:
         print(show_alert(args.file, args.id, args.png, _storage_options(args)))

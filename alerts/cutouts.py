@@ -49,8 +49,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from tasks.bundle import IMAGE_KINDS, MASK_PLANES, DetectorBundle, Exposure
-from tasks.errors import InputError
+from core.bundle import IMAGE_KINDS, MASK_PLANES, DetectorBundle, Exposure
+from core.errors import InputError
 
 __all__ = [
     "CutoutConfig",

@@ -39,7 +39,7 @@ from pydantic import BaseModel, Field, SecretStr
 
 from alerts.packet import AlertBatch, wire_header
 from alerts.store import DeadLetterStore
-from tasks.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = [
     "KafkaConfig",

@@ -29,7 +29,7 @@ so nothing else is needed to reuse their encoding.
 
 Nulls: in a DataFrame, a pandas ``NA``/``None`` or a float ``NaN`` is null: it
 is written as Avro ``null`` in a nullable field, and in a field the schema
-declares non-nullable it is an :class:`~tasks.errors.AlertError` naming the
+declares non-nullable it is an :class:`~core.errors.AlertError` naming the
 record, field and row. Dict records (:func:`encode_alert_records`) treat only
 ``None`` as null, so a NaN there is written as NaN, which Avro allows.
 """
@@ -51,8 +51,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, field_validator
 
-from tasks.bundle import VisitInfo
-from tasks.errors import AlertError, ConfigError
+from core.bundle import VisitInfo
+from core.errors import AlertError, ConfigError
 
 __all__ = [
     "AlertBatch",

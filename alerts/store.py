@@ -15,7 +15,7 @@ the object is sent with one PUT (or one completed multipart upload), which S3
 makes visible only once complete. No reader ever sees a half-written file
 under its final name. A write that fails because the store could not be
 reached (connection refused or dropped, timeout, HTTP 5xx after the client's
-own retries) raises :class:`~tasks.errors.TransientError`, which the flow's
+own retries) raises :class:`~core.errors.TransientError`, which the flow's
 tasks retry; rewriting the same name is harmless.
 
 The dead-letter store has the same format in its own location, with unique
@@ -45,7 +45,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from alerts.packet import AlertBatch, AlertSchema, load_schema, varint
-from tasks.errors import AlertError, InputError, TransientError
+from core.errors import AlertError, InputError, TransientError
 
 __all__ = [
     "AlertStoreConfig",

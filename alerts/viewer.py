@@ -30,7 +30,7 @@ from astropy.io import fits
 from astropy.visualization import AsinhStretch, ImageNormalize, ManualInterval, ZScaleInterval
 
 from alerts.store import read_alert_file
-from tasks.errors import InputError
+from core.errors import InputError
 
 __all__ = [
     "BAND_COLORS",

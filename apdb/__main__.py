@@ -27,7 +27,7 @@ import pandas as pd
 
 from apdb.config import ApdbConfig
 from apdb.region import Circle
-from tasks.errors import PipelineError
+from core.errors import PipelineError
 
 
 def _open(url: str, **kwargs):

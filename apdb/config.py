@@ -8,7 +8,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from pydantic import BaseModel, Field, SecretStr, model_validator
 
-from tasks.errors import ConfigError
+from core.errors import ConfigError
 
 __all__ = ["ApdbConfig"]
 

@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 import hpgeom
 import numpy as np
 
-from tasks.errors import InputError
+from core.errors import InputError
 
 __all__ = ["Circle", "Polygon", "Region", "unit_vectors"]
 

@@ -61,8 +61,8 @@ primary key and the second one finds it stored.
 Errors
 ------
 Connection and lock problems (``OperationalError`` that is not a schema
-problem, pool timeouts) raise :class:`tasks.errors.TransientError`;
-integrity and schema problems raise :class:`tasks.errors.ApdbError`.
+problem, pool timeouts) raise :class:`core.errors.TransientError`;
+integrity and schema problems raise :class:`core.errors.ApdbError`.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ from apdb import sdm
 from apdb.config import ApdbConfig
 from apdb.interface import Apdb, StoreResult
 from apdb.region import Region
-from tasks.errors import ApdbError, InputError, SchemaVersionError, TransientError
+from core.errors import ApdbError, InputError, SchemaVersionError, TransientError
 
 __all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
 

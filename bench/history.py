@@ -14,7 +14,7 @@ take hours); it is built directly, vectorised over whole visits:
    path: the same sources and detection rule as the rendered bundles, with
    analytic measurement noise) turned into SDM ``DiaSource`` rows — positions
    from the detector WCS, instrumental fluxes × PHOTCALIB → nJy, IDs from
-   :class:`tasks.ids.IdPacker` exactly as the calibrate stage makes them.
+   :class:`core.ids.IdPacker` exactly as the calibrate stage makes them.
 2. Association by truth: every detection of a variable star or transient
    joins the DiaObject created by that object's first detection that passes
    the association quality cut (:class:`tasks.associate.AssociationConfig`:
@@ -56,8 +56,8 @@ import pandas as pd
 from apdb import sdm
 from apdb.config import ApdbConfig
 from apdb.sql import LAST_TABLE, MARKER_TABLE, PAYLOAD_COLUMN, PIXEL_COLUMN, ApdbSql, _Columns
+from core.ids import IdConfig, IdPacker
 from tasks.associate import AssociationConfig
-from tasks.ids import IdConfig, IdPacker
 from tasks.summarise import SummaryConfig, summarise
 
 __all__ = ["HistorySpec", "Prepared", "fresh_apdb", "prepare"]

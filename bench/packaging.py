@@ -47,7 +47,7 @@ from astropy.wcs import WCS
 from alerts.cutouts import CutoutConfig, cutout_origin, cutout_side, local_wcs, make_cutouts
 from alerts.packet import PackagingConfig, decode_alert, load_schema, package_alerts
 from apdb import sdm
-from tasks.bundle import DetectorBundle, Exposure, VisitInfo
+from core.bundle import DetectorBundle, Exposure, VisitInfo
 
 NX = NY = 2048
 MJD = 61000.25
@@ -338,9 +338,9 @@ STAGES = ("load", "cutout", "package")
 
 def run_visit_case(case: Path, detectors: list[int] | None, repeat: int) -> dict:
     """Per-detector CPU of load, cutout and package on a copy of the case's SQLite APDB."""
+    from core.bundle import read_visit_info
     from flows import detector as stage
     from flows.config import PipelineConfig
-    from tasks.bundle import read_visit_info
 
     root = case / "bundles"
     visit_no = next(int(d.name) for d in sorted(root.iterdir()) if (d / "visit.json").exists())

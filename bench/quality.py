@@ -38,12 +38,12 @@ import pandas as pd
 from scipy.spatial import cKDTree
 
 from apdb import sdm
+from core.bundle import detector_path, read_detector_bundle
+from core.ids import IdPacker
 from sim.scoring import load_truth, pull_statistics, score_association, score_forced
 from tasks.associate import AssociationConfig, associate
-from tasks.bundle import detector_path, read_detector_bundle
 from tasks.calibrate import CalibrateConfig, calibrate
 from tasks.forced import ForcedConfig, forced_photometry
-from tasks.ids import IdPacker
 from tasks.summarise import SummaryConfig, summarise
 
 HISTORY_DAYS = 360.0

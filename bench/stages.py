@@ -29,11 +29,11 @@ import pandas as pd
 from astropy.wcs import WCS
 
 from apdb import sdm
+from core.bundle import BANDS, DetectorBundle, Exposure, VisitInfo
+from core.ids import IdPacker
 from tasks.associate import AssociationConfig, associate
-from tasks.bundle import BANDS, DetectorBundle, Exposure, VisitInfo
 from tasks.calibrate import CalibrateConfig, calibrate
 from tasks.forced import ForcedConfig, forced_photometry, objects_after_visit
-from tasks.ids import IdPacker
 from tasks.summarise import SummaryConfig, summarise
 
 NX, NY = 4072, 4000

@@ -394,7 +394,7 @@ def run_case(args, *, log=print) -> dict:
 
 
 def _visit_mjd(prepared: Prepared) -> float:
-    from tasks.bundle import read_visit_info
+    from core.bundle import read_visit_info
 
     return float(read_visit_info(prepared.bundle_root, prepared.visit).midpointMjdTai)
 

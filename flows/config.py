@@ -19,11 +19,11 @@ from alerts.kafka import KafkaConfig
 from alerts.packet import PackagingConfig
 from alerts.store import AlertStoreConfig
 from apdb.config import ApdbConfig
+from core.bundle import ReaderConfig
+from core.ids import IdConfig
 from tasks.associate import AssociationConfig
-from tasks.bundle import ReaderConfig
 from tasks.calibrate import CalibrateConfig
 from tasks.forced import ForcedConfig
-from tasks.ids import IdConfig
 from tasks.summarise import SummaryConfig
 
 __all__ = ["AlertOutputConfig", "OrchestrationConfig", "PipelineConfig"]

@@ -27,12 +27,12 @@ from alerts.packet import AlertBatch, package_alerts
 from apdb import Apdb, Polygon, make_apdb
 from apdb.config import ApdbConfig
 from apdb.interface import StoreResult
+from core.bundle import DetectorBundle, VisitInfo, read_detector_bundle
+from core.ids import IdPacker
 from flows.config import PipelineConfig
 from tasks.associate import Association, associate
-from tasks.bundle import DetectorBundle, VisitInfo, read_detector_bundle
 from tasks.calibrate import calibrate
 from tasks.forced import forced_photometry, objects_after_visit
-from tasks.ids import IdPacker
 from tasks.summarise import summarise
 
 __all__ = [

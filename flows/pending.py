@@ -8,10 +8,10 @@ the APDB's (visit, detector) marker table and processes them, oldest first.
 import fsspec
 from prefect import flow, get_run_logger
 
+from core.bundle import read_visit_info
 from flows.config import PipelineConfig
 from flows.detector import get_apdb
 from flows.visit import process_visit
-from tasks.bundle import read_visit_info
 
 __all__ = ["find_pending_visits", "process_pending_visits"]
 

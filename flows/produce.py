@@ -18,9 +18,9 @@ import fsspec
 from alerts.kafka import produce_alerts
 from alerts.packet import AlertBatch
 from alerts.store import DeadLetterStore, _atomic_write, write_alerts
+from core.bundle import VisitInfo
+from core.errors import AlertError
 from flows.config import PipelineConfig
-from tasks.bundle import VisitInfo
-from tasks.errors import AlertError
 
 __all__ = ["finished_detectors", "produce_detector", "receipt_url"]
 

@@ -10,7 +10,7 @@ gives the one-task-per-detector picture.
 Every task returns a :class:`GroupResult`: per-detector outputs, errors,
 timings and counts. A detector that fails (bad input, too many new objects, a
 bug) is recorded in ``errors`` and skipped by later stages; its siblings go on.
-A :class:`~tasks.errors.TransientError` on any detector fails the task run so
+A :class:`~core.errors.TransientError` on any detector fails the task run so
 Prefect retries it (exponential backoff with jitter); nothing else is retried.
 
 Caching: the key of a task run is built from identities only — stage name,
@@ -40,9 +40,9 @@ import fsspec
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from core.bundle import IMAGE_KINDS, VisitInfo, detector_path
+from core.errors import PipelineError, TransientError
 from flows.config import PipelineConfig
-from tasks.bundle import IMAGE_KINDS, VisitInfo, detector_path
-from tasks.errors import PipelineError, TransientError
 
 __all__ = ["STAGES", "GroupResult", "stage_task", "summary_task"]
 

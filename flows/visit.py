@@ -21,13 +21,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import wait
 from prefect.states import Completed
 
+from core.bundle import VisitInfo, read_visit_info
+from core.errors import InputError, TransientError
 from flows import detector as D
 from flows.config import PipelineConfig
 from flows.produce import finished_detectors, produce_detector
 from flows.report import png_data_uri, visit_figure_png
 from flows.stages import STAGES, GroupResult, configure, stage_task, summary_task
-from tasks.bundle import VisitInfo, read_visit_info
-from tasks.errors import InputError, TransientError
 
 __all__ = ["VisitResult", "main", "process_visit"]
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from tasks.bundle import BANDS
+from core.bundle import BANDS
 
 __all__ = ["LSSTCAM_DETECTOR_SIZE", "SurveyConfig"]
 

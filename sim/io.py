@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from astropy.io import fits
 
-from tasks.bundle import MASK_PLANES
+from core.bundle import MASK_PLANES
 
 __all__ = ["FitsWriter", "fits_bytes", "parquet_bytes", "write_bytes"]
 

@@ -41,8 +41,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tasks.bundle import detector_path
-from tasks.ids import IdPacker
+from core.bundle import detector_path
+from core.ids import IdPacker
 
 __all__ = [
     "load_truth",

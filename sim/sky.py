@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tasks.bundle import BANDS
+from core.bundle import BANDS
 
 __all__ = ["KINDS", "Sky", "mag_to_njy"]
 

@@ -33,6 +33,7 @@ from astropy.io import fits
 from astropy.wcs import WCS
 from scipy.special import ndtr
 
+from core.bundle import MASK_PLANES, VisitInfo, detector_path, visit_path
 from sim import io as simio
 from sim.config import DEFAULT_PHOTCALIB, DEFAULT_SKY, SurveyConfig
 from sim.focalplane import (
@@ -45,7 +46,6 @@ from sim.focalplane import (
 )
 from sim.psf import Psf, gather, psf_photometry, refine_centroid, render
 from sim.sky import KINDS, Sky
-from tasks.bundle import MASK_PLANES, VisitInfo, detector_path, visit_path
 
 __all__ = ["CATALOG_COLUMNS", "TRUTH_COLUMNS", "Survey", "VisitParams"]
 

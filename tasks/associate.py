@@ -76,9 +76,9 @@ from scipy import sparse
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from scipy.spatial import cKDTree
 
+from core.errors import TooManyNewObjectsError
+from core.frames import column_to_numpy, take_rows
 from tasks.calibrate import float_column, require_columns, unit_vectors
-from tasks.errors import TooManyNewObjectsError
-from tasks.frames import column_to_numpy, take_rows
 
 __all__ = [
     "Association",

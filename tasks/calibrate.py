@@ -31,10 +31,10 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from apdb import sdm
-from tasks.bundle import DIA_SOURCE_REQUIRED, DetectorBundle, Exposure
-from tasks.errors import InputError
-from tasks.frames import column_values
-from tasks.ids import IdPacker
+from core.bundle import DIA_SOURCE_REQUIRED, DetectorBundle, Exposure
+from core.errors import InputError
+from core.frames import column_values
+from core.ids import IdPacker
 
 __all__ = [
     "CalibrateConfig",

@@ -55,11 +55,11 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, field_validator
 
 from apdb import sdm
-from tasks.bundle import MASK_PLANES, DetectorBundle, Exposure
+from core.bundle import MASK_PLANES, DetectorBundle, Exposure
+from core.errors import InputError
+from core.frames import column_to_numpy, column_values, frame_from_blocks
+from core.ids import IdPacker
 from tasks.calibrate import float_column, require_columns
-from tasks.errors import InputError
-from tasks.frames import column_to_numpy, column_values, frame_from_blocks
-from tasks.ids import IdPacker
 
 __all__ = [
     "ForcedConfig",
@@ -94,7 +94,7 @@ class ForcedConfig(BaseModel, frozen=True, extra="forbid"):
     bad_mask_planes: tuple[str, ...] = Field(
         ("BAD", "SAT", "NO_DATA"),
         description="Pixels with any of these mask planes set are left out of the sums "
-        "(names of tasks.bundle.MASK_PLANES). Rubin: the forced measurement's badMaskPlanes.",
+        "(names of core.bundle.MASK_PLANES). Rubin: the forced measurement's badMaskPlanes.",
     )
 
     footprint_fraction: float = Field(

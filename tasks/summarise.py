@@ -71,9 +71,9 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, field_validator
 
 from apdb import sdm
-from tasks.bundle import BANDS
+from core.bundle import BANDS
+from core.frames import column_to_numpy, column_values
 from tasks.calibrate import float_column, require_columns
-from tasks.frames import column_to_numpy, column_values
 
 __all__ = ["SummaryConfig", "summarise", "summarise_task"]
 

@@ -8,7 +8,7 @@ import pytest
 from astropy.wcs import WCS
 
 from apdb import sdm
-from tasks.bundle import DetectorBundle, Exposure, VisitInfo
+from core.bundle import DetectorBundle, Exposure, VisitInfo
 
 NX, NY = 400, 300
 PIXEL_SCALE_DEG = 0.2 / 3600.0

@@ -12,12 +12,13 @@ from astropy.io import fits
 from astropy.nddata import CCDData, VarianceUncertainty
 
 from alerts.cutouts import CutoutConfig, cutout_side, make_cutouts
-from tasks.bundle import MASK_PLANES
-from tasks.errors import InputError
+from core.bundle import MASK_PLANES
+from core.errors import InputError
+from tests.data import RUBIN_ALERTS
 
 from .conftest import NX, NY, make_bundle
 
-REAL = "/work/shared/data/rubin-lsstcam-alerts/part-2-918301.avro"
+REAL = str(RUBIN_ALERTS)
 
 
 def _sources(bundle, x, y, bbox=None):

@@ -14,7 +14,7 @@ from alerts.cutouts import make_cutouts
 from alerts.kafka import KafkaConfig, produce_alerts, producer_config
 from alerts.packet import decode_alert, package_alerts
 from alerts.store import DeadLetterStore
-from tasks.errors import ConfigError
+from core.errors import ConfigError
 
 from .conftest import make_alert_inputs
 from .kafka_util import consume_all

@@ -20,12 +20,13 @@ from alerts.packet import (
     package_alerts,
     wire_header,
 )
-from tasks.bundle import VisitInfo
-from tasks.errors import AlertError, ConfigError
+from core.bundle import VisitInfo
+from core.errors import AlertError, ConfigError
+from tests.data import RUBIN_ALERTS
 
 from .conftest import make_alert_inputs
 
-REAL = "/work/shared/data/rubin-lsstcam-alerts/part-2-918301.avro"
+REAL = str(RUBIN_ALERTS)
 VERSIONS = ["10.0", "11.0", "11.1"]
 
 

@@ -18,10 +18,10 @@ from lsst.alert.packet import Schema, get_schema_path
 from alerts.cutouts import make_cutouts
 from alerts.packet import PackagingConfig, decode_alert, package_alerts
 from apdb import sdm
+from core.bundle import read_detector_bundle
+from core.ids import IdPacker
 from sim import Survey, SurveyConfig
-from tasks.bundle import read_detector_bundle
 from tasks.calibrate import CalibrateConfig, calibrate
-from tasks.ids import IdPacker
 from tasks.summarise import SummaryConfig, summarise
 
 

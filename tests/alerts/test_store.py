@@ -18,7 +18,8 @@ from alerts.store import (
     read_alert_file,
     write_alerts,
 )
-from tasks.errors import InputError
+from core.errors import InputError
+from tests.data import RUBIN_ALERTS
 
 from .conftest import make_alert_inputs
 
@@ -144,7 +145,7 @@ def test_real_rubin_packets_round_trip_through_an_alert_file(tmp_path):
     from alerts.store import write_alert_file
 
     schema = load_schema("11.1")
-    with open("/work/shared/data/rubin-lsstcam-alerts/part-2-918301.avro", "rb") as f:
+    with open(RUBIN_ALERTS, "rb") as f:
         real = [clean_alert_record(r, schema) for r in fastavro.reader(f)]
     payloads = encode_alert_records(real, schema)
     ids = np.array([r["diaSourceId"] for r in real], dtype=np.int64)

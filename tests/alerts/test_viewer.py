@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,21 +23,18 @@ from alerts.viewer import (
     select_alert,
     summarize_alert,
 )
-from tasks.errors import InputError
+from core.errors import InputError
+from tests.data import RUBIN_ALERTS
 
 from .conftest import make_alert_inputs
 
-# the 7 real LSSTCam packets, beside the repository (../shared/data/...)
-REAL = str(
-    Path(__file__).resolve().parents[3] / "shared/data/rubin-lsstcam-alerts/part-2-918301.avro"
-)
+# the 7 real LSSTCam packets (tests/data)
+REAL = str(RUBIN_ALERTS)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def real_alerts() -> list[dict]:
-    if not os.path.exists(REAL):
-        pytest.skip(f"{REAL} (the 7 real LSSTCam alerts) is not on this machine")
     return load_alerts(REAL)
 
 

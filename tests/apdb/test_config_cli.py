@@ -9,7 +9,7 @@ import pytest
 from apdb.__main__ import main
 from apdb.config import ApdbConfig
 from apdb.sql import ApdbSql
-from tasks.errors import ConfigError
+from core.errors import ConfigError
 from tests.apdb.conftest import store_detector
 
 

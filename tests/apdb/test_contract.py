@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from apdb import Circle, Polygon, make_apdb, sdm
 from apdb.config import ApdbConfig
 from apdb.sql import ApdbSql
-from tasks.errors import ApdbError, InputError, SchemaVersionError, TransientError
+from core.errors import ApdbError, InputError, SchemaVersionError, TransientError
 from tests.apdb.conftest import make_forced, make_objects, make_sources, store_detector
 
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apdb.region import Circle, Polygon
-from tasks.errors import InputError
+from core.errors import InputError
 
 
 def _in_ranges(pixels: np.ndarray, ranges: np.ndarray) -> np.ndarray:

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import tasks.frames
+import core.frames
 from apdb import sdm
-from tasks.errors import InputError
+from core.errors import InputError
 
 
 def source_columns(n: int) -> dict:
@@ -41,8 +41,8 @@ def source_columns(n: int) -> dict:
 @pytest.mark.parametrize("fast", [True, False], ids=["private", "public"])
 def test_frame_equals_conform(monkeypatch, n, fast):
     if not fast:
-        monkeypatch.setattr(tasks.frames, "_FAST_BLOCKS", False)
-        monkeypatch.setattr(tasks.frames, "_SIMPLE_MASKED", False)
+        monkeypatch.setattr(core.frames, "_FAST_BLOCKS", False)
+        monkeypatch.setattr(core.frames, "_SIMPLE_MASKED", False)
     data = source_columns(n)
     got = sdm.frame(data, "DiaSource", n)
     want = sdm.conform(pd.DataFrame(data), "DiaSource")

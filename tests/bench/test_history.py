@@ -21,8 +21,8 @@ from bench.history import (
     bulk_load,
     dia_sources,
 )
+from core.ids import IdConfig, IdPacker
 from tasks.associate import AssociationConfig
-from tasks.ids import IdConfig, IdPacker
 
 
 def _sources(flags_bad, reliability, ids) -> pd.DataFrame:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from core.bundle import read_visit_info
 from flows import detector as D
-from tasks.bundle import read_visit_info
 from tests.conftest import make_config
 
 

@@ -7,7 +7,7 @@ connection, refuses new ones for a while, then listens again. moto's state
 lives in the test process, so the bucket survives the "restart", as a real
 store's does.
 
-Guarantees tested: a failed write raises :class:`~tasks.errors.TransientError`
+Guarantees tested: a failed write raises :class:`~core.errors.TransientError`
 (the flow's tasks retry on it, and only on it); no partial object ever appears
 under a final name; the retried write leaves complete alert files.
 """
@@ -25,8 +25,8 @@ import pytest
 from alerts.cutouts import make_cutouts
 from alerts.packet import package_alerts
 from alerts.store import AlertStoreConfig, read_alert_batch, write_alerts
+from core.errors import TransientError
 from flows.visit import run_visit
-from tasks.errors import TransientError
 from tests.alerts.conftest import make_alert_inputs
 from tests.conftest import free_port as _free_port
 from tests.conftest import make_config

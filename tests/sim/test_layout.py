@@ -12,8 +12,8 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from apdb import sdm
+from core.bundle import BANDS, MASK_PLANES
 from sim.survey import CATALOG_COLUMNS, TRUTH_COLUMNS, TRUTH_OBJECT_COLUMNS
-from tasks.bundle import BANDS, MASK_PLANES
 from tests.sim.fitsread import read_image, read_parquet
 
 FILES = (
@@ -197,8 +197,8 @@ def test_wcs_headers_parse_without_warnings(small_root):
 
 
 def test_bundle_reader_accepts_every_detector(small_root, small_survey):
-    """The pipeline's own reader (tasks.bundle) validates what the simulator writes."""
-    from tasks.bundle import read_detector_bundle, read_visit_info
+    """The pipeline's own reader (core.bundle) validates what the simulator writes."""
+    from core.bundle import read_detector_bundle, read_visit_info
 
     info = read_visit_info(small_root, 1)
     assert info == small_survey.visit_info(1)

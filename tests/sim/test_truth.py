@@ -76,7 +76,7 @@ def test_bogus_are_flagged_and_unreliable(small_root, small_survey):
 
 def test_flags_follow_mask_pixels(small_root, small_survey):
     """A source flagged for a mask plane has that plane set near its centre."""
-    from tasks.bundle import MASK_PLANES
+    from core.bundle import MASK_PLANES
 
     checked = 0
     for visit in (0, 1):

@@ -7,7 +7,7 @@ import pandas as pd
 from astropy.wcs import WCS
 from scipy.special import erf
 
-from tasks.bundle import DetectorBundle, Exposure, VisitInfo
+from core.bundle import DetectorBundle, Exposure, VisitInfo
 
 
 def tan_wcs(

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from apdb import sdm
+from core.errors import InputError, TooManyNewObjectsError
 from tasks.associate import AssociationConfig, associate, pair_costs, unmatched_cost
-from tasks.errors import InputError, TooManyNewObjectsError
 
 AS = 1.0 / 3600.0
 CFG = AssociationConfig()

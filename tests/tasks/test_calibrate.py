@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from apdb import sdm
+from core.errors import IdOverflowError, InputError
+from core.ids import IdConfig, IdPacker
 from tasks.calibrate import CalibrateConfig, calibrate, sky_jacobian
-from tasks.errors import IdOverflowError, InputError
-from tasks.ids import IdConfig, IdPacker
 from tests.tasks.factories import make_bundle, make_exposure, raw_sources, tan_wcs
 
 PACKER = IdPacker()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from pathlib import Path
 
 import fastavro
 import numpy as np
@@ -14,8 +13,9 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from apdb import sdm
-from tasks.bundle import MASK_PLANES
-from tasks.errors import InputError
+from core.bundle import MASK_PLANES
+from core.errors import InputError
+from core.ids import IdPacker
 from tasks.forced import (
     OBJECT_COLUMNS,
     ForcedConfig,
@@ -24,7 +24,7 @@ from tasks.forced import (
     objects_after_visit,
     shifted_psf,
 )
-from tasks.ids import IdPacker
+from tests.data import RUBIN_ALERTS
 from tests.tasks.factories import (
     gaussian_psf,
     make_bundle,
@@ -35,9 +35,7 @@ from tests.tasks.factories import (
 )
 
 PACKER = IdPacker()
-ALERTS = Path(__file__).resolve().parents[3] / "shared/data/rubin-lsstcam-alerts/part-2-918301.avro"
-if not ALERTS.exists():  # the checkout may live elsewhere; the data sits at a fixed place
-    ALERTS = Path("/work/shared/data/rubin-lsstcam-alerts/part-2-918301.avro")
+ALERTS = RUBIN_ALERTS
 
 
 def objects_at(wcs, x, y, n_src=3, first_id=1):
@@ -328,7 +326,6 @@ def _alerts():
         return list(fastavro.reader(fh))
 
 
-@pytest.mark.skipif(not ALERTS.exists(), reason="LSSTCam alert sample not present")
 def test_real_lsstcam_stamps_reproduce_packet_psf_flux():
     """Forced photometry at CRPIX of each real difference stamp gives the packet's psfFlux.
 

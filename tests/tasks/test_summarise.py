@@ -8,7 +8,7 @@ import pytest
 from astropy.timeseries import LombScargle
 
 from apdb import sdm
-from tasks.errors import InputError
+from core.errors import InputError
 from tasks.summarise import SummaryConfig, summarise
 
 ALL_PLUGINS = SummaryConfig(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, Field
 
-from tasks.errors import IdOverflowError
+from core.errors import IdOverflowError
 
 __all__ = ["IdConfig", "IdPacker"]
 

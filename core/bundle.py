@@ -36,7 +36,7 @@ from astropy.utils.exceptions import AstropyWarning
 from astropy.wcs import WCS, FITSFixedWarning
 from pydantic import BaseModel, Field
 
-from tasks.errors import InputError, TransientError
+from core.errors import InputError, TransientError
 
 __all__ = [
     "BANDS",

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.errors import IdOverflowError
-from tasks.ids import IdConfig, IdPacker
+from core.errors import IdOverflowError
+from core.ids import IdConfig, IdPacker
 
 PACKER = IdPacker()
 

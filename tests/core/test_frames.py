@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from pandas.core.internals import BlockManager
 
-from tasks.errors import InputError
-from tasks.frames import column_to_numpy, column_values, frame_from_blocks, take_rows
+from core.errors import InputError
+from core.frames import column_to_numpy, column_values, frame_from_blocks, take_rows
 
 
 def mixed_frame() -> pd.DataFrame:
@@ -158,13 +158,13 @@ def frame_blocks():
 
 @pytest.mark.parametrize("fast", [True, False], ids=["private-constructors", "public-api"])
 def test_frame_from_blocks_equals_pandas(monkeypatch, fast):
-    import tasks.frames
+    import core.frames
 
-    monkeypatch.setattr(tasks.frames, "_FAST_BLOCKS", fast and tasks.frames._FAST_BLOCKS)
+    monkeypatch.setattr(core.frames, "_FAST_BLOCKS", fast and core.frames._FAST_BLOCKS)
     columns, index = pd.Index(["a", "b", "c", "d"]), pd.RangeIndex(4)
     got = frame_from_blocks(frame_blocks(), index, columns)
     if got is None:  # pandas < 2.3 without the private constructors: the caller's public path
-        assert not fast and tasks.frames._from_blocks is None
+        assert not fast and core.frames._from_blocks is None
         return
     want = pd.DataFrame(
         {
@@ -192,9 +192,9 @@ def test_frame_from_blocks_checks_lengths_and_positions():
 @pytest.mark.parametrize("simple", [True, False], ids=["simple-new", "public-take"])
 def test_take_rows_masked_columns_both_paths(monkeypatch, simple):
     """Masked columns taken with ``_simple_new`` or with ``ExtensionArray.take``: the same."""
-    import tasks.frames
+    import core.frames
 
-    monkeypatch.setattr(tasks.frames, "_SIMPLE_MASKED", simple and tasks.frames._SIMPLE_MASKED)
+    monkeypatch.setattr(core.frames, "_SIMPLE_MASKED", simple and core.frames._SIMPLE_MASKED)
     df = mixed_frame()
     for rows in (np.array([4, 0, 2]), np.arange(5), np.array([], dtype=np.intp)):
         got = take_rows(df, rows)

@@ -29,7 +29,7 @@ import pandas as pd
 from pandas.api.extensions import ExtensionArray
 from pandas.api.extensions import no_default as _NO_DEFAULT
 
-from tasks.errors import InputError
+from core.errors import InputError
 
 try:  # private: the base of pandas' nullable integer, float and boolean arrays
     from pandas.core.arrays.masked import BaseMaskedArray as _Masked

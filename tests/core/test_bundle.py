@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from tasks.bundle import (
+from core.bundle import (
     MASK_PLANES,
     ReaderConfig,
     read_detector_bundle,
     read_visit_info,
 )
-from tasks.errors import InputError
+from core.errors import InputError
 
 VISIT, DETECTOR, SHAPE = 42, 7, (64, 80)
 

@@ -22,7 +22,7 @@ from core.bundle import VisitInfo
 from core.errors import AlertError
 from flows.config import PipelineConfig
 
-__all__ = ["finished_detectors", "produce_detector", "receipt_url"]
+__all__ = ["finished_detectors", "produce_detector", "receipt_url", "receipts_by_visit"]
 
 
 def receipt_url(config: PipelineConfig, visit: int, detector: int) -> str:
@@ -30,19 +30,30 @@ def receipt_url(config: PipelineConfig, visit: int, detector: int) -> str:
     return f"{config.output.store.location.rstrip('/')}/receipts/{int(visit)}_{int(detector)}.json"
 
 
-def finished_detectors(config: PipelineConfig, visit: int) -> set[int]:
-    """Detectors of ``visit`` whose alerts were produced (receipt written)."""
+def receipts_by_visit(config: PipelineConfig, visit: int | None = None) -> dict[int, set[int]]:
+    """Visit → detectors with a receipt, from one listing of the receipt directory.
+
+    With ``visit``, only that visit's receipts are kept.
+    """
     base = f"{config.output.store.location.rstrip('/')}/receipts"
     fs, path = fsspec.core.url_to_fs(base, **dict(config.output.store.storage_options))
     if not fs.exists(path):
-        return set()
-    prefix = f"{int(visit)}_"
-    out = set()
+        return {}
+    out: dict[int, set[int]] = {}
     for p in fs.ls(path, detail=False):
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith(prefix) and name.endswith(".json"):
-            out.add(int(name[len(prefix) : -5]))
+        v, sep, rest = name.partition("_")
+        if not (sep and name.endswith(".json") and v.isdigit() and rest[:-5].isdigit()):
+            continue
+        if visit is not None and int(v) != int(visit):
+            continue
+        out.setdefault(int(v), set()).add(int(rest[:-5]))
     return out
+
+
+def finished_detectors(config: PipelineConfig, visit: int) -> set[int]:
+    """Detectors of ``visit`` whose alerts were produced (receipt written)."""
+    return receipts_by_visit(config, visit).get(int(visit), set())
 
 
 def produce_detector(

@@ -31,6 +31,10 @@ class ApdbError(PipelineError):
     """The APDB refused an operation (incompatible schema, integrity conflict)."""
 
 
+class OutOfOrderError(ApdbError):
+    """The APDB already holds a later visit of this sky area than the one being processed."""
+
+
 class SchemaVersionError(ApdbError):
     """The database was made with a schema version this code cannot use."""
 

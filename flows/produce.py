@@ -17,7 +17,7 @@ import fsspec
 
 from alerts.kafka import produce_alerts
 from alerts.packet import AlertBatch
-from alerts.store import DeadLetterStore, _atomic_write, write_alerts
+from alerts.store import DeadLetterStore, _atomic_write, write_alerts_with_digest
 from core.bundle import VisitInfo
 from core.errors import AlertError
 from flows.config import PipelineConfig
@@ -68,8 +68,9 @@ def produce_detector(
     Returns
     -------
     (value, counts)
-        ``value``: ``alerts``, ``file`` (URL or None), ``delivered``,
-        ``dead_letters`` (URL or None); ``counts`` the same numbers.
+        ``value``: ``alerts``, ``file`` (URL or None), ``sha256`` (of the file's
+        bytes, when written), ``delivered``, ``dead_letters`` (URL or None);
+        ``counts`` the same numbers. The receipt holds the same.
     """
     out: dict[str, Any] = {"alerts": 0, "file": None, "delivered": 0, "dead_letters": None}
     if batch is None or len(batch) == 0:
@@ -77,7 +78,7 @@ def produce_detector(
         return out, {"alerts": 0, "delivered": 0, "failed": 0}
     out["alerts"] = len(batch)
     if config.output.do_write_alerts:
-        out["file"] = write_alerts(batch, config.output.store)
+        out["file"], out["sha256"] = write_alerts_with_digest(batch, config.output.store)
     failed = 0
     if config.output.do_produce_alerts:
         dead = (

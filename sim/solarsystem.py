@@ -135,9 +135,10 @@ class SolarSystemConfig(BaseModel, frozen=True, extra="forbid"):
         0.05, ge=0, le=1, description="Share of near-Earth bodies (the rest are main-belt-like)."
     )
     sigma_along_arcsec: tuple[float, float] = Field(
-        (0.05, 0.4),
+        (0.05, 0.25),
         description="Median 1σ along-track prediction error (arcsec) of main-belt and "
-        "near-Earth orbits; each body's scale is log-normal (0.5 in ln) around it.",
+        "near-Earth orbits at the body's reference time; each body's scale is log-normal "
+        "(0.5 in ln) around it, and grows on the sky as the body nears the Earth (r/Δ).",
     )
     sigma_cross_arcsec: tuple[float, float] = Field(
         (0.02, 0.12),
@@ -382,12 +383,17 @@ def ss_object_id(packed: str) -> int:
 
 
 def _designation(rng: np.random.Generator, serial: int) -> str:
-    """A provisional designation, unique through ``serial`` (< 372,000): half-month,
-    second letter and cycle count; the year is drawn."""
-    year = 2000 + int(rng.integers(5, 26))
-    half = _HALF_MONTHS[serial % 24]
-    cycle = serial // 600
-    return f"{year} {half}{_SECOND[(serial // 24) % 25]}{cycle or ''}"
+    """A provisional designation, unique through ``serial``: half-month, second
+    letter and cycle count (372,000 per year), the year counted up from a drawn
+    start in 2005–2015."""
+    per_year = 24 * 25 * 620
+    year = 2005 + int(rng.integers(0, 11)) + serial // per_year
+    if year > 2099:
+        raise ValueError(f"too many bodies for provisional designations: {serial + 1}")
+    k = serial % per_year
+    half = _HALF_MONTHS[k % 24]
+    cycle = k // 600
+    return f"{year} {half}{_SECOND[(k // 24) % 25]}{cycle or ''}"
 
 
 # ------------------------------------------------------------------ the population
@@ -523,7 +529,10 @@ class SolarSystem:
         )
         rows = known[sel]
         g = {k: v[sel] for k, v in geo.items()}
-        err = np.hypot(self.sigma_along[rows], self.sigma_cross[rows]) / np.sqrt(2)
+        # the orbit's 1σ, seen from here: element errors scale with r/Δ on the sky
+        grow = (g["helioRange"] / g["topoRange"]) / (1 / 3600.0 * np.pi / 180.0)
+        err_al, err_cr = self.sigma_mean_anomaly[rows] * grow, self.sigma_plane[rows] * grow
+        err = np.hypot(err_al, err_cr) / np.sqrt(2)
         cols = {
             "ssObjectId": self.ss_object_id[rows],
             "designation": self.designation[rows],

@@ -14,7 +14,6 @@ from sim.solarsystem import (
     GM_SUN,
     ORBIT_COLUMNS,
     Orbits,
-    SolarSystem,
     SolarSystemConfig,
     elements_from_state,
     observe,
@@ -93,14 +92,17 @@ def test_observer_is_at_earth_and_on_its_surface():
     speed_km_s = np.linalg.norm(vel, axis=1) * 149597870.7 / 86400
     assert ((speed_km_s > 29.0) & (speed_km_s < 30.6)).all()
     from astropy.coordinates import get_body_barycentric
-
     from astropy.time import Time
 
     t = Time(mjd, format="mjd", scale="tai")
     geo = (
-        get_body_barycentric("earth", t, ephemeris="builtin")
-        - get_body_barycentric("sun", t, ephemeris="builtin")
-    ).xyz.to_value("km").T
+        (
+            get_body_barycentric("earth", t, ephemeris="builtin")
+            - get_body_barycentric("sun", t, ephemeris="builtin")
+        )
+        .xyz.to_value("km")
+        .T
+    )
     off = np.linalg.norm(pos * 149597870.7 - geo, axis=1)
     assert ((off > 6370) & (off < 6382)).all()  # Cerro Pachón, 2.7 km above a 6373 km radius
 

@@ -912,13 +912,8 @@ class ApdbSql(Apdb):
         names = list(sdm.dtypes("SSSource"))
         if ids.size == 0:
             return sdm.empty_frame("SSSource")
-        if self.dialect == "sqlite":
-            where = '"diaSourceId" IN (SELECT value FROM json_each(?))'
-            params: list = ["[" + ",".join(map(str, ids.tolist())) + "]"]
-        else:
-            where = '"diaSourceId" = ANY(%s)'
-            params = [ids.tolist()]
-        rows = self._select("SSSource", names, where, params, "read SSSource")
+        test, param = self._id_filter(ids)
+        rows = self._select("SSSource", names, f'"diaSourceId" {test}', [param], "read SSSource")
         return _frame(rows, names, sdm.dtypes("SSSource"))
 
     def get_object_history(self, object_ids) -> pd.DataFrame:

@@ -135,7 +135,7 @@ def test_bodies_pass_through_their_drawn_positions(survey):
     assert len(mov) == len(ss) > 10
     geo = observe(ss.orbits, mov["refMjd"].to_numpy())
     sep = _sep_arcsec(geo["ra"], geo["dec"], mov["ra"].to_numpy(), mov["dec"].to_numpy())
-    assert sep.max() < 1e-4
+    assert sep.max() < 5e-3  # one light-time iteration: < 2 km off, a few mas
     truth = ss.truth()
     # main belt and near-Earth populations, bound orbits
     assert (truth["e"] < 1).all() and truth["nearEarth"].any() is not None

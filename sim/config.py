@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from core.bundle import BANDS
+from sim.solarsystem import SolarSystemConfig
 
 __all__ = ["LSSTCAM_DETECTOR_SIZE", "SurveyConfig"]
 
@@ -167,7 +168,15 @@ class SurveyConfig(BaseModel, frozen=True, extra="forbid"):
         (18.0, 23.0), description="AB magnitude range of moving objects (r band)."
     )
     moving_speed_range: tuple[float, float] = Field(
-        (0.02, 0.5), description="Sky speed range of moving objects (deg/day, log-uniform)."
+        (0.02, 0.5),
+        description="Sky speed range (deg/day, log-uniform) of the sky's linear-motion draw "
+        "(sim.sky.Sky.positions); the survey moves its moving objects on Keplerian orbits "
+        "(solar_system) instead.",
+    )
+    solar_system: SolarSystemConfig = Field(
+        SolarSystemConfig(),
+        description="Orbits, known share and prediction errors of the moving objects "
+        "(sim.solarsystem).",
     )
     ap_radius_px: float = Field(
         12.0,

@@ -46,6 +46,7 @@ from sim.focalplane import (
 )
 from sim.psf import Psf, gather, psf_photometry, refine_centroid, render
 from sim.sky import KINDS, Sky
+from sim.solarsystem import EPHEMERIS_FILE, SolarSystem
 
 __all__ = ["CATALOG_COLUMNS", "TRUTH_COLUMNS", "Survey", "VisitParams"]
 
@@ -53,6 +54,7 @@ __all__ = ["CATALOG_COLUMNS", "TRUTH_COLUMNS", "Survey", "VisitParams"]
 _VISIT, _BOGUS, _SCI_NOISE, _TMPL_NOISE, _BADCOL, _CALIB, _RELIAB, _FAST, _SKY, _TRIAL = range(
     1, 11
 )
+_SOLAR = 11
 BOGUS_KINDS = ("bogus_noise", "bogus_dipole", "bogus_cr")
 _BIT = {k: np.int32(1 << v) for k, v in MASK_PLANES.items()}
 
@@ -226,6 +228,7 @@ class Survey:
             counts[kind] = round(real * share / rate) if rate > 0 and share > 0 else 0
         self.counts = counts
         self.sky = Sky(counts, self.field_radius, cfg, _rng(cfg.seed, _SKY))
+        self.solar_system = self._solar_system(self.sky, _rng(cfg.seed, _SOLAR))
 
     # ------------------------------------------------------------------ visits
     @lru_cache(maxsize=64)  # noqa: B019 - a survey lives as long as its visits are used
@@ -305,6 +308,34 @@ class Survey:
         out.insert(3, "dec", dec)
         return out
 
+    # ---------------------------------------------------------- solar system
+    def _solar_system(self, sky: Sky, rng: np.random.Generator) -> SolarSystem:
+        """Keplerian orbits for ``sky``'s moving objects, through their refMjd positions."""
+        cfg = self.config
+        rows = np.flatnonzero(sky._kind == "moving")
+        a = sky._arrays
+        ra, dec = gnomonic_inverse(a["xi"][rows], a["eta"][rows], cfg.field_ra, cfg.field_dec)
+        v_mag = 31.4 - 2.5 * np.log10(a["r_flux"][rows])
+        return SolarSystem(
+            rows, ra, dec, a["refMjd"][rows], v_mag, cfg.solar_system, rng, n_rows=len(sky)
+        )
+
+    def _sky_positions(self, sky: Sky, solar: SolarSystem, mjd: float):
+        """Field tangent-plane ``(xi, eta)`` of every object of ``sky`` at ``mjd``."""
+        xi, eta = sky.positions(mjd)
+        if len(solar):
+            geo = solar.geometry(mjd)
+            cfg = self.config
+            xi[solar.truth_ids], eta[solar.truth_ids] = gnomonic_forward(
+                geo["ra"], geo["dec"], cfg.field_ra, cfg.field_dec
+            )
+        return xi, eta
+
+    def ephemerides(self, visit: int) -> pd.DataFrame:
+        """The known asteroids' ephemeris table of ``visit`` (``{visit}/ephemerides.parquet``)."""
+        vp = self.visit_params(visit)
+        return self.solar_system.ephemerides(vp.mjd, vp.ra, vp.dec, self.field_radius)
+
     # ---------------------------------------------------------- focal plane
     def _focal_positions(self, vp: VisitParams, xi: np.ndarray, eta: np.ndarray):
         """Field tangent-plane coordinates → focal-plane pixels (u, v) of a visit."""
@@ -319,7 +350,7 @@ class Survey:
     @lru_cache(maxsize=4)  # noqa: B019
     def _visit_objects(self, visit: int):
         vp = self.visit_params(visit)
-        xi, eta = self.sky.positions(vp.mjd)
+        xi, eta = self._sky_positions(self.sky, self.solar_system, vp.mjd)
         u, v, ra, dec = self._focal_positions(vp, xi, eta)
         sci, tmpl = self.sky.fluxes(vp.mjd, vp.band)
         order = np.argsort(u, kind="stable")
@@ -358,11 +389,12 @@ class Survey:
         """Mean DiaSources per detector per visit contributed by one object of ``kind``."""
         cfg = self.config
         trial = Sky({kind: n_trial}, self.field_radius, cfg, _rng(cfg.seed, _TRIAL, len(kind)))
+        solar = self._solar_system(trial, _rng(cfg.seed, _TRIAL, _SOLAR))
         visits = np.unique(np.linspace(0, cfg.n_visits - 1, 12).round().astype(int))
         total = 0.0
         for visit in visits:
             vp = self.visit_params(int(visit))
-            xi, eta = trial.positions(vp.mjd)
+            xi, eta = self._sky_positions(trial, solar, vp.mjd)
             u, v, _, _ = self._focal_positions(vp, xi, eta)
             det, _, _ = self.focal_plane.locate(u, v)
             sci, tmpl = trial.fluxes(vp.mjd, vp.band)
@@ -602,8 +634,8 @@ class Survey:
         tid = cand["truthId"][keep]
         mov = kind == "moving"
         if mov.any():
-            a = self.sky._arrays
-            speed[mov] = np.hypot(a["xiRate"][tid[mov]], a["etaRate"][tid[mov]])
+            solar = self.solar_system
+            speed[mov] = solar.geometry(vp.mjd)["rate"][solar.index[tid[mov]]]
         out["trailLength"] = (
             speed * cfg.exposure_time / 86400.0 * 3600.0 / cfg.pixel_scale_arcsec
         ).astype(np.float32)
@@ -900,6 +932,13 @@ class Survey:
                 simio.json_bytes(self.visit_info(visit).to_json_dict()),
             )
         ]
+        if self.config.solar_system.write_ephemerides:
+            written.append(
+                simio.write_bytes(
+                    f"{visit_path(root, visit)}/{EPHEMERIS_FILE}",
+                    simio.parquet_bytes(self.ephemerides(visit)),
+                )
+            )
         if truth_catalog:
             fs, path = fsspec.core.url_to_fs(self.truth_catalog_path(root))
             if not fs.exists(path):
@@ -964,10 +1003,19 @@ class Survey:
         return f"{root.rstrip('/')}/truth/objects.parquet"
 
     def write_truth(self, root: str) -> str:
-        """Write the survey catalogue (:meth:`truth_catalog`) to ``{root}/truth/objects.parquet``."""
-        return simio.write_bytes(
-            self.truth_catalog_path(root), simio.parquet_bytes(self.truth_catalog())
+        """Write the survey catalogue (:meth:`truth_catalog`) to ``{root}/truth/objects.parquet``.
+
+        Beside it, ``solarsystem.parquet`` maps each moving object's truthId to its
+        ``ssObjectId``, designation, whether it is known (has ephemerides) and its
+        true orbit (:meth:`sim.solarsystem.SolarSystem.truth`). Returns the
+        objects.parquet URL.
+        """
+        path = self.truth_catalog_path(root)
+        simio.write_bytes(
+            path.rsplit("/", 1)[0] + "/solarsystem.parquet",
+            simio.parquet_bytes(self.solar_system.truth()),
         )
+        return simio.write_bytes(path, simio.parquet_bytes(self.truth_catalog()))
 
     def visit_catalog(self, visit: int, detectors=None) -> pd.DataFrame:
         """Measured DiaSources of a visit without rendering images (fast path).

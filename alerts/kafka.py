@@ -1,4 +1,4 @@
-"""Sending alerts to Kafka, with dead letters for anything not acknowledged (SPEC §4.9b).
+"""Sending alerts to Kafka, with dead letters for anything not acknowledged (docs/design.md §4.9b).
 
 Each message is an alert in the Confluent wire format: byte ``0``, the schema
 id ``major * 100 + minor`` as 4 big-endian bytes (1101 for schema 11.1, as in

@@ -1,4 +1,4 @@
-"""The visit bundle (SPEC §2): its on-disk layout and in-memory model.
+"""The visit bundle (docs/design.md §2): its on-disk layout and in-memory model.
 
 Layout under one root URL (a local path or ``s3://bucket/prefix``, always
 through fsspec)::

@@ -1,4 +1,4 @@
-"""Associate a detector's DiaSources with known DiaObjects (SPEC §4.3).
+"""Associate a detector's DiaSources with known DiaObjects (docs/design.md §4.3).
 
 Algorithm
 ---------
@@ -58,7 +58,7 @@ Algorithm
    :class:`TooManyNewObjectsError` before anything is returned for storage.
 
 This is the equivalent of Rubin's ``ap_association.AssociationTask``, with
-the whole-detector optimal assignment of SPEC §4.3 in place of Rubin's greedy
+the whole-detector optimal assignment of docs/design.md §4.3 in place of Rubin's greedy
 nearest-neighbour match.
 """
 

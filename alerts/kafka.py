@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from confluent_kafka import Producer
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, SecretStr
@@ -187,6 +186,8 @@ def _send(batch: AlertBatch, config: KafkaConfig) -> tuple[np.ndarray, dict[str,
     errors: dict[str, int] = {}
     if n == 0:
         return delivered, errors, 0
+    from confluent_kafka import Producer  # the [kafka] extra; only a Kafka run needs it
+
     try:
         producer = Producer(producer_config(config))
     except Exception as exc:  # KafkaException for bad options

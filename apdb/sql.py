@@ -79,7 +79,6 @@ from collections.abc import Iterable, Iterator, Sequence
 import hpgeom
 import numpy as np
 import pandas as pd
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
@@ -497,6 +496,25 @@ def _ids_array(object_ids: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
 # --------------------------------------------------------------------------- errors
 
 
+try:  # the PostgreSQL driver comes with the [postgresql] extra; SQLite needs none
+    import psycopg
+except ImportError:  # an SQLite-only installation: no psycopg error can occur
+    psycopg = None
+if psycopg is None:
+    _PG_OPERATIONAL: tuple[type[BaseException], ...] = ()
+    _PG_TRANSIENT: tuple[type[BaseException], ...] = ()
+    _PG_ERROR: tuple[type[BaseException], ...] = ()
+    _PG_TOO_BIG: tuple[type[BaseException], ...] = ()
+else:
+    _PG_OPERATIONAL = (psycopg.OperationalError,)
+    _PG_TRANSIENT = (
+        psycopg.OperationalError,
+        psycopg.errors.SerializationFailure,
+        psycopg.errors.DeadlockDetected,
+    )
+    _PG_ERROR = (psycopg.Error,)
+    _PG_TOO_BIG = (psycopg.errors.ProgramLimitExceeded, psycopg.errors.OutOfMemory)
+
 _SCHEMA_WORDS = ("no such table", "no such column", "has no column", "syntax error")
 
 
@@ -512,7 +530,7 @@ def _mapped_errors(what: str, url: str) -> Iterator[None]:
     except sa.exc.DBAPIError as exc:
         orig = exc.orig if exc.orig is not None else exc
         if exc.connection_invalidated or isinstance(
-            orig, (sqlite3.OperationalError, psycopg.OperationalError)
+            orig, (sqlite3.OperationalError, *_PG_OPERATIONAL)
         ):
             if not any(w in str(orig).lower() for w in _SCHEMA_WORDS):
                 raise TransientError(f"APDB {url}: {what}: {orig}") from exc
@@ -521,13 +539,9 @@ def _mapped_errors(what: str, url: str) -> Iterator[None]:
         if any(w in str(exc).lower() for w in _SCHEMA_WORDS):
             raise ApdbError(f"APDB {url}: {what}: {exc}") from exc
         raise TransientError(f"APDB {url}: {what}: {exc}") from exc
-    except (
-        psycopg.OperationalError,
-        psycopg.errors.SerializationFailure,
-        psycopg.errors.DeadlockDetected,
-    ) as exc:
+    except _PG_TRANSIENT as exc:
         raise TransientError(f"APDB {url}: {what}: {exc}") from exc
-    except (sqlite3.Error, psycopg.Error) as exc:
+    except (sqlite3.Error, *_PG_ERROR) as exc:
         raise ApdbError(f"APDB {url}: {what}: {exc}") from exc
 
 
@@ -537,11 +551,7 @@ class _AlreadyStored(Exception):
 
 #: What a database raises when an aggregated value would pass its size limit
 #: (SQLITE_TOOBIG; PostgreSQL's 1 GB string buffer).
-_TOO_BIG = (
-    sqlite3.DataError,
-    psycopg.errors.ProgramLimitExceeded,
-    psycopg.errors.OutOfMemory,
-)
+_TOO_BIG = (sqlite3.DataError, *_PG_TOO_BIG)
 
 
 # --------------------------------------------------------------------------- backend

@@ -1,4 +1,4 @@
-"""Alert packets in Rubin's official Avro schema (SPEC §4.8).
+"""Alert packets in Rubin's official Avro schema (docs/design.md §4.8).
 
 One alert per new DiaSource, in the schema shipped by ``lsst-alert-packet``
 (default: its latest version, 11.1 at the time of writing)::

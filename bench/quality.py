@@ -8,7 +8,7 @@ populations). On 2048² detectors that is ~4× Rubin's DiaSources per sky area
 crowding stress test. Each visit's bundles are written, and each detector runs
 through read → calibrate → associate → summarise → forced photometry with an
 in-memory APDB (latest DiaObjects, DiaSource and DiaForcedSource history,
-footprint loads with the 10-px bbox padding of SPEC §4.1 and the 360-day
+footprint loads with the 10-px bbox padding of docs/design.md §4.1 and the 360-day
 window). Then :mod:`sim.scoring` reports association purity, completeness,
 false new objects and forced-photometry pulls.
 

@@ -9,8 +9,8 @@ Two ways to observe a visit:
 
 - :meth:`Survey.write_visit` renders the science, template and difference
   images, measures DiaSources on the difference pixels (Gauss–Newton PSF
-  centroid, then SPEC §4.5 PSF flux, aperture flux, forced science and
-  template fluxes, pixel flags from the mask), and writes the SPEC §2 bundle
+  centroid, then docs/design.md §4.5 PSF flux, aperture flux, forced science and
+  template fluxes, pixel flags from the mask), and writes the docs/design.md §2 bundle
   plus ground truth.
 - :meth:`Survey.visit_catalog` is the fast path: the same sources, the same
   bogus injections and the same detection rule, with measurement noise drawn
@@ -905,7 +905,7 @@ class Survey:
     def write_visit(
         self, root: str, visit: int, detectors=None, truth_catalog: bool = True
     ) -> list[str]:
-        """Write the SPEC §2 bundle of ``visit`` and its truth under ``root``.
+        """Write the docs/design.md §2 bundle of ``visit`` and its truth under ``root``.
 
         Parameters
         ----------

@@ -1,4 +1,4 @@
-"""Associate a detector's DiaSources with known DiaObjects (SPEC §4.3).
+"""Associate a detector's DiaSources with known DiaObjects (docs/design.md §4.3).
 
 Algorithm
 ---------
@@ -58,7 +58,7 @@ Algorithm
    :class:`TooManyNewObjectsError` before anything is returned for storage.
 
 This is the equivalent of Rubin's ``ap_association.AssociationTask``, with
-the whole-detector optimal assignment of SPEC §4.3 in place of Rubin's greedy
+the whole-detector optimal assignment of docs/design.md §4.3 in place of Rubin's greedy
 nearest-neighbour match.
 """
 
@@ -184,8 +184,8 @@ def _candidates(vs: np.ndarray, vo: np.ndarray, chord: float) -> tuple[np.ndarra
     A kd-tree on the objects' unit vectors, one ball query per source; within
     a source the objects come in index order. Building the tree unbalanced
     and without compacting its nodes gives the same pairs for ~0.2 ms instead
-    of ~0.26 ms at 2,000 objects (two trees and ``sparse_distance_matrix``,
-    as before, took ~0.45 ms).
+    of ~0.26 ms at 2,000 objects (two trees and ``sparse_distance_matrix``
+    take ~0.45 ms).
     """
     if len(vs) == 0 or len(vo) == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)

@@ -126,11 +126,26 @@ class AssociationConfig(BaseModel, frozen=True, extra="forbid"):
         gt=0,
         description="Floor (arcsec) of the combined per-axis position σ in the cost.",
     )
+    sigma_systematic_arcsec: float = Field(
+        0.07,
+        ge=0,
+        description="Per-axis scatter (arcsec) of a detection about its object that quoted "
+        "centroid errors leave out (chromatic/DCR offsets, astrometric calibration, template "
+        "registration); it does not average down with the number of detections (module "
+        "docstring).",
+    )
+    detection_prior: bool = Field(
+        True,
+        description="Weigh each candidate object by its number of detections (cost − ln n): "
+        "the prior that a detection comes from an object grows with how often the object has "
+        "been detected (module docstring).",
+    )
     unmatched_sigma: float = Field(
         10.0,
         gt=0,
-        description="k of the cost of staying unmatched, U = 0.5·k² + 2·ln(sigma_floor_arcsec): "
-        "a pair at the σ floor is accepted out to k σ (module docstring).",
+        description="k of the cost of staying unmatched, U = 0.5·k² + 2·ln(σ_ref), σ_ref = "
+        "max(sigma_systematic_arcsec, sigma_floor_arcsec): the tightest possible pair is "
+        "accepted out to k σ_ref (module docstring).",
     )
     sigma_missing_arcsec: float = Field(
         0.2,
@@ -216,6 +231,7 @@ def pair_costs(
     obj_dec: np.ndarray,
     obj_sig: tuple[np.ndarray, np.ndarray],
     config: AssociationConfig,
+    obj_n: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Candidate pairs within the gate with their cost and gate cost.
 
@@ -227,7 +243,10 @@ def pair_costs(
         Per-axis σ (α·cos δ, δ) in arcsec, already with the missing-value
         fallback applied.
     config : AssociationConfig
-        Gate and σ floor.
+        Gate, σ floor and systematic term.
+    obj_n : numpy.ndarray, optional
+        Detections behind each object's mean position (``nDiaSources``);
+        missing or < 1 counts as 1 (the object's creating detection alone).
 
     Returns
     -------
@@ -251,10 +270,14 @@ def pair_costs(
     chord_len = np.sqrt(np.einsum("ij,ij->i", d, d))
     sep = 2.0 * np.arcsin(np.clip(chord_len / 2.0, 0.0, 1.0)) / ARCSEC
     floor2 = config.sigma_floor_arcsec**2
-    sa2 = np.maximum(src_sig[0][i] ** 2 + obj_sig[0][j] ** 2, floor2)
-    sd2 = np.maximum(src_sig[1][i] ** 2 + obj_sig[1][j] ** 2, floor2)
+    n = np.ones(j.size) if obj_n is None else np.maximum(np.nan_to_num(obj_n[j], nan=1.0), 1.0)
+    sys2 = config.sigma_systematic_arcsec**2 * (1.0 + 1.0 / n)
+    sa2 = np.maximum(src_sig[0][i] ** 2 + obj_sig[0][j] ** 2 + sys2, floor2)
+    sd2 = np.maximum(src_sig[1][i] ** 2 + obj_sig[1][j] ** 2 + sys2, floor2)
     log_term = 0.5 * np.log(sa2 * sd2)
     cost = 0.5 * (da**2 / sa2 + dd**2 / sd2) + log_term
+    if config.detection_prior:
+        cost -= np.log(n)
     return i, j, cost, sep
 
 
@@ -285,8 +308,13 @@ def _assignment_graph(
 
 
 def unmatched_cost(config: AssociationConfig) -> float:
-    """Cost of leaving a source unmatched: ``0.5·k² + 2·ln(σ_floor)`` (arcsec units)."""
-    return 0.5 * config.unmatched_sigma**2 + 2.0 * np.log(config.sigma_floor_arcsec)
+    """Cost of leaving a source unmatched: ``0.5·k² + 2·ln(σ_ref)`` (arcsec units).
+
+    ``σ_ref = max(σ_sys, σ_floor)``: the smallest per-axis σ a pair can have
+    (perfect centroids, an object with many detections).
+    """
+    ref = max(config.sigma_systematic_arcsec, config.sigma_floor_arcsec)
+    return 0.5 * config.unmatched_sigma**2 + 2.0 * np.log(ref)
 
 
 def _bad_mask(sources: pd.DataFrame, config: AssociationConfig) -> np.ndarray:
@@ -358,8 +386,16 @@ def associate(
         sigma(objects, "raErr", "DiaObject", obj_ok),
         sigma(objects, "decErr", "DiaObject", obj_ok),
     )
+    n_obj = float_column(objects, "nDiaSources", table="DiaObject")
     i, j, cost, _ = pair_costs(
-        src_ra[keep], src_dec[keep], src_sig, obj_ra[obj_ok], obj_dec[obj_ok], obj_sig, config
+        src_ra[keep],
+        src_dec[keep],
+        src_sig,
+        obj_ra[obj_ok],
+        obj_dec[obj_ok],
+        obj_sig,
+        config,
+        obj_n=None if n_obj is None else n_obj[obj_ok],
     )
     u_cost = unmatched_cost(config)
     worth = cost < u_cost

@@ -87,7 +87,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from apdb import sdm
 from apdb.config import ApdbConfig
-from apdb.interface import Apdb, StoreResult
+from apdb.interface import Apdb, BulkLoadResult, StoreResult
 from apdb.region import Region
 from core.errors import ApdbError, InputError, SchemaVersionError, TransientError
 
@@ -435,7 +435,10 @@ def _convert(series: pd.Series, dtype: str, nan_to_none: bool) -> tuple[np.ndarr
     """(numpy array in the SDM dtype, list for the driver) of one column.
 
     The list is None when every value is null and the column need not be written.
+    A column whose values are not of the SDM kind (text in a numeric column,
+    numbers in a text column) is an :class:`InputError`, never cast.
     """
+    _check_kind(series, dtype)
     if dtype in _FLOAT:
         arr = series.to_numpy(dtype=dtype, na_value=np.nan)
         if nan_to_none:
@@ -477,6 +480,25 @@ def _convert(series: pd.Series, dtype: str, nan_to_none: bool) -> tuple[np.ndarr
         arr = arr.copy()
         arr[null] = None
     return arr, arr.tolist()
+
+
+_NUMERIC_KINDS = {"integer", "floating", "mixed-integer-float", "boolean", "decimal", "empty"}
+
+
+def _check_kind(series: pd.Series, dtype: str) -> None:
+    """InputError unless ``series`` holds values of the SDM dtype's kind (numeric or text)."""
+    text = dtype not in _PACKED_BASE
+    want = "text" if text else dtype
+    values = series
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        values = pd.Series(series.cat.categories)
+    if values.dtype == object or isinstance(values.dtype, pd.StringDtype):
+        inferred = pd.api.types.infer_dtype(values, skipna=True)
+        if inferred in (("string", "empty") if text else _NUMERIC_KINDS):
+            return
+        raise InputError(f"cannot convert {series.dtype} to {want}: got {inferred} values")
+    if text or values.dtype.kind not in "biuf":
+        raise InputError(f"cannot convert {series.dtype} to {want}")
 
 
 def _ids_array(object_ids: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
@@ -769,6 +791,20 @@ class ApdbSql(Apdb):
         with self._connection("read encoding") as conn:
             return conn.execute("PRAGMA encoding").fetchone()[0] == "UTF-8"
 
+    def optimize(self) -> None:
+        """Make a freshly filled database fast to read: planner statistics, WAL folded in.
+
+        Runs ``ANALYZE`` (both backends) and, on SQLite, a WAL checkpoint that
+        truncates the log. Meant after :meth:`bulk_load` or :meth:`migrate`.
+        """
+        with self._connection("optimize") as conn:
+            if self.dialect == "sqlite":
+                conn.execute("ANALYZE")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            else:
+                conn.autocommit = True
+                conn.execute("ANALYZE")
+
     def close(self) -> None:
         """Close every pooled connection."""
         self._engine.dispose()
@@ -1028,13 +1064,7 @@ class ApdbSql(Apdb):
             nan_to_none=nan_none,
         )
         ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
-        bad = ~(np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InputError(
-                f"DiaObject: ra/dec must be finite with |dec| <= 90 deg; diaObjectId "
-                f"{ids[i]} has ({ra[i]}, {dec[i]})"
-            )
+        _check_positions(ids, ra, dec)
         _unique(ids, "DiaObject.diaObjectId")
         srcs = _Columns(sources, "DiaSource", nan_to_none=nan_none)
         fsrcs = _Columns(forced_sources, "DiaForcedSource", nan_to_none=nan_none)
@@ -1101,6 +1131,114 @@ class ApdbSql(Apdb):
             n_forced_sources=fsrcs.n,
         )
 
+    def bulk_load(
+        self,
+        objects: pd.DataFrame,
+        sources: pd.DataFrame,
+        forced_sources: pd.DataFrame,
+        markers: pd.DataFrame | None = None,
+    ) -> BulkLoadResult:
+        """Fill the APDB with history in one transaction (see :meth:`Apdb.bulk_load`).
+
+        Writes the layout :meth:`store` writes (``DiaObject`` and
+        ``DiaObjectLast`` rows with their pixel and packed payload, sources
+        and forced sources with theirs, one ``ApdbVisitDetector`` marker per
+        (visit, detector) with its row counts) through the same bulk paths
+        (``executemany`` on SQLite, binary ``COPY`` on PostgreSQL). Every frame
+        is converted and checked before the transaction opens.
+        """
+        nan_none = self.dialect != "sqlite"
+        objs = _Columns(
+            objects, "DiaObject", overrides={"validityEndMjdTai": float("nan")}, nan_to_none=nan_none
+        )
+        ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
+        _check_positions(ids, ra, dec)
+        _unique(ids, "DiaObject.diaObjectId")
+        srcs = _Columns(sources, "DiaSource", nan_to_none=nan_none)
+        fsrcs = _Columns(forced_sources, "DiaForcedSource", nan_to_none=nan_none)
+        _unique(srcs.arrays["diaSourceId"], "DiaSource.diaSourceId")
+        _unique(fsrcs.arrays["diaForcedSourceId"], "DiaForcedSource.diaForcedSourceId")
+        marker_rows = self._bulk_markers(markers, srcs.arrays, fsrcs.arrays)
+
+        pixels = hpgeom.angle_to_pixel(hpgeom.order_to_nside(self.order), ra, dec)
+        last_names = objs.subset(self._last_names)
+        jobs = [
+            (MARKER_TABLE, list(_MARKER_COLUMNS), marker_rows),
+            ("DiaObject", objs.names, objs.rows()),
+            (
+                LAST_TABLE,
+                [*last_names, PIXEL_COLUMN, PAYLOAD_COLUMN],
+                objs.rows(
+                    pixels.tolist(),
+                    self._packing["DiaObject"].pack(objs.arrays, objs.n),
+                    names=last_names,
+                ),
+            ),
+            (
+                "DiaSource",
+                [*srcs.names, PAYLOAD_COLUMN],
+                srcs.rows(self._packing["DiaSource"].pack(srcs.arrays, srcs.n)),
+            ),
+            (
+                "DiaForcedSource",
+                [*fsrcs.names, PAYLOAD_COLUMN],
+                fsrcs.rows(self._packing["DiaForcedSource"].pack(fsrcs.arrays, fsrcs.n)),
+            ),
+        ]
+        with self._connection("bulk load", write=True) as conn:
+            cur = conn.cursor()
+            for table, names, rows in jobs:
+                if table == MARKER_TABLE and rows:
+                    cols = ", ".join(_q(n) for n in names)
+                    values = ", ".join([self._ph] * len(names))
+                    cur.executemany(f"INSERT INTO {_q(table)} ({cols}) VALUES ({values})", rows)
+                else:
+                    self._insert(cur, table, names, rows)
+        return BulkLoadResult(objs.n, srcs.n, fsrcs.n, len(marker_rows))
+
+    def _bulk_markers(self, markers, src: dict, fsrc: dict) -> list[tuple]:
+        """Marker rows of a bulk load: the given (or seen) pairs with their row counts."""
+        keys = [
+            pd.DataFrame({"visit": a["visit"], "detector": a["detector"]}) for a in (src, fsrc)
+        ]
+        if markers is not None:
+            for column in ("visit", "detector"):
+                if column not in markers.columns:
+                    raise InputError(f"{MARKER_TABLE}: required column {column!r} is missing")
+            given = markers[["visit", "detector"]]
+            for column in ("visit", "detector"):
+                try:
+                    _check_kind(given[column], "int64")
+                    if given[column].hasnans:
+                        raise InputError("null value")
+                except InputError as exc:
+                    raise InputError(f"{MARKER_TABLE}.{column}: {exc}") from None
+            pairs = given.astype("int64").drop_duplicates()
+            everything = pd.concat([pairs, *keys]).drop_duplicates()
+            if len(everything) != len(pairs):
+                extra = everything.iloc[len(pairs)]
+                raise InputError(
+                    f"{MARKER_TABLE}: rows of (visit {extra['visit']}, detector "
+                    f"{extra['detector']}) are loaded but the pair is not in markers"
+                )
+        else:
+            pairs = pd.concat(keys).astype("int64").drop_duplicates()
+        counts = pairs.reset_index(drop=True)
+        start = pd.Series(src["midpointMjdTai"]).groupby(np.asarray(src["visit"])).min()
+        for name, arrays in (("nDiaSources", src), ("nDiaForcedSources", fsrc)):
+            n = pd.DataFrame({"visit": arrays["visit"], "detector": arrays["detector"]})
+            n = n.groupby(["visit", "detector"]).size().rename(name).reset_index()
+            counts = counts.merge(n.astype("int64"), on=["visit", "detector"], how="left")
+        counts = counts.fillna(0)
+        stored = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        rows = []
+        for v, d, ns, nf in counts[
+            ["visit", "detector", "nDiaSources", "nDiaForcedSources"]
+        ].itertuples(index=False):
+            t = start.get(v, np.nan)
+            rows.append((int(v), int(d), None if np.isnan(t) else float(t), stored, 0, 0, int(ns), int(nf)))
+        return rows
+
     def _id_filter(self, ids: np.ndarray) -> tuple[str, object]:
         if self.dialect == "sqlite":
             return "IN (SELECT value FROM json_each(?))", "[" + ",".join(
@@ -1137,6 +1275,28 @@ class ApdbSql(Apdb):
                 copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
+
+
+_MARKER_COLUMNS = (
+    "visit",
+    "detector",
+    "validityStartMjdTai",
+    "storedUtc",
+    "nDiaObjects",
+    "nDiaObjectsUpdated",
+    "nDiaSources",
+    "nDiaForcedSources",
+)
+
+
+def _check_positions(ids: np.ndarray, ra: np.ndarray, dec: np.ndarray) -> None:
+    bad = ~(np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"DiaObject: ra/dec must be finite with |dec| <= 90 deg; diaObjectId "
+            f"{ids[i]} has ({ra[i]}, {dec[i]})"
+        )
 
 
 def _unique(values: np.ndarray, what: str) -> None:

@@ -29,7 +29,9 @@ Layout
 ``DiaSource``, ``DiaForcedSource``
     SDM columns plus ``payload``; indexed on ``(diaObjectId, midpointMjdTai)``
     (DiaSource) and by the SDM primary key ``(diaObjectId, visit, detector)``
-    (DiaForcedSource, stored in key order on SQLite).
+    (DiaForcedSource, stored in key order on SQLite) with an index on
+    ``(diaObjectId, midpointMjdTai)``, so a history read seeks to the window
+    start instead of reading every year of an object's forced photometry.
 ``ApdbVisitDetector``
     One row per stored (visit, detector), written in the same transaction as
     the data: the idempotency marker, with the row counts written.
@@ -96,7 +98,7 @@ __all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
 _LOG = logging.getLogger(__name__)
 
 #: Version of this table layout; a different major version cannot be opened.
-IMPLEMENTATION_VERSION = "1.0.0"
+IMPLEMENTATION_VERSION = "2.0.0"
 
 MARKER_TABLE = "ApdbVisitDetector"
 LAST_TABLE = "DiaObjectLast"
@@ -125,6 +127,14 @@ def _q(name: str) -> str:
 
 def _major(version: str) -> str:
     return str(version).split(".", 1)[0]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.2.3"`` → ``(1, 2, 3)``; a version that is not dotted integers sorts first."""
+    try:
+        return tuple(int(p) for p in str(version).split("."))
+    except ValueError:
+        return ()
 
 
 # --------------------------------------------------------------------------- schema
@@ -172,6 +182,7 @@ def build_metadata() -> sa.MetaData:
         sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint(*sdm.primary_key("DiaForcedSource")),
         sa.Index("IDX_DiaForcedSource_visitDetector", "visit", "detector"),
+        sa.Index("IDX_DiaForcedSource_diaObjectId", "diaObjectId", "midpointMjdTai"),
         sqlite_with_rowid=False,
     )
     sa.Table(
@@ -764,9 +775,13 @@ class ApdbSql(Apdb):
             )
         have_impl = meta.get("version:ApdbSql")
         if have_impl is None or _major(have_impl) != _major(IMPLEMENTATION_VERSION):
+            older = have_impl is not None and _version_tuple(have_impl) < _version_tuple(
+                IMPLEMENTATION_VERSION
+            )
+            hint = "; upgrade it with: python -m apdb migrate URL" if older else ""
             raise SchemaVersionError(
                 f"APDB {self._url}: metadata version:ApdbSql is {have_impl!r}, this code "
-                f"writes layout {IMPLEMENTATION_VERSION} (major versions must match)"
+                f"writes layout {IMPLEMENTATION_VERSION} (major versions must match){hint}"
             )
         if "config:healpix_order" not in meta:
             raise SchemaVersionError(f"APDB {self._url}: metadata lacks config:healpix_order")

@@ -2,8 +2,8 @@
 
 Usage, from the repository root::
 
-    git show 1bd0c70:apdb/sql.py > /tmp/sql_1bd0c70.py
-    python tests/apdb/data/make_layout_1_0_0.py /tmp/sql_1bd0c70.py
+    git show 1bd0c70:apdb/sql.py > sql_1bd0c70.py
+    python tests/apdb/data/make_layout_1_0_0.py sql_1bd0c70.py
 
 ``apdb/sql.py`` of main at commit 1bd0c70 (layout ``version:ApdbSql`` 1.0.0)
 is loaded as a module (its one import of the then ``tasks.errors`` pointed at

@@ -9,13 +9,14 @@ regions it is queried with, :mod:`apdb.sdm` the SDM schema the tables follow.
 from __future__ import annotations
 
 from apdb.config import ApdbConfig
-from apdb.interface import Apdb, StoreResult
+from apdb.interface import Apdb, BulkLoadResult, StoreResult
 from apdb.region import Circle, Polygon, Region
 
 __all__ = [
     "Apdb",
     "ApdbConfig",
     "ApdbSql",
+    "BulkLoadResult",
     "Circle",
     "Polygon",
     "Region",

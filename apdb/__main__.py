@@ -4,6 +4,9 @@ Commands
 --------
 create URL [--drop] [--healpix-order N]
     Make the tables (keeps an existing compatible APDB unless ``--drop``).
+migrate URL [--dry-run]
+    Upgrade a database made by an earlier layout of diapipe to the current
+    one, in one transaction; ``--dry-run`` prints the plan and changes nothing.
 info URL
     Schema and layout versions, HEALPix order, row counts, size on disk.
 visits URL
@@ -46,6 +49,20 @@ def _cmd_create(args) -> None:
             f"APDB ready at {db.config.safe_url()} (SDM schema {db.metadata['version:schema']}, "
             f"HEALPix order {db.order})"
         )
+
+
+def _cmd_migrate(args) -> None:
+    from apdb import migrate
+
+    config = ApdbConfig(url=args.url, auto_create=False)
+    if args.dry_run:
+        print(migrate.plan(config).describe())
+        print("dry run: nothing changed")
+        return
+    done = migrate.migrate(config, lock_timeout_s=args.lock_timeout)
+    print(done.describe())
+    if done.steps:
+        print(f"migrated to layout {done.target}")
 
 
 def _cmd_info(args) -> None:
@@ -102,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drop", action="store_true", help="drop existing APDB tables first")
     p.add_argument("--healpix-order", type=int, default=ApdbConfig().healpix_order)
     p.set_defaults(func=_cmd_create)
+    p = sub.add_parser("migrate", help="upgrade to the current layout (one transaction)")
+    p.add_argument("url")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument(
+        "--lock-timeout", type=float, default=5.0, help="seconds to wait for locks held by others"
+    )
+    p.set_defaults(func=_cmd_migrate)
     p = sub.add_parser("info", help="versions, row counts, size")
     p.add_argument("url")
     p.set_defaults(func=_cmd_info)

@@ -12,7 +12,7 @@ import pandas as pd
 from apdb.config import ApdbConfig
 from apdb.region import Region
 
-__all__ = ["Apdb", "StoreResult"]
+__all__ = ["Apdb", "BulkLoadResult", "StoreResult"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,16 @@ class StoreResult:
     n_objects_updated: int = 0
     n_sources: int = 0
     n_forced_sources: int = 0
+
+
+@dataclass(frozen=True)
+class BulkLoadResult:
+    """What :meth:`Apdb.bulk_load` wrote: rows per table and (visit, detector) markers."""
+
+    n_objects: int
+    n_sources: int
+    n_forced_sources: int
+    n_markers: int
 
 
 class Apdb(ABC):
@@ -132,6 +142,45 @@ class Apdb(ABC):
         StoreResult
             ``already_stored`` is True, and nothing is written, when the
             (visit, detector) was stored before.
+        """
+
+    @abstractmethod
+    def bulk_load(
+        self,
+        objects: pd.DataFrame,
+        sources: pd.DataFrame,
+        forced_sources: pd.DataFrame,
+        markers: pd.DataFrame | None = None,
+    ) -> BulkLoadResult:
+        """Fill the database with history in one transaction (the supported way to seed it).
+
+        Parameters
+        ----------
+        objects : pandas.DataFrame
+            The latest version of each DiaObject (SDM ``DiaObject`` columns,
+            ``validityStartMjdTai`` required; ``validityEndMjdTai`` is written
+            null). One row per ``diaObjectId``; no ID may already be stored.
+        sources, forced_sources : pandas.DataFrame
+            DiaSources and DiaForcedSources of any number of (visit, detector).
+        markers : pandas.DataFrame, optional
+            ``visit``, ``detector`` of every (visit, detector) the history
+            covers, including those that wrote no row; default the pairs seen
+            in ``sources`` and ``forced_sources``. Each gets an
+            ``ApdbVisitDetector`` marker with its row counts, so a later
+            :meth:`store` of the same pair writes nothing.
+
+        Returns
+        -------
+        BulkLoadResult
+
+        Raises
+        ------
+        core.errors.InputError
+            A frame lacks a required SDM column, or a column does not hold
+            values of its SDM type (the message names table and column);
+            checked before anything is written.
+        core.errors.ApdbError
+            A marker or a row is already stored; nothing is written.
         """
 
     @abstractmethod

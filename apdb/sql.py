@@ -29,7 +29,9 @@ Layout
 ``DiaSource``, ``DiaForcedSource``
     SDM columns plus ``payload``; indexed on ``(diaObjectId, midpointMjdTai)``
     (DiaSource) and by the SDM primary key ``(diaObjectId, visit, detector)``
-    (DiaForcedSource, stored in key order on SQLite).
+    (DiaForcedSource, stored in key order on SQLite) with an index on
+    ``(diaObjectId, midpointMjdTai)``, so a history read seeks to the window
+    start instead of reading every year of an object's forced photometry.
 ``ApdbVisitDetector``
     One row per stored (visit, detector), written in the same transaction as
     the data: the idempotency marker, with the row counts written.
@@ -87,7 +89,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from apdb import sdm
 from apdb.config import ApdbConfig
-from apdb.interface import Apdb, StoreResult
+from apdb.interface import Apdb, BulkLoadResult, StoreResult
 from apdb.region import Region
 from core.errors import ApdbError, InputError, SchemaVersionError, TransientError
 
@@ -96,7 +98,7 @@ __all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
 _LOG = logging.getLogger(__name__)
 
 #: Version of this table layout; a different major version cannot be opened.
-IMPLEMENTATION_VERSION = "1.0.0"
+IMPLEMENTATION_VERSION = "2.0.0"
 
 MARKER_TABLE = "ApdbVisitDetector"
 LAST_TABLE = "DiaObjectLast"
@@ -125,6 +127,14 @@ def _q(name: str) -> str:
 
 def _major(version: str) -> str:
     return str(version).split(".", 1)[0]
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.2.3"`` → ``(1, 2, 3)``; a version that is not dotted integers sorts first."""
+    try:
+        return tuple(int(p) for p in str(version).split("."))
+    except ValueError:
+        return ()
 
 
 # --------------------------------------------------------------------------- schema
@@ -172,6 +182,7 @@ def build_metadata() -> sa.MetaData:
         sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint(*sdm.primary_key("DiaForcedSource")),
         sa.Index("IDX_DiaForcedSource_visitDetector", "visit", "detector"),
+        sa.Index("IDX_DiaForcedSource_diaObjectId", "diaObjectId", "midpointMjdTai"),
         sqlite_with_rowid=False,
     )
     sa.Table(
@@ -451,7 +462,10 @@ def _convert(series: pd.Series, dtype: str, nan_to_none: bool) -> tuple[np.ndarr
     """(numpy array in the SDM dtype, list for the driver) of one column.
 
     The list is None when every value is null and the column need not be written.
+    A column whose values are not of the SDM kind (text in a numeric column,
+    numbers in a text column) is an :class:`InputError`, never cast.
     """
+    _check_kind(series, dtype)
     if dtype in _FLOAT:
         arr = series.to_numpy(dtype=dtype, na_value=np.nan)
         if nan_to_none:
@@ -493,6 +507,25 @@ def _convert(series: pd.Series, dtype: str, nan_to_none: bool) -> tuple[np.ndarr
         arr = arr.copy()
         arr[null] = None
     return arr, arr.tolist()
+
+
+_NUMERIC_KINDS = {"integer", "floating", "mixed-integer-float", "boolean", "decimal", "empty"}
+
+
+def _check_kind(series: pd.Series, dtype: str) -> None:
+    """InputError unless ``series`` holds values of the SDM dtype's kind (numeric or text)."""
+    text = dtype not in _PACKED_BASE
+    want = "text" if text else dtype
+    values = series
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        values = pd.Series(series.cat.categories)
+    if values.dtype == object or isinstance(values.dtype, pd.StringDtype):
+        inferred = pd.api.types.infer_dtype(values, skipna=True)
+        if inferred in (("string", "empty") if text else _NUMERIC_KINDS):
+            return
+        raise InputError(f"cannot convert {series.dtype} to {want}: got {inferred} values")
+    if text or values.dtype.kind not in "biuf":
+        raise InputError(f"cannot convert {series.dtype} to {want}")
 
 
 def _ids_array(object_ids: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
@@ -889,9 +922,13 @@ class ApdbSql(Apdb):
             )
         have_impl = meta.get("version:ApdbSql")
         if have_impl is None or _major(have_impl) != _major(IMPLEMENTATION_VERSION):
+            older = have_impl is not None and _version_tuple(have_impl) < _version_tuple(
+                IMPLEMENTATION_VERSION
+            )
+            hint = "; upgrade it with: python -m apdb migrate URL" if older else ""
             raise SchemaVersionError(
                 f"APDB {self._url}: metadata version:ApdbSql is {have_impl!r}, this code "
-                f"writes layout {IMPLEMENTATION_VERSION} (major versions must match)"
+                f"writes layout {IMPLEMENTATION_VERSION} (major versions must match){hint}"
             )
         if "config:healpix_order" not in meta:
             raise SchemaVersionError(f"APDB {self._url}: metadata lacks config:healpix_order")
@@ -915,6 +952,20 @@ class ApdbSql(Apdb):
             return True
         with self._connection("read encoding") as conn:
             return conn.execute("PRAGMA encoding").fetchone()[0] == "UTF-8"
+
+    def optimize(self) -> None:
+        """Make a freshly filled database fast to read: planner statistics, WAL folded in.
+
+        Runs ``ANALYZE`` (both backends) and, on SQLite, a WAL checkpoint that
+        truncates the log. Meant after :meth:`bulk_load` or :meth:`migrate`.
+        """
+        with self._connection("optimize") as conn:
+            if self.dialect == "sqlite":
+                conn.execute("ANALYZE")
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            else:
+                conn.autocommit = True
+                conn.execute("ANALYZE")
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -1188,13 +1239,7 @@ class ApdbSql(Apdb):
             nan_to_none=nan_none,
         )
         ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
-        bad = ~(np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise InputError(
-                f"DiaObject: ra/dec must be finite with |dec| <= 90 deg; diaObjectId "
-                f"{ids[i]} has ({ra[i]}, {dec[i]})"
-            )
+        _check_positions(ids, ra, dec)
         _unique(ids, "DiaObject.diaObjectId")
         srcs = _Columns(sources, "DiaSource", nan_to_none=nan_none)
         fsrcs = _Columns(forced_sources, "DiaForcedSource", nan_to_none=nan_none)
@@ -1274,6 +1319,114 @@ class ApdbSql(Apdb):
             n_forced_sources=fsrcs.n,
         )
 
+    def bulk_load(
+        self,
+        objects: pd.DataFrame,
+        sources: pd.DataFrame,
+        forced_sources: pd.DataFrame,
+        markers: pd.DataFrame | None = None,
+    ) -> BulkLoadResult:
+        """Fill the APDB with history in one transaction (see :meth:`Apdb.bulk_load`).
+
+        Writes the layout :meth:`store` writes (``DiaObject`` and
+        ``DiaObjectLast`` rows with their pixel and packed payload, sources
+        and forced sources with theirs, one ``ApdbVisitDetector`` marker per
+        (visit, detector) with its row counts) through the same bulk paths
+        (``executemany`` on SQLite, binary ``COPY`` on PostgreSQL). Every frame
+        is converted and checked before the transaction opens.
+        """
+        nan_none = self.dialect != "sqlite"
+        objs = _Columns(
+            objects, "DiaObject", overrides={"validityEndMjdTai": float("nan")}, nan_to_none=nan_none
+        )
+        ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
+        _check_positions(ids, ra, dec)
+        _unique(ids, "DiaObject.diaObjectId")
+        srcs = _Columns(sources, "DiaSource", nan_to_none=nan_none)
+        fsrcs = _Columns(forced_sources, "DiaForcedSource", nan_to_none=nan_none)
+        _unique(srcs.arrays["diaSourceId"], "DiaSource.diaSourceId")
+        _unique(fsrcs.arrays["diaForcedSourceId"], "DiaForcedSource.diaForcedSourceId")
+        marker_rows = self._bulk_markers(markers, srcs.arrays, fsrcs.arrays)
+
+        pixels = hpgeom.angle_to_pixel(hpgeom.order_to_nside(self.order), ra, dec)
+        last_names = objs.subset(self._last_names)
+        jobs = [
+            (MARKER_TABLE, list(_MARKER_COLUMNS), marker_rows),
+            ("DiaObject", objs.names, objs.rows()),
+            (
+                LAST_TABLE,
+                [*last_names, PIXEL_COLUMN, PAYLOAD_COLUMN],
+                objs.rows(
+                    pixels.tolist(),
+                    self._packing["DiaObject"].pack(objs.arrays, objs.n),
+                    names=last_names,
+                ),
+            ),
+            (
+                "DiaSource",
+                [*srcs.names, PAYLOAD_COLUMN],
+                srcs.rows(self._packing["DiaSource"].pack(srcs.arrays, srcs.n)),
+            ),
+            (
+                "DiaForcedSource",
+                [*fsrcs.names, PAYLOAD_COLUMN],
+                fsrcs.rows(self._packing["DiaForcedSource"].pack(fsrcs.arrays, fsrcs.n)),
+            ),
+        ]
+        with self._connection("bulk load", write=True) as conn:
+            cur = conn.cursor()
+            for table, names, rows in jobs:
+                if table == MARKER_TABLE and rows:
+                    cols = ", ".join(_q(n) for n in names)
+                    values = ", ".join([self._ph] * len(names))
+                    cur.executemany(f"INSERT INTO {_q(table)} ({cols}) VALUES ({values})", rows)
+                else:
+                    self._insert(cur, table, names, rows)
+        return BulkLoadResult(objs.n, srcs.n, fsrcs.n, len(marker_rows))
+
+    def _bulk_markers(self, markers, src: dict, fsrc: dict) -> list[tuple]:
+        """Marker rows of a bulk load: the given (or seen) pairs with their row counts."""
+        keys = [
+            pd.DataFrame({"visit": a["visit"], "detector": a["detector"]}) for a in (src, fsrc)
+        ]
+        if markers is not None:
+            for column in ("visit", "detector"):
+                if column not in markers.columns:
+                    raise InputError(f"{MARKER_TABLE}: required column {column!r} is missing")
+            given = markers[["visit", "detector"]]
+            for column in ("visit", "detector"):
+                try:
+                    _check_kind(given[column], "int64")
+                    if given[column].hasnans:
+                        raise InputError("null value")
+                except InputError as exc:
+                    raise InputError(f"{MARKER_TABLE}.{column}: {exc}") from None
+            pairs = given.astype("int64").drop_duplicates()
+            everything = pd.concat([pairs, *keys]).drop_duplicates()
+            if len(everything) != len(pairs):
+                extra = everything.iloc[len(pairs)]
+                raise InputError(
+                    f"{MARKER_TABLE}: rows of (visit {extra['visit']}, detector "
+                    f"{extra['detector']}) are loaded but the pair is not in markers"
+                )
+        else:
+            pairs = pd.concat(keys).astype("int64").drop_duplicates()
+        counts = pairs.reset_index(drop=True)
+        start = pd.Series(src["midpointMjdTai"]).groupby(np.asarray(src["visit"])).min()
+        for name, arrays in (("nDiaSources", src), ("nDiaForcedSources", fsrc)):
+            n = pd.DataFrame({"visit": arrays["visit"], "detector": arrays["detector"]})
+            n = n.groupby(["visit", "detector"]).size().rename(name).reset_index()
+            counts = counts.merge(n.astype("int64"), on=["visit", "detector"], how="left")
+        counts = counts.fillna(0)
+        stored = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        rows = []
+        for v, d, ns, nf in counts[
+            ["visit", "detector", "nDiaSources", "nDiaForcedSources"]
+        ].itertuples(index=False):
+            t = start.get(v, np.nan)
+            rows.append((int(v), int(d), None if np.isnan(t) else float(t), stored, 0, 0, int(ns), int(nf)))
+        return rows
+
     def _id_filter(self, ids: np.ndarray) -> tuple[str, object]:
         if self.dialect == "sqlite":
             return "IN (SELECT value FROM json_each(?))", "[" + ",".join(
@@ -1310,6 +1463,28 @@ class ApdbSql(Apdb):
                 copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
+
+
+_MARKER_COLUMNS = (
+    "visit",
+    "detector",
+    "validityStartMjdTai",
+    "storedUtc",
+    "nDiaObjects",
+    "nDiaObjectsUpdated",
+    "nDiaSources",
+    "nDiaForcedSources",
+)
+
+
+def _check_positions(ids: np.ndarray, ra: np.ndarray, dec: np.ndarray) -> None:
+    bad = ~(np.isfinite(ra) & np.isfinite(dec) & (np.abs(dec) <= 90.0))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"DiaObject: ra/dec must be finite with |dec| <= 90 deg; diaObjectId "
+            f"{ids[i]} has ({ra[i]}, {dec[i]})"
+        )
 
 
 def _unique(values: np.ndarray, what: str) -> None:

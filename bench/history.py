@@ -27,9 +27,8 @@ take hours); it is built directly, vectorised over whole visits:
    noise (difference and science image), at the DiaObject's position.
 4. DiaObjects: :func:`tasks.summarise.summarise` over each object's whole
    history (with its forced sources), as the pipeline's summarise stage does.
-5. Bulk load: one transaction per table chunk (``executemany`` on SQLite,
-   ``COPY`` on PostgreSQL) through the same packed-row layout
-   :meth:`apdb.sql.ApdbSql.store` writes, plus one ``ApdbVisitDetector``
+5. Bulk load: :meth:`apdb.Apdb.bulk_load`, one transaction writing the
+   layout :meth:`apdb.Apdb.store` writes, plus one ``ApdbVisitDetector``
    marker per prior (visit, detector).
 
 Each built APDB is a template: SQLite as a file, PostgreSQL as a database that
@@ -40,7 +39,6 @@ so every timed run starts from the same state.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
 import json
 import math
@@ -49,13 +47,13 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import hpgeom
 import numpy as np
 import pandas as pd
 
 from apdb import sdm
 from apdb.config import ApdbConfig
-from apdb.sql import LAST_TABLE, MARKER_TABLE, PAYLOAD_COLUMN, PIXEL_COLUMN, ApdbSql, _Columns
+from apdb.interface import Apdb
+from apdb.sql import ApdbSql
 from core.ids import IdConfig, IdPacker
 from tasks.associate import AssociationConfig
 from tasks.summarise import SummaryConfig, summarise
@@ -430,92 +428,19 @@ def build_frames(spec: HistorySpec, workers: int = 2, log=print) -> dict[str, pd
 # --------------------------------------------------------------------------- bulk load
 
 
-def bulk_load(apdb: ApdbSql, frames: dict[str, pd.DataFrame], chunk: int = 200_000) -> None:
-    """Write the frames with the layout :meth:`ApdbSql.store` writes, in big transactions.
+def bulk_load(apdb: Apdb, frames: dict[str, pd.DataFrame]) -> None:
+    """Write the built frames with :meth:`apdb.Apdb.bulk_load`, in one transaction.
 
-    One ``DiaObject`` and one ``DiaObjectLast`` row per object (validity from
-    the object's last DiaSource), the sources and forced sources with their
-    packed payloads, and one marker per (visit, detector) with its row counts.
+    Each DiaObject's version starts at its last DiaSource (as if the visit that
+    made it last stored it); every prior (visit, detector) gets its marker.
     """
-    nan_none = apdb.dialect != "sqlite"
     objects = frames["objects"]
-    start = objects["lastDiaSourceMjdTai"].to_numpy(np.float64)
-    objs = _Columns(
-        objects.assign(validityStartMjdTai=start),
-        "DiaObject",
-        nan_to_none=nan_none,
-        overrides={"validityEndMjdTai": float("nan")},
+    apdb.bulk_load(
+        objects.assign(validityStartMjdTai=objects["lastDiaSourceMjdTai"]),
+        frames["sources"],
+        frames["forced"],
+        markers=frames["markers"],
     )
-    pixels = hpgeom.angle_to_pixel(
-        hpgeom.order_to_nside(apdb.order), objs.arrays["ra"], objs.arrays["dec"]
-    )
-    last_names = objs.subset(apdb._last_names)
-    jobs = [
-        ("DiaObject", objs.names, objs.rows()),
-        (
-            LAST_TABLE,
-            [*last_names, PIXEL_COLUMN, PAYLOAD_COLUMN],
-            objs.rows(
-                pixels.tolist(),
-                apdb._packing["DiaObject"].pack(objs.arrays, objs.n),
-                names=last_names,
-            ),
-        ),
-    ]
-    del objs
-    counts = frames["markers"].copy()
-    for table, frame in (("DiaSource", frames["sources"]), ("DiaForcedSource", frames["forced"])):
-        n_per = frame.groupby(["visit", "detector"]).size().rename(f"n{table}s")
-        counts = counts.merge(n_per.reset_index(), on=["visit", "detector"], how="left")
-        for lo in range(0, len(frame), chunk):
-            part = frame.iloc[lo : lo + chunk]
-            cols = _Columns(part, table, nan_to_none=nan_none)
-            rows = cols.rows(apdb._packing[table].pack(cols.arrays, cols.n))
-            apdb_write(apdb, table, [*cols.names, PAYLOAD_COLUMN], rows)
-    for table, names, rows in jobs:
-        for lo in range(0, len(rows), chunk):
-            apdb_write(apdb, table, names, rows[lo : lo + chunk])
-    counts = counts.fillna(0)
-    vstart = frames["sources"].groupby("visit")["midpointMjdTai"].first()
-    stored = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
-    marker_rows = [
-        (int(v), int(d), float(vstart.get(v, np.nan)), stored, 0, 0, int(ns), int(nf))
-        for v, d, ns, nf in counts[
-            ["visit", "detector", "nDiaSources", "nDiaForcedSources"]
-        ].itertuples(index=False)
-    ]
-    apdb_write(
-        apdb,
-        MARKER_TABLE,
-        [
-            "visit",
-            "detector",
-            "validityStartMjdTai",
-            "storedUtc",
-            "nDiaObjects",
-            "nDiaObjectsUpdated",
-            "nDiaSources",
-            "nDiaForcedSources",
-        ],
-        marker_rows,
-    )
-
-
-def apdb_write(apdb: ApdbSql, table: str, names: list[str], rows: list[tuple]) -> None:
-    """One transaction inserting ``rows`` into ``table``.
-
-    Data tables go through the backend's own bulk path (``executemany`` /
-    binary ``COPY``); the marker table, which that path does not type, through
-    a plain ``executemany``.
-    """
-    with apdb._connection(f"bulk load {table}", write=True) as conn:
-        cur = conn.cursor()
-        if table == MARKER_TABLE:
-            cols = ", ".join(f'"{n}"' for n in names)
-            values = ", ".join([apdb._ph] * len(names))
-            cur.executemany(f'INSERT INTO "{table}" ({cols}) VALUES ({values})', rows)
-        else:
-            apdb._insert(cur, table, names, rows)
 
 
 # --------------------------------------------------------------------------- APDB copies
@@ -671,13 +596,7 @@ def prepare(
         apdb = ApdbSql.create(ApdbConfig(url=url))
         try:
             bulk_load(apdb, load_frames())
-            if backend == "sqlite":
-                with apdb._connection("checkpoint") as conn:
-                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            else:
-                with apdb._connection("analyze") as conn:
-                    conn.autocommit = True
-                    conn.execute("ANALYZE")
+            apdb.optimize()
         finally:
             apdb.close()
         seconds = time.perf_counter() - t0

@@ -1,5 +1,10 @@
 """Fixtures of the APDB contract suite: every test runs on SQLite and on PostgreSQL.
 
+SQLite runs twice: on a freshly created database and on the layout-1.0.0
+fixture (written by the code of 1bd0c70, tests/apdb/data) after
+``apdb.migrate.migrate`` and with its rows deleted, so the whole contract holds
+on a migrated layout too.
+
 PostgreSQL: one fresh database ``diapipe_test_<random>`` per test session on
 the server at 127.0.0.1:5432, dropped at the end; each test recreates the APDB
 tables in it. When the server cannot be reached the PostgreSQL cases are
@@ -11,7 +16,10 @@ is an error: CI must never pass with the production backend untested.
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +28,7 @@ import sqlalchemy as sa
 
 from apdb import sdm
 from apdb.config import ApdbConfig
-from apdb.sql import ApdbSql
+from apdb.sql import TABLES, ApdbSql
 
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
@@ -50,18 +58,41 @@ def pg_url():
         engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+def migrated_sqlite(path) -> str:
+    """The layout-1.0.0 fixture (tests/apdb/data) migrated to the current layout, emptied."""
+    from apdb.migrate import migrate
+
+    shutil.copyfile(Path(__file__).parent / "data" / "layout-1.0.0.sqlite3", path)
+    migrate(str(path))
+    with sqlite3.connect(path) as conn:
+        for table in TABLES:
+            if table != "metadata":
+                conn.execute(f'DELETE FROM "{table}"')
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        "sqlite-migrated",
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+    ]
+)
 def apdb_url(request, tmp_path):
-    """An empty database URL: a new SQLite file, or the session's PostgreSQL database."""
+    """An empty database URL: a new SQLite file, the 1.0.0 fixture migrated and emptied,
+    or the session's PostgreSQL database."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'apdb.sqlite3'}"
+    if request.param == "sqlite-migrated":
+        return migrated_sqlite(tmp_path / "migrated.sqlite3")
     return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture
-def db(apdb_url):
-    """A freshly created, empty APDB on each backend."""
-    apdb = ApdbSql.create(ApdbConfig(url=apdb_url), drop=True)
+def db(request, apdb_url):
+    """An empty APDB on each backend: freshly created, or migrated from layout 1.0.0."""
+    migrated = "migrated" in request.node.callspec.params.get("apdb_url", "")
+    apdb = ApdbSql.create(ApdbConfig(url=apdb_url), drop=not migrated)
     yield apdb
     apdb.close()
 

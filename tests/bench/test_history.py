@@ -129,7 +129,7 @@ def test_bulk_load_reads_back_like_store(small_frames, tmp_path):
     _, frames = small_frames
     apdb = ApdbSql.create(ApdbConfig(url=str(tmp_path / "apdb.sqlite3")))
     try:
-        bulk_load(apdb, frames, chunk=500)  # several transactions per table
+        bulk_load(apdb, frames)
         rows = apdb.row_counts()
         assert rows["DiaSource"] == len(frames["sources"])
         assert rows["DiaForcedSource"] == len(frames["forced"])

@@ -322,8 +322,20 @@ def write_alerts(batch: AlertBatch, config: AlertStoreConfig | None = None) -> s
     config = config or AlertStoreConfig()
     if len(batch) == 0:
         return None
+    from alerts.index import write_index
+
+    opts = dict(config.storage_options)
     url = alert_file_url(config.location, batch.visit, batch.detector)
-    return write_alert_file(url, batch, config.codec, dict(config.storage_options))
+    write_alert_file(url, batch, config.codec, opts)
+    write_index(
+        config.location,
+        url,
+        batch.dia_source_ids,
+        batch.visit,
+        batch.detector,
+        lambda u, data: _atomic_write(u, data, opts),
+    )
+    return url
 
 
 write_alerts_task = task(write_alerts, name="write_alerts", cache_policy=NO_CACHE)

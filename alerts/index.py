@@ -38,14 +38,20 @@ __all__ = ["find_alert", "index_name", "index_url", "object_key", "object_keys",
 _PRIMITIVE_SIZES = {"null": 0, "boolean": 1, "float": 4, "double": 8}
 _VARINTS = {"int", "long"}
 _SIZED = {"string", "bytes"}
-_INDEX = re.compile(r"^(?P<first>-?\d+)_(?P<last>-?\d+)_(?P<visit>-?\d+)_(?P<detector>-?\d+)\.json$")
+_INDEX = re.compile(
+    r"^(?P<first>-?\d+)_(?P<last>-?\d+)_(?P<visit>-?\d+)_(?P<detector>-?\d+)\.json$"
+)
 
 
 def _base(t) -> str | None:
     """The primitive name of ``t`` (logical types included), or None."""
     if isinstance(t, dict):
         t = t.get("type")
-    return t if isinstance(t, str) and (t in _PRIMITIVE_SIZES or t in _VARINTS or t in _SIZED) else None
+    return (
+        t
+        if isinstance(t, str) and (t in _PRIMITIVE_SIZES or t in _VARINTS or t in _SIZED)
+        else None
+    )
 
 
 def _step(t):
@@ -121,14 +127,14 @@ def object_key(payload: bytes, schema: AlertSchema) -> tuple[int | None, int | N
 
 
 def object_keys(payloads: list[bytes], schema: AlertSchema) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`object_key` of each payload as two int64 arrays (-1 when null)."""
+    """:func:`object_key` of each payload as two int64 arrays (-1 when null or 0: not set)."""
     obj = np.full(len(payloads), -1, dtype=np.int64)
     ss = np.full(len(payloads), -1, dtype=np.int64)
     for i, p in enumerate(payloads):
         o, s = object_key(p, schema)
-        if o is not None:
+        if o:
             obj[i] = o
-        if s is not None:
+        if s:
             ss[i] = s
     return obj, ss
 

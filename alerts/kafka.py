@@ -13,7 +13,8 @@ are the defaults (docs/alert-stream.md says where each comes from):
   producer in milliseconds since the Unix epoch (decimal ASCII); the
   message's own Kafka timestamp is the same, so consumers can seek by time;
 * key: the decimal ``diaObjectId`` (``ssObjectId`` when set, for alerts of
-  solar-system objects; ``diaSourceId`` for an alert without either), so
+  solar-system objects; ``diaSourceId`` for an alert without either; 0 counts
+  as not set, as Rubin writes it), so
   that every alert of one object goes to one partition, in order.
 
 Messages are handed to one ``confluent_kafka.Producer`` in a loop that never
@@ -173,7 +174,8 @@ def message_key(payload: bytes, dia_source_id: int, schema: AlertSchema, how: st
         return None
     if how == "object":
         obj, ss = object_key(payload, schema)
-        key = ss if ss is not None else obj if obj is not None else dia_source_id
+        # Rubin writes 0 for "none" as well as null (real LSSTCam alerts, schema 10).
+        key = ss if ss else obj if obj else dia_source_id
         return str(key).encode()
     return str(dia_source_id).encode()
 

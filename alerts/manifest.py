@@ -21,7 +21,7 @@ and the broker's own numbers:
     DiaObjects created by association in this visit (``null`` for detectors
     whose association ran in an earlier run and was not repeated);
 ``ss_alerts``
-    alerts of solar-system objects (``diaSource.ssObjectId`` set);
+    alerts of solar-system objects (``diaSource.ssObjectId`` set and not 0);
 ``failed``
     detector → reason, for detectors that produced no alerts this visit;
 ``latency_s``
@@ -184,7 +184,10 @@ def read_night(location: str, night: str, storage_options: dict | None = None) -
         for band, n in v["alerts_by_band"].items():
             by_band[band] = by_band.get(band, 0) + n
     latencies = [
-        d["latency_s"] for v in visits for d in v["detectors"].values() if d["latency_s"] is not None
+        d["latency_s"]
+        for v in visits
+        for d in v["detectors"].values()
+        if d["latency_s"] is not None
     ]
     return {
         "night": night,
@@ -224,7 +227,11 @@ def night_markdown(summary: Mapping[str, Any]) -> str:
     ]
     if lat:
         lines.append("- latency (s): " + ", ".join(f"{k} {v}" for k, v in lat.items()))
-    lines += ["", "| visit | band | alerts | acknowledged | dead letters | failed |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| visit | band | alerts | acknowledged | dead letters | failed |",
+        "|---|---|---|---|---|---|",
+    ]
     lines += [
         f"| {v['visit']} | {v['band']} | {v['alerts']} | {v['delivered']} | "
         f"{v['dead_lettered']} | {len(v['failed'])} |"

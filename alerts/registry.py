@@ -241,11 +241,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         self._run(lambda: self.catalogue.get(path))
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         path = urllib.parse.urlsplit(self.path).path
         body = self._body()
         self._run(lambda: self.catalogue.lookup(path, body))
@@ -256,9 +256,9 @@ class _Handler(BaseHTTPRequestHandler):
             405, {"error_code": 405, "message": "HTTP 405 Method Not Allowed: read-only registry"}
         )
 
-    do_PUT = do_DELETE = _read_only  # noqa: N815
+    do_PUT = do_DELETE = _read_only
 
-    def log_message(self, format: str, *args) -> None:  # noqa: A002
+    def log_message(self, format: str, *args) -> None:
         log.debug("registry %s: " + format, self.client_address[0], *args)
 
 
@@ -318,7 +318,9 @@ def _auth_headers(url: str) -> tuple[str, dict]:
     parts = urllib.parse.urlsplit(url)
     headers = {"Content-Type": _CONTENT_TYPE, "Accept": _CONTENT_TYPE}
     if parts.username is not None:
-        token = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        token = (
+            f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        )
         headers["Authorization"] = "Basic " + base64.b64encode(token.encode()).decode()
         netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
         parts = parts._replace(netloc=netloc)

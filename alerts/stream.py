@@ -106,7 +106,7 @@ def replay_night(
         if done_fs.exists(done_path)
         else set()
     )
-    sent = delivered = failed = skipped = 0
+    sent = delivered = failed = skipped = unreadable = 0
     previous_mjd = None
     for v in visits:
         todo = [f for f in v["files"] if f[: -len(".avro")] + ".json" not in done]
@@ -118,7 +118,12 @@ def replay_night(
             time.sleep(max(0.0, gap) / speed)
         previous_mjd = v["midpointMjdTai"]
         for name in todo:
-            batch = read_alert_batch(f"{base}/{name}", opts)
+            try:
+                batch = read_alert_batch(f"{base}/{name}", opts)
+            except (OSError, InputError) as exc:
+                print(f"error: {base}/{name}: {exc}; not sent", file=sys.stderr)
+                unreadable += 1
+                continue
             result = produce_alerts(batch, config, dead)
             sent += len(batch)
             delivered += result.n_delivered
@@ -139,5 +144,6 @@ def replay_night(
         f"night {night}: {len(visits)} visit(s), {sent} alert(s) sent, {delivered} acknowledged, "
         f"{failed} dead-lettered, {skipped} file(s) already sent{again}; "
         f"{left} alert(s) waiting in {state}/dead"
+        + (f"; {unreadable} file(s) unreadable" if unreadable else "")
     )
-    return 0 if left == 0 else 1
+    return 0 if left == 0 and unreadable == 0 else 1

@@ -463,3 +463,33 @@ def test_night_manifest_reconciles_and_replays(survey_root, broker, tmp_path, ca
         later.stop()
     assert sorted(source_id(m) for m in got) == sorted(expected), "each alert exactly once"
     assert {source_id(m): m.value()[5:] for m in got} == {s: files[s][0] for s in expected}
+
+
+def test_keys_of_real_rubin_alerts_object_or_solar_system_object():
+    """Rubin writes 0 for "no DiaObject" / "no SSObject"; the key is the object that is set."""
+    import numpy as np
+
+    from alerts.kafka import message_key
+    from alerts.packet import clean_alert_record, encode_alert_records
+    from tests.data import RUBIN_ALERTS
+
+    schema = load_schema("10.0")
+    with open(RUBIN_ALERTS, "rb") as f:
+        records = [clean_alert_record(r, schema) for r in fastavro.reader(f)]
+    payloads = encode_alert_records(records, schema)
+    keys = [
+        message_key(p, r["diaSourceId"], schema, "object")
+        for p, r in zip(payloads, records, strict=True)
+    ]
+    expected = [
+        str(r["diaSource"]["ssObjectId"] or r["diaSource"]["diaObjectId"]).encode() for r in records
+    ]
+    assert keys == expected
+    ss = sum(bool(r["diaSource"]["ssObjectId"]) for r in records)
+    assert ss == 2 and int((object_keys(payloads, schema)[1] >= 0).sum()) == ss
+    assert message_key(payloads[0], 7, schema, "diaSourceId") == b"7"
+    assert message_key(payloads[0], 7, schema, "none") is None
+    assert np.all(
+        object_keys(payloads, schema)[0][[bool(r["diaSource"]["ssObjectId"]) for r in records]]
+        == -1
+    )

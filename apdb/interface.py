@@ -90,6 +90,15 @@ class Apdb(ABC):
         """DiaForcedSources of the given DiaObjects with ``midpointMjdTai >= since_mjd``."""
 
     @abstractmethod
+    def get_object_history(self, object_ids: Iterable[int] | np.ndarray) -> pd.DataFrame:
+        """Every stored version of the given DiaObjects (all SDM ``DiaObject`` columns).
+
+        A version is the row a store wrote: ``validityStartMjdTai`` is that
+        store's time (also in its marker, :meth:`visit_summary`), and
+        ``validityEndMjdTai`` is set when a later store replaced it.
+        """
+
+    @abstractmethod
     def store(
         self,
         visit: int,

@@ -500,35 +500,96 @@ def _ids_array(object_ids: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
 _SCHEMA_WORDS = ("no such table", "no such column", "has no column", "syntax error")
 
 
-@contextlib.contextmanager
-def _mapped_errors(what: str, url: str) -> Iterator[None]:
-    """Translate driver errors: transient ones are retryable, the rest are ApdbError."""
-    try:
-        yield
-    except (InputError, ApdbError, TransientError):
-        raise
-    except sa.exc.TimeoutError as exc:
-        raise TransientError(f"APDB {url}: {what}: connection pool timeout: {exc}") from exc
-    except sa.exc.DBAPIError as exc:
+def _pg_timeout(orig: BaseException, what: str, url: str) -> TransientError | None:
+    """A TransientError (and a warning) for a PostgreSQL lock or statement timeout."""
+    if isinstance(orig, psycopg.errors.LockNotAvailable):
+        kind = "a lock held by another session (lock_timeout_ms)"
+    elif isinstance(orig, psycopg.errors.QueryCanceled):
+        kind = "the statement to finish (statement_timeout_ms, or cancelled)"
+    else:
+        return None
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    message = (
+        f"APDB {url}: {what}: gave up waiting for {kind}: {first}. Another session may hold "
+        f"a table lock (CREATE INDEX, VACUUM FULL, REINDEX, an idle transaction: see "
+        f"pg_stat_activity and pg_locks); the operation is retried"
+    )
+    _LOG.warning("%s", message)
+    return TransientError(message)
+
+
+def _sqlite_readonly(orig: BaseException, what: str, url: str) -> ApdbError | None:
+    """An ApdbError saying why a SQLite APDB cannot be written, or None."""
+    text = str(orig).lower()
+    if "readonly database" in text or "read-only" in text:
+        return ApdbError(
+            f"APDB {url}: {what}: the database is read-only ({orig}); SQLite in WAL mode "
+            f"needs write access to the file and to its directory (for the -wal and -shm files)"
+        )
+    if "unable to open database file" in text:
+        return ApdbError(
+            f"APDB {url}: {what}: unable to open the database file: the file or its "
+            f"directory is missing or read-only (SQLite in WAL mode needs a writable "
+            f"directory for the -wal and -shm files)"
+        )
+    return None
+
+
+def _translate(exc: BaseException, what: str, url: str) -> BaseException | None:
+    """The diapipe error for a driver error (None: let it through as it is)."""
+    if isinstance(exc, (InputError, ApdbError, TransientError)):
+        return None
+    if isinstance(exc, sa.exc.TimeoutError):
+        return TransientError(f"APDB {url}: {what}: connection pool timeout: {exc}")
+    if isinstance(exc, sa.exc.DBAPIError):
         orig = exc.orig if exc.orig is not None else exc
+        mapped = _pg_timeout(orig, what, url) or _sqlite_readonly(orig, what, url)
+        if mapped is not None:
+            return mapped
         if exc.connection_invalidated or isinstance(
             orig, (sqlite3.OperationalError, psycopg.OperationalError)
         ):
             if not any(w in str(orig).lower() for w in _SCHEMA_WORDS):
-                raise TransientError(f"APDB {url}: {what}: {orig}") from exc
-        raise ApdbError(f"APDB {url}: {what}: {orig}") from exc
-    except sqlite3.OperationalError as exc:
+                return TransientError(f"APDB {url}: {what}: {orig}")
+        return ApdbError(f"APDB {url}: {what}: {orig}")
+    if isinstance(exc, (sqlite3.Error, psycopg.Error)):
+        mapped = _pg_timeout(exc, what, url) or _sqlite_readonly(exc, what, url)
+        if mapped is not None:
+            return mapped
+    if isinstance(exc, sqlite3.OperationalError):
         if any(w in str(exc).lower() for w in _SCHEMA_WORDS):
-            raise ApdbError(f"APDB {url}: {what}: {exc}") from exc
-        raise TransientError(f"APDB {url}: {what}: {exc}") from exc
-    except (
-        psycopg.OperationalError,
-        psycopg.errors.SerializationFailure,
-        psycopg.errors.DeadlockDetected,
-    ) as exc:
-        raise TransientError(f"APDB {url}: {what}: {exc}") from exc
-    except (sqlite3.Error, psycopg.Error) as exc:
-        raise ApdbError(f"APDB {url}: {what}: {exc}") from exc
+            return ApdbError(f"APDB {url}: {what}: {exc}")
+        return TransientError(f"APDB {url}: {what}: {exc}")
+    if isinstance(
+        exc,
+        (
+            psycopg.OperationalError,
+            psycopg.errors.SerializationFailure,
+            psycopg.errors.DeadlockDetected,
+        ),
+    ):
+        return TransientError(f"APDB {url}: {what}: {exc}")
+    if isinstance(exc, (sqlite3.Error, psycopg.Error)):
+        return ApdbError(f"APDB {url}: {what}: {exc}")
+    return None
+
+
+@contextlib.contextmanager
+def _mapped_errors(what: str, url: str) -> Iterator[None]:
+    """Translate driver errors: transient ones are retryable, the rest are ApdbError.
+
+    PostgreSQL lock and statement timeouts (``lock_timeout_ms``,
+    ``statement_timeout_ms``) are transient, logged as a warning naming the
+    operation that waited; a read-only SQLite file or directory is an ApdbError
+    that says so.
+    """
+    try:
+        yield
+    except Exception as exc:
+        mapped = _translate(exc, what, url)
+        if mapped is None:
+            raise
+        raise mapped from exc
 
 
 class _AlreadyStored(Exception):
@@ -558,15 +619,24 @@ class ApdbSql(Apdb):
 
     Raises
     ------
+    repair : bool
+        Create APDB tables that are missing from an existing APDB (what
+        :meth:`create` does) instead of refusing it.
+
+    Raises
+    ------
     SchemaVersionError
         The database was made with an incompatible SDM schema or layout version.
     ApdbError
-        The database has no APDB tables and ``auto_create`` is False.
+        The database has no APDB tables and ``auto_create`` is False; it holds
+        other tables and no APDB (``auto_create`` never writes into a foreign
+        database); or an APDB table is missing or lacks columns (checked table by
+        table at open; ``python -m apdb create`` fills in missing tables).
     TransientError
         The server cannot be reached.
     """
 
-    def __init__(self, config: ApdbConfig):
+    def __init__(self, config: ApdbConfig, *, repair: bool = False):
         self.config = config
         self._url = config.safe_url()
         url = config.sqlalchemy_url()
@@ -597,9 +667,12 @@ class ApdbSql(Apdb):
                         f"APDB {self._url}: no APDB tables (no 'metadata' table); "
                         f"create them with: python -m apdb create URL"
                     )
+                if not repair:
+                    self._refuse_foreign_tables()
                 self._create_schema()
                 meta = self._read_metadata()
             self.metadata = self._check_versions(meta or {})
+            self._check_tables(repair=repair)
             self.order = int(self.metadata["config:healpix_order"])
             self._aggregate_reads = self._can_aggregate()
         except BaseException:
@@ -622,7 +695,7 @@ class ApdbSql(Apdb):
                         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_q(name)}")
             finally:
                 engine.dispose()
-        return cls(config.model_copy(update={"auto_create": True}))
+        return cls(config.model_copy(update={"auto_create": True}), repair=True)
 
     @staticmethod
     def _make_engine(config: ApdbConfig) -> sa.Engine:
@@ -659,7 +732,7 @@ class ApdbSql(Apdb):
                 cur.close()
 
             return engine
-        return sa.create_engine(
+        engine = sa.create_engine(
             url,
             pool_size=config.pool_size,
             max_overflow=config.max_overflow,
@@ -667,6 +740,18 @@ class ApdbSql(Apdb):
             pool_pre_ping=True,
             connect_args={"connect_timeout": config.connect_timeout_s},
         )
+        lock_ms, statement_ms = int(config.lock_timeout_ms), int(config.statement_timeout_ms)
+
+        @event.listens_for(engine, "connect")
+        def _on_pg_connect(dbapi_conn, _record):
+            # Session settings, so no statement waits for ever behind another session's
+            # lock (a CREATE INDEX, VACUUM FULL, an idle transaction); see _mapped_errors.
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET lock_timeout = {lock_ms}")
+                cur.execute(f"SET statement_timeout = {statement_ms}")
+            dbapi_conn.commit()
+
+        return engine
 
     @contextlib.contextmanager
     def _connection(self, what: str, *, write: bool = False) -> Iterator:
@@ -697,6 +782,52 @@ class ApdbSql(Apdb):
             cur = conn.cursor()
             cur.execute('SELECT "name", "value" FROM "metadata"')
             return dict(cur.fetchall())
+
+    def _refuse_foreign_tables(self) -> None:
+        """Auto-create only into an empty database, never beside someone else's tables."""
+        with _mapped_errors("list tables", self._url):
+            names = sorted(sa.inspect(self._engine).get_table_names())
+        if names:
+            raise ApdbError(
+                f"APDB {self._url}: the database holds other tables ({', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}) and no APDB; auto_create adds APDB "
+                f"tables only to an empty database. Use a new file or database, or make the "
+                f"tables here on purpose with: python -m apdb create URL"
+            )
+
+    def _check_tables(self, *, repair: bool) -> None:
+        """Every APDB table exists with every column it needs (one catalog read per table).
+
+        With ``repair``, missing tables (and indexes) are created; a table that
+        exists but lacks columns cannot be repaired here and is refused.
+        """
+        with _mapped_errors("check tables", self._url):
+            inspector = sa.inspect(self._engine)
+            have = set(inspector.get_table_names())
+            short: dict[str, list[str]] = {}
+            for table in build_metadata().sorted_tables:
+                if table.name not in have:
+                    continue
+                cols = {c["name"] for c in inspector.get_columns(table.name)}
+                lacking = [c.name for c in table.columns if c.name not in cols]
+                if lacking:
+                    short[table.name] = lacking
+        missing = [t for t in TABLES if t not in have]
+        if short:
+            raise ApdbError(
+                f"APDB {self._url}: damaged: "
+                + "; ".join(f"table {t} lacks column(s) {c[:5]}" for t, c in sorted(short.items()))
+                + "; restore it from a backup or migrate it (python -m apdb create cannot fill "
+                "in columns)"
+            )
+        if missing and not repair:
+            raise ApdbError(
+                f"APDB {self._url}: damaged: table(s) {missing} missing; create them with: "
+                f"python -m apdb create URL"
+            )
+        if missing:
+            _LOG.warning("APDB %s: creating missing table(s) %s", self._url, missing)
+            self._create_schema()
 
     def _create_schema(self) -> None:
         md = build_metadata()

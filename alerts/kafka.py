@@ -170,17 +170,6 @@ class KafkaConfig(BaseModel, frozen=True, extra="forbid"):
             "DIAPIPE_KAFKA_USERNAME/DIAPIPE_KAFKA_PASSWORD",
         )
 
-
-def _is_kafka_secret(key: str) -> bool:
-    """librdkafka properties that hold credentials (passwords, keys, tokens, JAAS config)."""
-    k = key.lower()
-    return (
-        any(w in k for w in ("password", "secret", "token", "credential"))
-        or k in ("sasl.username", "ssl.key.pem", "ssl_key", "sasl.oauthbearer.config")
-        or k.endswith(".jaas.config")
-    )
-
-
     @field_validator("topic")
     @classmethod
     def _topic_template(cls, v: str) -> str:
@@ -191,6 +180,16 @@ def _is_kafka_secret(key: str) -> bool:
                 f"topic {v!r}: only {{major}}, {{minor}} and {{version}} may be filled in ({exc})"
             ) from None
         return v
+
+
+def _is_kafka_secret(key: str) -> bool:
+    """librdkafka properties that hold credentials (passwords, keys, tokens, JAAS config)."""
+    k = key.lower()
+    return (
+        any(w in k for w in ("password", "secret", "token", "credential"))
+        or k in ("sasl.username", "ssl.key.pem", "ssl_key", "sasl.oauthbearer.config")
+        or k.endswith(".jaas.config")
+    )
 
 
 def topic_for(config: KafkaConfig, schema: AlertSchema) -> str:

@@ -1,4 +1,4 @@
-"""Alert files and the dead-letter store (SPEC §4.9a).
+"""Alert files and the dead-letter store (docs/design.md §4.9a).
 
 Alerts are written as Avro object container files named
 ``{visit}_{detector}.avro`` under a local directory or an ``s3://`` URL (any

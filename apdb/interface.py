@@ -108,6 +108,7 @@ class Apdb(ABC):
         forced_sources: pd.DataFrame,
         *,
         time_mjd: float | None = None,
+        ss_sources: pd.DataFrame | None = None,
     ) -> StoreResult:
         """Store one detector's results in one transaction, with its marker.
 
@@ -123,6 +124,8 @@ class Apdb(ABC):
         time_mjd : float, optional
             Validity start (MJD TAI) of the new object versions; default the
             first ``midpointMjdTai`` of ``sources`` or ``forced_sources``.
+        ss_sources : pandas.DataFrame, optional
+            SDM ``SSSource`` rows of the solar-system DiaSources among ``sources``.
 
         Returns
         -------

@@ -175,6 +175,13 @@ def build_metadata() -> sa.MetaData:
         sqlite_with_rowid=False,
     )
     sa.Table(
+        "SSSource",
+        md,
+        *_sdm_columns("SSSource"),
+        sa.PrimaryKeyConstraint(*sdm.primary_key("SSSource")),
+        sa.Index("IDX_SSSource_ssObjectId", "ssObjectId"),
+    )
+    sa.Table(
         "metadata",
         md,
         sa.Column("name", sa.Text, primary_key=True),
@@ -217,9 +224,18 @@ _PG_TYPES = {
     LAST_TABLE: _pg_types("DiaObjectLast") | _EXTRA_PG_TYPES,
     "DiaSource": _pg_types("DiaSource") | _EXTRA_PG_TYPES,
     "DiaForcedSource": _pg_types("DiaForcedSource") | _EXTRA_PG_TYPES,
+    "SSSource": _pg_types("SSSource"),
 }
 
-TABLES = ("DiaObject", LAST_TABLE, "DiaSource", "DiaForcedSource", MARKER_TABLE, "metadata")
+TABLES = (
+    "DiaObject",
+    LAST_TABLE,
+    "DiaSource",
+    "DiaForcedSource",
+    "SSSource",
+    MARKER_TABLE,
+    "metadata",
+)
 
 
 # --------------------------------------------------------------------------- columns
@@ -1021,6 +1037,16 @@ class ApdbSql(Apdb):
         """DiaForcedSources of ``object_ids`` with ``midpointMjdTai >= since_mjd`` (MJD TAI)."""
         return self._get_history("DiaForcedSource", object_ids, since_mjd)
 
+    def get_ss_sources(self, dia_source_ids) -> pd.DataFrame:
+        """The ``SSSource`` rows of the given DiaSources (all SDM columns, any order)."""
+        ids = _ids_array(dia_source_ids, "SSSource query")
+        names = list(sdm.dtypes("SSSource"))
+        if ids.size == 0:
+            return sdm.empty_frame("SSSource")
+        test, param = self._id_filter(ids)
+        rows = self._select("SSSource", names, f'"diaSourceId" {test}', [param], "read SSSource")
+        return _frame(rows, names, sdm.dtypes("SSSource"))
+
     def get_object_history(self, object_ids) -> pd.DataFrame:
         """Every stored version of the given DiaObjects (from the ``DiaObject`` table)."""
         ids = _ids_array(object_ids, "DiaObject query")
@@ -1123,12 +1149,15 @@ class ApdbSql(Apdb):
         forced_sources: pd.DataFrame | None,
         *,
         time_mjd: float | None = None,
+        ss_sources: pd.DataFrame | None = None,
     ) -> StoreResult:
         """Store one detector's objects, sources and forced sources in one transaction.
 
         See :meth:`apdb.interface.Apdb.store`. Inputs are validated against the
         SDM schema before the transaction opens (:class:`InputError`); a
         failure inside it rolls everything back, marker included.
+        ``ss_sources`` are the SDM ``SSSource`` rows of the solar-system
+        DiaSources among ``sources``; each must name one of them by ``diaSourceId``.
         """
         visit, detector = int(visit), int(detector)
         objects = sdm.empty_frame("DiaObject") if objects is None else objects
@@ -1173,6 +1202,18 @@ class ApdbSql(Apdb):
             _check_visit_detector(cols.arrays, table, visit, detector)
         _unique(srcs.arrays["diaSourceId"], "DiaSource.diaSourceId")
         _unique(fsrcs.arrays["diaObjectId"], "DiaForcedSource.diaObjectId")
+        ss = _Columns(
+            sdm.empty_frame("SSSource") if ss_sources is None else ss_sources,
+            "SSSource",
+            nan_to_none=nan_none,
+        )
+        _unique(ss.arrays["diaSourceId"], "SSSource.diaSourceId")
+        orphan = ~np.isin(ss.arrays["diaSourceId"], srcs.arrays["diaSourceId"])
+        if orphan.any():
+            raise InputError(
+                f"SSSource: diaSourceId {int(ss.arrays['diaSourceId'][orphan][0])} is not among "
+                f"the DiaSources of visit {visit} detector {detector}"
+            )
 
         pixels = hpgeom.angle_to_pixel(hpgeom.order_to_nside(self.order), ra, dec)
         obj_rows = objs.rows()
@@ -1219,6 +1260,7 @@ class ApdbSql(Apdb):
                         )
                 self._insert(cur, "DiaSource", [*srcs.names, PAYLOAD_COLUMN], src_rows)
                 self._insert(cur, "DiaForcedSource", [*fsrcs.names, PAYLOAD_COLUMN], fsrc_rows)
+                self._insert(cur, "SSSource", ss.names, ss.rows())
         except _AlreadyStored:
             _LOG.info("visit %d detector %d already stored in %s", visit, detector, self._url)
             return StoreResult(visit, detector, already_stored=True)

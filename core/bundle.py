@@ -1,4 +1,4 @@
-"""The visit bundle (SPEC §2): its on-disk layout and in-memory model.
+"""The visit bundle (docs/design.md §2): its on-disk layout and in-memory model.
 
 Layout under one root URL (a local path or ``s3://bucket/prefix``, always
 through fsspec)::
@@ -381,8 +381,9 @@ def _check_wcs(wcs_text: str, path: str, shape: tuple[int, int]) -> WCS:
 # The bundle images are plain multi-extension FITS. astropy.io.fits spends ~40 ms
 # parsing the cards of one 5-HDU file; this reader takes the few cards it needs
 # straight from the 80-byte records and maps the data with numpy, ~1 ms. Anything
-# it does not handle (tile compression, BSCALE/BZERO, random groups) goes to
-# astropy unchanged.
+# it does not handle (tile compression, BSCALE/BZERO, random groups, long-string
+# CONTINUE cards, a card value it cannot parse) goes to astropy unchanged, which
+# alone decides whether the file is readable (tests/core/test_fits_parity.py).
 
 _BITPIX = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 _WCS_KEYS = (
@@ -463,6 +464,8 @@ def _parse_mef(raw: bytes) -> dict[str, tuple[dict, np.ndarray | None, str]]:
                 if key == "END":
                     ended = True
                     break
+                if key == "CONTINUE":  # a long string spread over several cards
+                    raise _NotSimple
                 if key == "HIERARCH":
                     name, eq, rest = card[9:].partition("=")
                     if eq:
@@ -528,11 +531,11 @@ def read_exposure(
     raw = _read_bytes(fs, path, "image file")
     try:
         hdus = _parse_mef(raw)
-    except _NotSimple:
+    except (_NotSimple, ValueError, KeyError):
+        # compressed, scaled, a card the fast path cannot parse, or not FITS at all:
+        # astropy reads it or names what is wrong (InputError)
         hdus = None
-    except ValueError as exc:
-        raise InputError(f"{path}: not a readable FITS file: {exc}") from exc
-    if hdus is None:  # compressed, scaled or otherwise unusual: let astropy read it
+    if hdus is None:
         hdus = _parse_with_astropy(raw, path)
     names = list(hdus)
     for name in _HDUS:

@@ -1,4 +1,4 @@
-"""Deterministic 64-bit IDs (SPEC §3).
+"""Deterministic 64-bit IDs (docs/design.md §3).
 
 ``ccdVisitId = visit * n_detectors + detector`` packed in ``ccd_exposure_id_bits``
 bits; ``diaSourceId = (ccdVisitId << counter_bits) | row`` with

@@ -51,8 +51,8 @@ __all__ = [
     "store_detector",
 ]
 
-FOOTPRINT_PAD_ARCSEC = 2.0  # SPEC §4.1: the WCS polygon of the corners, padded by 2″
-BBOX_GROW_PX = 10.0  # SPEC §4.1: objects outside the bbox grown by 10 px are dropped
+FOOTPRINT_PAD_ARCSEC = 2.0  # docs/design.md §4.1: the WCS polygon of the corners, padded by 2″
+BBOX_GROW_PX = 10.0  # docs/design.md §4.1: objects outside the bbox grown by 10 px are dropped
 
 _bundles: OrderedDict[tuple, tuple[DetectorBundle, int]] = OrderedDict()
 _bundles_lock = threading.Lock()

@@ -1,4 +1,4 @@
-"""Stage 9 for one detector: alert files, Kafka, dead letters (SPEC §4.9), receipts.
+"""Stage 9 for one detector: alert files, Kafka, dead letters (docs/design.md §4.9), receipts.
 
 A detector is *finished* when the APDB holds its (visit, detector) marker and
 its receipt ``{alert location}/receipts/{visit}_{detector}.json`` exists. The

@@ -467,7 +467,13 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
         lines += [f"| {d} | {e.replace('|', '/')} |" for d, e in sorted(failed.items())]
     if result["alert_files"]:
         lines += ["", "## Alert files", ""] + [f"- `{p}`" for p in result["alert_files"][:50]]
-    if result["table"]:
+    try:  # matplotlib comes with the [viewer] extra; without it the summary has no picture
+        import matplotlib  # noqa: F401
+    except ImportError:
+        have_matplotlib = False
+    else:
+        have_matplotlib = True
+    if result["table"] and have_matplotlib:
         png = visit_figure_png(result)
         lines += [
             "",

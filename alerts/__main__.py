@@ -17,6 +17,27 @@ show FILE [--id DIASOURCEID] [--png OUT]
     ``--png``, also draw its three stamps and light curve there. Reads
     diapipe's files and Rubin's (broker-redistributed) packets alike.
 
+get DIASOURCEID [--store DIR] [--out FILE]
+    Find one alert in the alert store through its index (no scan of the
+    alert files); print its summary, or write it to FILE as a one-alert Avro
+    file. Exit status 1 when no alert has that id.
+night NIGHT [--store DIR]
+    Print the night's manifest (UTC date ``YYYY-MM-DD``) as JSON: visits,
+    alerts per band, acknowledged and dead-lettered, new DiaObjects,
+    solar-system alerts, failed detectors, latency.
+replay-night NIGHT --to SERVERS --topic T [--store DIR] [--cadence S] [--speed X]
+    Re-publish a night's alerts from the store, visit by visit, at the
+    survey's cadence (the gaps between visit midpoints) or every S seconds,
+    X times faster. What Kafka does not acknowledge goes to the replay's
+    dead-letter store and is sent first by the next run; files fully handed
+    over are marked done and not sent again. Exit status 1 for a night with
+    no alerts or when alerts are still not acknowledged.
+registry serve [--host H] [--port P]
+    Serve the alert schemas as a read-only Confluent Schema Registry.
+registry sync URL
+    Register the alert schemas with Rubin's ids and subjects into the
+    Confluent-compatible registry at URL (IMPORT mode).
+
 Kafka credentials come from the environment (``DIAPIPE_KAFKA_USERNAME``,
 ``DIAPIPE_KAFKA_PASSWORD``); S3 credentials from the usual AWS variables.
 """
@@ -127,6 +148,75 @@ def _show(args) -> int:
     return 0
 
 
+def _get(args) -> int:
+    from alerts.stream import get_alert
+
+    return get_alert(args.id, args.store, args.out, _storage_options(args))
+
+
+def _night(args) -> int:
+    from alerts.manifest import read_night
+    from core.errors import InputError
+
+    try:
+        summary = read_night(args.store, args.night, _storage_options(args))
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=1, sort_keys=True))
+    return 0 if summary["visits"] else 1
+
+
+def _replay_night(args) -> int:
+    from alerts.stream import replay_night
+
+    extra = dict(kv.split("=", 1) for kv in args.option)
+    config = KafkaConfig(
+        servers=args.to,
+        topic=args.topic,
+        security_protocol=args.security_protocol,
+        flush_timeout_s=args.timeout,
+        delivery_timeout_ms=int(args.timeout * 1000),
+        extra=extra,
+    )
+    return replay_night(
+        args.night, args.store, config, args.cadence, args.speed, _storage_options(args)
+    )
+
+
+def _registry_serve(args) -> int:
+    from alerts.registry import serve
+
+    server = serve(args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"schema registry on http://{host}:{port} (read-only; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def _registry_sync(args) -> int:
+    from alerts.registry import _safe, sync_registry
+    from core.errors import ConfigError
+
+    try:
+        result = sync_registry(args.url)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{_safe(args.url)}: {result.registered} schema version(s) registered, "
+        f"{result.unchanged} already there, {len(result.errors)} refused"
+    )
+    for what, err in result.errors.items():
+        print(f"error: {what}: {err}", file=sys.stderr)
+    return 0 if not result.errors else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m alerts", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +257,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint-url", help="S3 endpoint (e.g. a local S3 server)")
     p.add_argument("--storage-options", help="fsspec options as JSON")
     p.set_defaults(func=_show)
+
+    def store(p):
+        p.add_argument("--store", default="./alerts", help="alert store (directory or s3:// URL)")
+        p.add_argument("--endpoint-url", help="S3 endpoint (e.g. a local S3 server)")
+        p.add_argument("--storage-options", help="fsspec options as JSON")
+
+    p = sub.add_parser("get", help="find one alert by diaSourceId through the store's index")
+    p.add_argument("id", type=int, metavar="DIASOURCEID")
+    p.add_argument("--out", metavar="FILE", help="write the alert there as a one-alert Avro file")
+    store(p)
+    p.set_defaults(func=_get)
+
+    p = sub.add_parser("night", help="print a night's manifest (alerts, Kafka, failures) as JSON")
+    p.add_argument("night", metavar="NIGHT", help="UTC date YYYY-MM-DD")
+    store(p)
+    p.set_defaults(func=_night)
+
+    p = sub.add_parser("replay-night", help="re-publish a night's alerts visit by visit")
+    p.add_argument("night", metavar="NIGHT", help="UTC date YYYY-MM-DD")
+    p.add_argument("--to", required=True, metavar="SERVERS", help="Kafka bootstrap servers")
+    p.add_argument("--topic", required=True, help="topic ({major}/{minor} filled from the schema)")
+    p.add_argument(
+        "--cadence", type=float, metavar="S", help="seconds between visits (default: the survey's)"
+    )
+    p.add_argument("--speed", type=float, default=1.0, metavar="X", help="X times faster")
+    p.add_argument(
+        "--security-protocol",
+        default="PLAINTEXT",
+        choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"],
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for delivery")
+    p.add_argument(
+        "-X", dest="option", action="append", default=[], metavar="KEY=VALUE",
+        help="extra librdkafka option (repeatable)",
+    )
+    store(p)
+    p.set_defaults(func=_replay_night)
+
+    p = sub.add_parser("registry", help="the alert schemas as a Confluent Schema Registry")
+    reg = p.add_subparsers(dest="registry_command", required=True)
+    q = reg.add_parser("serve", help="serve the schemas read-only over HTTP")
+    q.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    q.add_argument("--port", type=int, default=8081, help="port (default 8081; 0: any free)")
+    q.set_defaults(func=_registry_serve)
+    q = reg.add_parser("sync", help="register the schemas into an existing registry")
+    q.add_argument("url", help="registry URL (user:password@ in it for basic auth)")
+    q.set_defaults(func=_registry_sync)
     return parser
 
 

@@ -2,8 +2,20 @@
 
 Each message is an alert in the Confluent wire format: byte ``0``, the schema
 id ``major * 100 + minor`` as 4 big-endian bytes (1101 for schema 11.1, as in
-Rubin's alert stream), then the schemaless Avro payload. The message key is
-the decimal ``diaSourceId``.
+Rubin's alert stream), then the schemaless Avro payload. Rubin's conventions
+are the defaults (docs/alert-stream.md says where each comes from):
+
+* topic: one per schema major version, ``lsst-alerts-v{major}`` (``topic`` is
+  a template: ``{major}``, ``{minor}`` and ``{version}`` are filled from the
+  batch's schema; a name without them is used as it is);
+* compression: snappy;
+* headers: ``producer_timestamp``, the time the alert was handed to the
+  producer in milliseconds since the Unix epoch (decimal ASCII); the
+  message's own Kafka timestamp is the same, so consumers can seek by time;
+* key: the decimal ``diaObjectId`` (``ssObjectId`` when set, for alerts of
+  solar-system objects; ``diaSourceId`` for an alert without either; 0 counts
+  as not set, as Rubin writes it), so
+  that every alert of one object goes to one partition, in order.
 
 Messages are handed to one ``confluent_kafka.Producer`` in a loop that never
 flushes per message: librdkafka batches them (``linger.ms``,
@@ -15,7 +27,8 @@ back. Every alert whose delivery report is not a success goes to the
 dead-letter store; ``python -m alerts replay SRC`` re-sends them and removes
 only those the broker acknowledged. Delivery is therefore at-least-once: an
 alert purged while in flight may have reached the broker and be sent again by
-a replay; consumers can de-duplicate on the key (``diaSourceId``).
+a replay; consumers can de-duplicate on ``diaSourceId`` (the alert's first
+field).
 
 Credentials: SASL username and password are ``SecretStr`` fields, filled from
 the environment variables named in the config (``DIAPIPE_KAFKA_USERNAME`` /
@@ -36,7 +49,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
-from alerts.packet import AlertBatch, wire_header
+from alerts.index import object_key
+from alerts.packet import AlertBatch, AlertSchema, wire_header
 from alerts.store import DeadLetterStore, mask_field, refuse_secrets
 from core.errors import ConfigError, InputError
 
@@ -46,8 +60,10 @@ __all__ = [
     "ReplayResult",
     "produce_alerts",
     "produce_alerts_task",
+    "message_key",
     "producer_config",
     "replay_dead_letters",
+    "topic_for",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,9 +76,18 @@ class KafkaConfig(BaseModel, frozen=True, extra="forbid"):
         "localhost:9092",
         description="Kafka bootstrap servers, comma separated (bootstrap.servers).",
     )
-    topic: str = Field("alerts", description="Topic the alerts are produced to.")
+    topic: str = Field(
+        "lsst-alerts-v{major}",
+        description="Topic the alerts are produced to; {major}, {minor} and {version} are "
+        "replaced by the alert schema's (Rubin: lsst-alerts-v11 for schema 11.x).",
+    )
+    key: Literal["object", "diaSourceId", "none"] = Field(
+        "object",
+        description="Message key: 'object' = diaObjectId (ssObjectId when set), giving "
+        "per-object order within a partition; 'diaSourceId'; or no key.",
+    )
     compression: Literal["none", "gzip", "snappy", "lz4", "zstd"] = Field(
-        "lz4", description="Producer compression codec (compression.type)."
+        "snappy", description="Producer compression codec (compression.type)."
     )
     linger_ms: float = Field(
         20.0, ge=0, description="How long librdkafka waits to fill a batch (linger.ms)."
@@ -144,6 +169,17 @@ class KafkaConfig(BaseModel, frozen=True, extra="forbid"):
             "DIAPIPE_KAFKA_USERNAME/DIAPIPE_KAFKA_PASSWORD",
         )
 
+    @field_validator("topic")
+    @classmethod
+    def _topic_template(cls, v: str) -> str:
+        try:
+            v.format(major=11, minor=1, version="11.1")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"topic {v!r}: only {{major}}, {{minor}} and {{version}} may be filled in ({exc})"
+            ) from None
+        return v
+
 
 def _is_kafka_secret(key: str) -> bool:
     """librdkafka properties that hold credentials (passwords, keys, tokens, JAAS config)."""
@@ -153,6 +189,24 @@ def _is_kafka_secret(key: str) -> bool:
         or k in ("sasl.username", "ssl.key.pem", "ssl_key", "sasl.oauthbearer.config")
         or k.endswith(".jaas.config")
     )
+
+
+def topic_for(config: KafkaConfig, schema: AlertSchema) -> str:
+    """The topic of alerts written with ``schema``: ``config.topic`` filled in."""
+    major, minor = schema.version.split(".")
+    return config.topic.format(major=major, minor=minor, version=schema.version)
+
+
+def message_key(payload: bytes, dia_source_id: int, schema: AlertSchema, how: str) -> bytes | None:
+    """The message key of one alert (see :class:`KafkaConfig` ``key``)."""
+    if how == "none":
+        return None
+    if how == "object":
+        obj, ss = object_key(payload, schema)
+        # Rubin writes 0 for "none" as well as null (real LSSTCam alerts, schema 10).
+        key = ss if ss else obj if obj else dia_source_id
+        return str(key).encode()
+    return str(dia_source_id).encode()
 
 
 def producer_config(config: KafkaConfig) -> dict:
@@ -224,6 +278,7 @@ def _send(batch: AlertBatch, config: KafkaConfig) -> tuple[np.ndarray, dict[str,
     except Exception as exc:  # KafkaException for bad options
         raise ConfigError(f"Kafka producer for {config.servers}: {exc}") from exc
     header = wire_header(batch.schema.schema_id)
+    topic = topic_for(config, batch.schema)
 
     def report(index: int):
         def on_delivery(err, _msg):
@@ -238,12 +293,16 @@ def _send(batch: AlertBatch, config: KafkaConfig) -> tuple[np.ndarray, dict[str,
     for i, (sid, payload) in enumerate(
         zip(batch.dia_source_ids.tolist(), batch.payloads, strict=True)
     ):
+        key = message_key(payload, sid, batch.schema, config.key)
+        now_ms = time.time_ns() // 1_000_000
         while True:
             try:
                 producer.produce(
-                    config.topic,
+                    topic,
                     value=header + payload,
-                    key=str(sid).encode(),
+                    key=key,
+                    timestamp=now_ms,
+                    headers=[("producer_timestamp", str(now_ms).encode())],
                     on_delivery=report(i),
                 )
                 sent += 1
@@ -301,7 +360,7 @@ def produce_alerts(
             log.error(
                 "kafka %s/%s: %d of %d alerts not acknowledged (%s); written to %s",
                 config.servers,
-                config.topic,
+                topic_for(config, batch.schema),
                 int(failed.sum()),
                 len(batch),
                 errors,
@@ -311,7 +370,7 @@ def produce_alerts(
             log.error(
                 "kafka %s/%s: %d of %d alerts not acknowledged (%s); no dead-letter store",
                 config.servers,
-                config.topic,
+                topic_for(config, batch.schema),
                 int(failed.sum()),
                 len(batch),
                 errors,

@@ -405,7 +405,9 @@ def write_alert_file(
 def write_alerts(batch: AlertBatch, config: AlertStoreConfig | None = None) -> str | None:
     """Write ``{location}/{visit}_{detector}.avro``; None (nothing written) for an empty batch.
 
-    Re-running the same (visit, detector) replaces the file atomically.
+    Re-running the same (visit, detector) replaces the file atomically. The
+    file's index entry (:func:`alerts.index.write_index`) is written after it,
+    so an indexed alert is always in its file.
     """
     written = write_alerts_with_digest(batch, config)
     return None if written is None else written[0]
@@ -422,9 +424,20 @@ def write_alerts_with_digest(
     config = config or AlertStoreConfig()
     if len(batch) == 0:
         return None
+    from alerts.index import write_index
+
+    opts = dict(config.storage_options)
     url = alert_file_url(config.location, batch.visit, batch.detector)
     data = container_bytes(batch.schema, batch.payloads, config.codec)
-    _atomic_write(url, data, dict(config.storage_options))
+    _atomic_write(url, data, opts)
+    write_index(
+        config.location,
+        url,
+        batch.dia_source_ids,
+        batch.visit,
+        batch.detector,
+        lambda u, body: _atomic_write(u, body, opts),
+    )
     return url, hashlib.sha256(data).hexdigest()
 
 

@@ -11,18 +11,30 @@ next run produces its alerts again (at least once, same bytes).
 from __future__ import annotations
 
 import json
+import logging
+import time
 from typing import Any
 
 import fsspec
 
+from alerts.index import object_keys
 from alerts.kafka import produce_alerts
+from alerts.manifest import publish_night_artifact, read_night, visit_entry, write_visit_manifest
 from alerts.packet import AlertBatch
 from alerts.store import DeadLetterStore, _atomic_write, write_alerts_with_digest
 from core.bundle import VisitInfo
 from core.errors import AlertError
 from flows.config import PipelineConfig
 
-__all__ = ["finished_detectors", "produce_detector", "receipt_url", "receipts_by_visit"]
+__all__ = [
+    "finished_detectors",
+    "produce_detector",
+    "receipt_url",
+    "receipts_by_visit",
+    "record_visit",
+]
+
+log = logging.getLogger(__name__)
 
 
 def receipt_url(config: PipelineConfig, visit: int, detector: int) -> str:
@@ -77,6 +89,7 @@ def produce_detector(
         _write_receipt(config, visit, detector, out)
         return out, {"alerts": 0, "delivered": 0, "failed": 0}
     out["alerts"] = len(batch)
+    out["ss_alerts"] = int((object_keys(batch.payloads, batch.schema)[1] >= 0).sum())
     if config.output.do_write_alerts:
         out["file"], out["sha256"] = write_alerts_with_digest(batch, config.output.store)
     failed = 0
@@ -103,9 +116,34 @@ def produce_detector(
 
 
 def _write_receipt(config: PipelineConfig, visit: VisitInfo, detector: int, out: dict) -> None:
-    body = {"visit": visit.visit, "detector": int(detector), **out}
+    body = {"visit": visit.visit, "detector": int(detector), "produced_at": time.time(), **out}
     _atomic_write(
         receipt_url(config, visit.visit, detector),
         json.dumps(body, sort_keys=True).encode(),
         dict(config.output.store.storage_options),
     )
+
+
+def record_visit(config: PipelineConfig, visit: VisitInfo, result: dict[str, Any]) -> str | None:
+    """Write the visit's manifest (:mod:`alerts.manifest`) and its night's Prefect artifact.
+
+    Counts come from the receipts of the visit's finished detectors. A store
+    that cannot be written is logged and leaves the receipts as the record
+    (``python -m alerts night`` then lacks the visit); it never fails a visit
+    whose alerts are out.
+    """
+    opts = dict(config.output.store.storage_options)
+    location = config.output.store.location
+    try:
+        receipts = []
+        for det in sorted(finished_detectors(config, visit.visit) & set(result["detectors"])):
+            with fsspec.open(receipt_url(config, visit.visit, det), "rb", **opts) as f:
+                receipts.append(json.load(f))
+        new = {int(r["detector"]): r.get("associate_new") for r in result["table"]}
+        entry = visit_entry(visit, receipts, result["failed"], new)
+        url = write_visit_manifest(location, entry, opts)
+        publish_night_artifact(read_night(location, entry["night"], opts))
+    except Exception as exc:  # the alerts are out; only the summary is missing
+        log.error("visit %s: manifest not written (%s: %s)", visit.visit, type(exc).__name__, exc)
+        return None
+    return url

@@ -25,7 +25,7 @@ from core.bundle import VisitInfo, read_visit_info
 from core.errors import InputError, TransientError
 from flows import detector as D
 from flows.config import PipelineConfig
-from flows.produce import finished_detectors, produce_detector
+from flows.produce import finished_detectors, produce_detector, record_visit
 from flows.report import png_data_uri, visit_figure_png
 from flows.stages import STAGES, GroupResult, configure, stage_task, summary_task
 
@@ -131,7 +131,8 @@ class VisitResult(dict):
     earlier run: stored and produced), ``recovered`` (stored by an earlier run
     whose alerts never went out: rebuilt from the APDB and produced now),
     ``alerts`` (produced by this run), ``alert_files``, ``stage_seconds`` (stage →
-    total seconds), ``table`` (per detector and stage rows), ``wall_s``.
+    total seconds), ``table`` (per detector and stage rows), ``wall_s``,
+    ``manifest`` (URL of the visit's record in the night manifest, or None).
     """
 
 
@@ -283,6 +284,7 @@ def process_visit(
     result["detectors"] = dets
     D.forget_bundles()
     _artifacts(result, config.output.store if config.output.do_write_alerts else None)
+    result["manifest"] = record_visit(config, info, result)
     n_failed = len(result["failed"])
     if n_failed:
         msg = f"partial: {n_failed} of {len(dets)} detectors failed: " + "; ".join(

@@ -37,3 +37,10 @@ def consume_all(servers: str, topic: str, expected: int, timeout: float = 30.0) 
         return out
     finally:
         consumer.close()
+
+
+def source_id(msg) -> int:
+    """The ``diaSourceId`` of an alert message: the first field of its Avro payload."""
+    from alerts.store import _read_long
+
+    return _read_long(msg.value(), 5)[0]

@@ -17,7 +17,7 @@ from alerts.store import DeadLetterStore
 from core.errors import ConfigError
 
 from .conftest import make_alert_inputs
-from .kafka_util import consume_all
+from .kafka_util import consume_all, source_id
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_alerts_arrive_in_confluent_wire_format(mock_cluster, batch):
     assert (result.n_sent, result.n_delivered, result.n_failed) == (len(batch), len(batch), 0)
     msgs = consume_all(mock_cluster, "alerts-wire", len(batch))
     assert len(msgs) == len(batch)
-    by_key = {int(m.key()): m.value() for m in msgs}
+    by_key = {source_id(m): m.value() for m in msgs}
     assert sorted(by_key) == sorted(batch.dia_source_ids.tolist())
     for sid, payload in zip(batch.dia_source_ids.tolist(), batch.payloads, strict=True):
         value = by_key[sid]
@@ -86,7 +86,7 @@ def test_unreachable_broker_sends_everything_to_dead_letters_then_replay(
     assert code == 0
     assert dead.list() == []
     msgs = consume_all(mock_cluster, "alerts-replay", len(batch))
-    assert sorted(int(m.key()) for m in msgs) == sorted(batch.dia_source_ids.tolist())
+    assert sorted(source_id(m) for m in msgs) == sorted(batch.dia_source_ids.tolist())
 
 
 def test_replay_keeps_what_is_still_not_acknowledged(tmp_path, batch):

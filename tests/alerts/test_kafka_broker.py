@@ -24,7 +24,7 @@ from alerts.packet import decode_alert, package_alerts
 from alerts.store import DeadLetterStore
 
 from .conftest import make_alert_inputs
-from .kafka_util import consume_all
+from .kafka_util import consume_all, source_id
 
 pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 
@@ -129,10 +129,10 @@ def test_broker_down_dead_letters_replay_all_delivered(broker, batches, tmp_path
     up = produce_alerts(first, config, dead)
     assert (up.n_delivered, up.n_failed, up.dead_letter_url) == (len(first), 0, None)
     got = consume_all(broker.servers, "alerts", len(first))
-    assert sorted(int(m.key()) for m in got) == sorted(first.dia_source_ids.tolist())
+    assert sorted(source_id(m) for m in got) == sorted(first.dia_source_ids.tolist())
     for m in got:
         assert m.value()[:5] == b"\x00\x00\x00\x04\x4d"
-        assert decode_alert(m.value(), first.schema)["diaSourceId"] == int(m.key())
+        assert decode_alert(m.value(), first.schema)["diaSourceId"] == source_id(m)
 
     # broker down: nothing acknowledged, nothing lost
     broker.stop()
@@ -164,7 +164,7 @@ def test_broker_down_dead_letters_replay_all_delivered(broker, batches, tmp_path
     assert f"{len(second)} of {len(second)} alert(s) delivered" in run.stdout
     assert dead.list() == []
     got = consume_all(broker.servers, "alerts", len(second))
-    assert sorted(int(m.key()) for m in got) == sorted(second.dia_source_ids.tolist())
-    by_key = {int(m.key()): m.value()[5:] for m in got}
+    assert sorted(source_id(m) for m in got) == sorted(second.dia_source_ids.tolist())
+    by_key = {source_id(m): m.value()[5:] for m in got}
     for sid, payload in zip(second.dia_source_ids.tolist(), second.payloads, strict=True):
         assert by_key[sid] == payload

@@ -34,7 +34,11 @@ def batch() -> AlertBatch:
 def test_local_file_readable_by_fastavro_and_back(tmp_path, batch, codec):
     url = write_alerts(batch, AlertStoreConfig(location=str(tmp_path / "out"), codec=codec))
     assert url == f"{tmp_path}/out/7001_3.avro"
-    assert os.listdir(tmp_path / "out") == ["7001_3.avro"]  # no temporary left behind
+    # no temporary left behind; the index entry beside it
+    assert sorted(os.listdir(tmp_path / "out")) == ["7001_3.avro", "index"]
+    assert os.listdir(tmp_path / "out" / "index") == [
+        f"{batch.dia_source_ids.min()}_{batch.dia_source_ids.max()}_7001_3.json"
+    ]
     assert read_alert_file(url) == batch.records()
     with open(url, "rb") as f:
         reader = fastavro.reader(f)
@@ -68,7 +72,7 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, batch, monkeypatch):
     with pytest.raises(AlertError, match=r"7001_3\.avro: cannot write: disk full"):
         write_alerts(batch, config)
     assert open(url, "rb").read() == before
-    assert os.listdir(tmp_path) == ["7001_3.avro"]
+    assert sorted(os.listdir(tmp_path)) == ["7001_3.avro", "index"]
 
 
 def test_multi_record_blocks_are_split_into_original_payloads(batch):
@@ -118,8 +122,9 @@ def test_s3_alert_file_and_dead_letters(s3, batch):
     url = write_alerts(batch, config)
     assert url == "s3://alerts-bucket/run1/7001_3.avro"
     assert fs.ls("alerts-bucket/run1") == [
-        "alerts-bucket/run1/7001_3.avro"
-    ]  # one object, final name
+        "alerts-bucket/run1/7001_3.avro",
+        "alerts-bucket/run1/index",
+    ]  # one object, final name, and its index entry
     assert read_alert_file(url, opts) == batch.records()
     assert read_alert_batch(url, opts).payloads == batch.payloads
 

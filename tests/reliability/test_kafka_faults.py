@@ -25,7 +25,7 @@ from alerts.packet import AlertBatch, package_alerts
 from alerts.store import DeadLetterStore, read_alert_batch
 from flows.visit import run_visit
 from tests.alerts.conftest import make_alert_inputs
-from tests.alerts.kafka_util import consume_all
+from tests.alerts.kafka_util import consume_all, source_id
 from tests.alerts.test_kafka_broker import Broker, _free_port, _tansu_binary
 from tests.conftest import make_config
 
@@ -33,12 +33,12 @@ pytestmark = pytest.mark.kafka
 
 
 def _by_key(messages) -> dict[int, set[bytes]]:
-    """diaSourceId (message key) → the set of distinct Avro payloads received for it."""
+    """diaSourceId (first field of the payload) → the set of distinct Avro payloads received for it."""
     seen: dict[int, set[bytes]] = {}
     for m in messages:
         body = m.value()
         assert body[0] == 0, "Confluent wire format"
-        seen.setdefault(int(m.key()), set()).add(body[5:])
+        seen.setdefault(source_id(m), set()).add(body[5:])
     return seen
 
 
@@ -146,7 +146,7 @@ def _consume_keys(servers: str, topic: str, keys: set[int], timeout: float = 30.
             msg = consumer.poll(0.2)
             if msg is not None and msg.error() is None:
                 out.append(msg)
-                missing.discard(int(msg.key()))
+                missing.discard(source_id(msg))
         end = time.monotonic() + 0.5  # a little longer, to catch duplicates
         while time.monotonic() < end:
             msg = consumer.poll(0.1)

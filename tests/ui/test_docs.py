@@ -208,16 +208,18 @@ def test_documented_commands_exist_with_their_options(monkeypatch):
             problems.append(f"{where}: `python -m {module} --help` failed: {text[-300:]}")
             continue
         words: tuple[str, ...] = ()
-        if (
-            rest
-            and re.fullmatch(r"[a-z][a-z-]*", rest[0])
-            and re.search(r"\{[\w,-]*\b" + re.escape(rest[0]) + r"\b[\w,-]*\}", text)
+        while (
+            len(rest) > len(words)
+            and re.fullmatch(r"[a-z][a-z-]*", rest[len(words)])
+            and re.search(r"\{[\w,-]*\b" + re.escape(rest[len(words)]) + r"\b[\w,-]*\}", text)
         ):
-            words = (rest[0],)  # a sub-command the usage line lists
+            words = (*words, rest[len(words)])  # a sub-command the usage line lists
             rc, text = help_of(module, words)
             if rc != 0:
-                problems.append(f"{where}: `python -m {module} {rest[0]} --help` failed")
-                continue
+                problems.append(f"{where}: `python -m {module} {' '.join(words)} --help` failed")
+                break
+        if rc != 0:
+            continue
         for opt in (t.split("=")[0] for t in rest if t.startswith("--")):
             if not re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", text):
                 problems.append(f"{where}: `python -m {module} {' '.join(words)}` has no {opt}")

@@ -517,7 +517,9 @@ def encode_table(
         pieces.append((((~null).view(np.uint8) << 1)[:, None], None))
         if null.all():
             continue
-        if kind in ("long", "int", "boolean", "float", "double"):
+        if kind in ("long", "int", "boolean") or (
+            kind in _FLOAT_WIDTH and values.dtype != _FLOAT_WIDTH[kind]
+        ):  # (a float64 null beyond float32's range would warn when cast)
             values = np.where(null, 0, values)
         mat, lens = _column(values, kind, what)
         pieces.append((mat, ~null if lens is None else np.where(null, 0, lens)))

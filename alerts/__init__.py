@@ -1,4 +1,4 @@
-"""Alerts: stamps, official Rubin Avro packets, files, Kafka and dead letters (SPEC §4.7-4.9).
+"""Alerts: stamps, official Rubin Avro packets, files, Kafka and dead letters (docs/design.md §4.7-4.9).
 
 Modules
 -------

@@ -4,10 +4,14 @@ Commands
 --------
 replay SRC
     Re-send the dead letters under SRC (a directory or ``s3://`` URL) to
-    Kafka; remove those acknowledged, keep the rest. Exit status 0 when every
-    dead letter was delivered, 1 otherwise.
+    Kafka; remove those acknowledged, keep the rest. An unreadable file is
+    reported and kept; the others are replayed. Exit status 0 when every dead
+    letter was delivered, 1 otherwise; 2 for a mistake on the command line
+    (e.g. SRC is not a directory).
 list SRC
-    List the alert files under SRC with their alert counts.
+    List the alert files under SRC with their alert counts; a file that cannot
+    be read, or whose bytes differ from the SHA-256 in its receipt, gets an
+    ``error:`` line and the others are listed (exit status 1 then).
 show FILE [--id DIASOURCEID] [--png OUT]
     Print a summary of one alert of an alert file (default: the first); with
     ``--png``, also draw its three stamps and light curve there. Reads
@@ -25,18 +29,44 @@ import logging
 import sys
 
 from alerts.kafka import KafkaConfig, replay_dead_letters
-from alerts.store import DeadLetterStore
+from alerts.store import DeadLetterStore, check_against_receipt
+from core.errors import InputError
+
+
+class _UsageError(Exception):
+    """A mistake on the command line: one ``error:`` line, exit status 2."""
 
 
 def _storage_options(args) -> dict:
-    opts = json.loads(args.storage_options) if args.storage_options else {}
+    try:
+        opts = json.loads(args.storage_options) if args.storage_options else {}
+    except ValueError as exc:
+        raise _UsageError(f"--storage-options is not JSON: {exc}") from None
+    if not isinstance(opts, dict):
+        raise _UsageError("--storage-options must be a JSON object")
     if args.endpoint_url:
         opts.setdefault("client_kwargs", {})["endpoint_url"] = args.endpoint_url
     return opts
 
 
+def _directory(args) -> DeadLetterStore:
+    """The store at ``args.src``, which must be an existing directory (or S3 prefix)."""
+    import fsspec
+
+    opts = _storage_options(args)
+    fs, path = fsspec.core.url_to_fs(args.src, **opts)
+    if not fs.exists(path):
+        raise _UsageError(f"{args.src}: no such directory")
+    if not fs.isdir(path):
+        raise _UsageError(f"{args.src}: not a directory")
+    return DeadLetterStore(args.src, opts)
+
+
 def _replay(args) -> int:
-    extra = dict(kv.split("=", 1) for kv in args.option)
+    try:
+        extra = dict(kv.split("=", 1) for kv in args.option)
+    except ValueError:
+        raise _UsageError(f"-X takes KEY=VALUE, got {args.option}") from None
     config = KafkaConfig(
         servers=args.servers,
         topic=args.topic,
@@ -45,32 +75,55 @@ def _replay(args) -> int:
         delivery_timeout_ms=int(args.timeout * 1000),
         extra=extra,
     )
-    store = DeadLetterStore(args.src, _storage_options(args))
+    store = _directory(args)
     result = replay_dead_letters(store, config)
+    for url, why in result.corrupt.items():
+        print(f"error: {url}: skipped (kept in place): {why}", file=sys.stderr)
     print(
-        f"replayed {result.n_files} file(s): {result.n_delivered} of {result.n_sent} "
-        f"alert(s) delivered, {result.n_failed} still failing, "
-        f"{result.n_files_removed} file(s) removed"
+        f"replayed {result.n_files - len(result.corrupt)} file(s): {result.n_delivered} of "
+        f"{result.n_sent} alert(s) delivered, {result.n_failed} still failing, "
+        f"{result.n_files_removed} file(s) removed, {len(result.corrupt)} unreadable file(s)"
     )
-    return 0 if result.n_failed == 0 else 1
+    return 0 if result.n_failed == 0 and not result.corrupt else 1
 
 
 def _list(args) -> int:
-    store = DeadLetterStore(args.src, _storage_options(args))
+    import fsspec
+
+    store = _directory(args)
+    bad = 0
     for url in store.list():
-        print(f"{len(store.read(url)):8d}  {url}")
-    return 0
+        try:
+            with fsspec.open(url, "rb", **store.storage_options) as f:
+                data = f.read()
+            batch = store.read(url)
+        except (InputError, OSError) as exc:
+            print(f"error: {url}: {exc}", file=sys.stderr)
+            bad += 1
+            continue
+        mismatch = check_against_receipt(url, data, store.storage_options)
+        if mismatch:
+            print(f"error: {url}: {mismatch}", file=sys.stderr)
+            bad += 1
+        print(f"{len(batch):8d}  {url}")
+    if bad:
+        print(f"{bad} file(s) with errors", file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _show(args) -> int:
     from alerts.viewer import show_alert
-    from core.errors import InputError
 
     try:
         print(show_alert(args.file, args.id, args.png, _storage_options(args)))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except IsADirectoryError:
+        raise _UsageError(f"{args.file}: is a directory, not an alert file") from None
+    except OSError as exc:
+        where = exc.filename or args.file
+        raise _UsageError(f"{where}: {exc.strerror or exc}") from None
     return 0
 
 
@@ -118,9 +171,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from core.errors import one_line
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (_UsageError, ValidationError) as exc:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Image stamps ("cutouts") for alerts (SPEC §4.7).
+"""Image stamps ("cutouts") for alerts (docs/design.md §4.7).
 
 For every new DiaSource, three square stamps of side ``clip(bboxSize,
 minCutoutSize, maxCutoutSize)`` pixels centred on the source are cut from the

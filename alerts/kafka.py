@@ -1,4 +1,4 @@
-"""Sending alerts to Kafka, with dead letters for anything not acknowledged (SPEC §4.9b).
+"""Sending alerts to Kafka, with dead letters for anything not acknowledged (docs/design.md §4.9b).
 
 Each message is an alert in the Confluent wire format: byte ``0``, the schema
 id ``major * 100 + minor`` as 4 big-endian bytes (1101 for schema 11.1, as in
@@ -32,14 +32,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from confluent_kafka import Producer
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from alerts.packet import AlertBatch, wire_header
-from alerts.store import DeadLetterStore
-from core.errors import ConfigError
+from alerts.store import DeadLetterStore, mask_field, refuse_secrets
+from core.errors import ConfigError, InputError
 
 __all__ = [
     "KafkaConfig",
@@ -121,7 +120,38 @@ class KafkaConfig(BaseModel, frozen=True, extra="forbid"):
     ssl_ca_location: str | None = Field(None, description="CA bundle path (ssl.ca.location).")
     extra: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
-        description="Further librdkafka producer options, passed as they are.",
+        description=(
+            "Further librdkafka producer options, passed as they are. Credentials "
+            "(sasl.password, ssl.key.password, ...) are refused here: the options are "
+            "stored in clear with the flow's parameters; use sasl_username/sasl_password "
+            "or the environment."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mask_credentials(cls, data):
+        return mask_field(data, "extra", _is_kafka_secret)
+
+    @field_validator("extra")
+    @classmethod
+    def _refuse_credentials(cls, extra: dict) -> dict:
+        return refuse_secrets(
+            extra,
+            _is_kafka_secret,
+            "KafkaConfig.extra",
+            "set sasl_username/sasl_password (kept secret) or the environment variables "
+            "DIAPIPE_KAFKA_USERNAME/DIAPIPE_KAFKA_PASSWORD",
+        )
+
+
+def _is_kafka_secret(key: str) -> bool:
+    """librdkafka properties that hold credentials (passwords, keys, tokens, JAAS config)."""
+    k = key.lower()
+    return (
+        any(w in k for w in ("password", "secret", "token", "credential"))
+        or k in ("sasl.username", "ssl.key.pem", "ssl_key", "sasl.oauthbearer.config")
+        or k.endswith(".jaas.config")
     )
 
 
@@ -187,6 +217,8 @@ def _send(batch: AlertBatch, config: KafkaConfig) -> tuple[np.ndarray, dict[str,
     errors: dict[str, int] = {}
     if n == 0:
         return delivered, errors, 0
+    from confluent_kafka import Producer  # the [kafka] extra; only a Kafka run needs it
+
     try:
         producer = Producer(producer_config(config))
     except Exception as exc:  # KafkaException for bad options
@@ -306,6 +338,7 @@ class ReplayResult:
     n_sent: int
     n_delivered: int
     n_failed: int
+    corrupt: dict[str, str] = field(default_factory=dict)  # file URL → why it was skipped
 
 
 def replay_dead_letters(store: DeadLetterStore, config: KafkaConfig) -> ReplayResult:
@@ -313,12 +346,19 @@ def replay_dead_letters(store: DeadLetterStore, config: KafkaConfig) -> ReplayRe
 
     Each file is re-sent as a whole; when all its alerts are acknowledged the
     file is removed, otherwise it is rewritten (atomically) with only the
-    alerts still not acknowledged.
+    alerts still not acknowledged. A file that cannot be read is kept, logged
+    and listed in ``corrupt``; the other files are replayed.
     """
     files = store.list()
     removed = sent = ok = bad = 0
+    corrupt: dict[str, str] = {}
     for url in files:
-        batch = store.read(url)
+        try:
+            batch = store.read(url)
+        except InputError as exc:  # a damaged file is kept and reported; the others go on
+            corrupt[url] = str(exc)
+            log.error("replay %s: skipped, not readable: %s", url, exc)
+            continue
         delivered, errors, n_sent = _send(batch, config)
         sent += n_sent
         ok += int(delivered.sum())
@@ -334,4 +374,4 @@ def replay_dead_letters(store: DeadLetterStore, config: KafkaConfig) -> ReplayRe
                 int((~delivered).sum()),
                 errors,
             )
-    return ReplayResult(len(files), removed, sent, ok, bad)
+    return ReplayResult(len(files), removed, sent, ok, bad, corrupt)

@@ -1,4 +1,4 @@
-"""Alert packets in Rubin's official Avro schema (SPEC §4.8).
+"""Alert packets in Rubin's official Avro schema (docs/design.md §4.8).
 
 One alert per new DiaSource, in the schema shipped by ``lsst-alert-packet``
 (default: its latest version, 11.1 at the time of writing)::
@@ -11,7 +11,8 @@ One alert per new DiaSource, in the schema shipped by ``lsst-alert-packet``
                          when the DiaObject has ≥ ``forced_source_history_threshold``
                          DiaSources (Rubin: forcedSourceHistoryThreshold); else null
     diaObject            the updated DiaObject; null for a source without one
-    ssSource, mpc_orbits null (solar-system association is not part of diapipe)
+    ssSource, mpc_orbits the SSSource row and published orbit of a solar-system source
+                         (tasks.ssoassociate); null otherwise
     cutoutDifference, cutoutScience, cutoutTemplate   FITS bytes or null
 
 Encoding
@@ -697,6 +698,8 @@ def package_alerts(
     config: PackagingConfig | None = None,
     *,
     detector: int | None = None,
+    ss_sources: pd.DataFrame | None = None,
+    orbits: pd.DataFrame | None = None,
 ) -> AlertBatch:
     """Build one Avro alert per new DiaSource.
 
@@ -724,6 +727,13 @@ def package_alerts(
     config : PackagingConfig, optional
     detector : int, optional
         Detector number for the batch; default: ``new_sources.detector``.
+    ss_sources : pandas.DataFrame, optional
+        SDM ``SSSource`` rows of the solar-system sources among ``new_sources``
+        (by ``diaSourceId``): their alerts carry ``ssSource``, and ``mpc_orbits``
+        from the ``orbits`` row of the same ``ssObjectId`` (ephemeris table
+        columns named as the schema's ``mpc_orbits`` fields; ``id`` 0 when absent,
+        as in Rubin's alerts). A source with ``diaObjectId`` 0 has no DiaObject:
+        null ``diaObject`` and no histories, as Rubin's solar-system alerts.
 
     Returns
     -------
@@ -786,7 +796,7 @@ def package_alerts(
                 out.append(_SOME + varint(b - a) + hbuf[hoff[a] : hoff[b]] + _NULL)
         return out
 
-    has_obj = ~obj_null
+    has_obj = ~obj_null & (obj_ids != 0)  # diaObjectId 0: a solar-system source
     pieces["prvDiaSources"] = arrays(
         "prvDiaSources", history_sources, hist_rows, hist_keys, has_obj
     )
@@ -813,6 +823,7 @@ def package_alerts(
     hs, he = _group_slices(hist_keys, obj_ids)
     n_dia = np.where(n_dia > 0, n_dia, (he - hs) + 1)
     pieces["diaObject"] = obj_pieces
+    pieces.update(_solar_system_pieces(src_ids, ss_sources, orbits, records))
     include_forced = has_obj & (n_dia >= config.forced_source_history_threshold)
     pieces["prvDiaForcedSources"] = arrays(
         "prvDiaForcedSources", history_forced, forced_rows, forced_keys, include_forced
@@ -860,6 +871,39 @@ def package_alerts(
         n_without_object=sum(p == _NULL for p in obj_pieces),
         n_without_cutouts=int(sum(s[0] is None for s in stamps)),
     )
+
+
+def _solar_system_pieces(
+    src_ids: np.ndarray, ss_sources: pd.DataFrame | None, orbits: pd.DataFrame | None, records
+) -> dict[str, list[bytes]]:
+    """Encoded ``ssSource`` and ``mpc_orbits`` union values per alert (null where none)."""
+    n = len(src_ids)
+    out = {"ssSource": [_NULL] * n, "mpc_orbits": [_NULL] * n}
+    if ss_sources is None or len(ss_sources) == 0 or "ssSource" not in records:
+        return out
+    ss_ids = ss_sources["diaSourceId"].to_numpy(dtype=np.int64)
+    pos = {int(v): k for k, v in enumerate(ss_ids)}
+    rows = np.array([pos.get(int(i), -1) for i in src_ids], dtype=np.int64)
+    has = np.flatnonzero(rows >= 0)
+    if has.size == 0:
+        return out
+    sbuf, soff = encode_table(ss_sources, records["ssSource"], rows=rows[has])
+    for k, i in enumerate(has):
+        out["ssSource"][i] = _SOME + sbuf[soff[k] : soff[k + 1]]
+    if orbits is None or len(orbits) == 0 or "mpc_orbits" not in records:
+        return out
+    orb = orbits
+    if "id" not in orb.columns:
+        orb = orb.assign(id=np.zeros(len(orb), np.int32))
+    orb_pos = {int(v): k for k, v in enumerate(orb["ssObjectId"].to_numpy(dtype=np.int64))}
+    want = ss_sources["ssObjectId"].to_numpy(dtype=np.int64)[rows[has]]
+    orow = np.array([orb_pos.get(int(v), -1) for v in want], dtype=np.int64)
+    ok = orow >= 0
+    if ok.any():
+        obuf, ooff = encode_table(orb, records["mpc_orbits"], rows=orow[ok])
+        for k, i in enumerate(has[ok]):
+            out["mpc_orbits"][i] = _SOME + obuf[ooff[k] : ooff[k + 1]]
+    return out
 
 
 package_alerts_task = task(package_alerts, name="package_alerts", cache_policy=NO_CACHE)

@@ -1,4 +1,4 @@
-"""Alert files and the dead-letter store (SPEC §4.9a).
+"""Alert files and the dead-letter store (docs/design.md §4.9a).
 
 Alerts are written as Avro object container files named
 ``{visit}_{detector}.avro`` under a local directory or an ``s3://`` URL (any
@@ -27,6 +27,7 @@ files for :func:`alerts.kafka.replay_dead_letters`.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 import os
@@ -42,9 +43,10 @@ import fsspec
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from alerts.packet import AlertBatch, AlertSchema, load_schema, varint
+from core.bundle import missing_credentials
 from core.errors import AlertError, InputError, TransientError
 
 __all__ = [
@@ -78,9 +80,81 @@ class AlertStoreConfig(BaseModel, frozen=True, extra="forbid"):
         default_factory=dict,
         description=(
             "fsspec options, e.g. {'endpoint_url': ...} for S3; credentials come from "
-            "the environment (AWS_ACCESS_KEY_ID, ...), never from here."
+            "the environment (AWS_ACCESS_KEY_ID, ...), never from here: a credential "
+            "option (key, secret, token, password, ...) is refused, since the options "
+            "are stored in clear with the flow's parameters."
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mask_credentials(cls, data):
+        return mask_field(data, "storage_options", _is_storage_secret)
+
+    @field_validator("storage_options")
+    @classmethod
+    def _refuse_credentials(cls, options: dict) -> dict:
+        return refuse_secrets(
+            options,
+            _is_storage_secret,
+            "AlertStoreConfig.storage_options",
+            "give credentials in the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+            "AWS_SESSION_TOKEN) or a credentials file instead",
+        )
+
+
+_STORAGE_SECRET_WORDS = ("secret", "token", "password", "credential", "access_key", "account_key")
+
+
+def _is_storage_secret(key: str) -> bool:
+    k = key.lower()
+    return k in ("key", "connection_string", "sas") or any(w in k for w in _STORAGE_SECRET_WORDS)
+
+
+def mask_secrets(options: dict, is_secret) -> dict:
+    """A copy of ``options`` (nested dicts too) with the value of every secret key as ``***``."""
+    out = {}
+    for k, v in options.items():
+        if isinstance(k, str) and is_secret(k):
+            out[k] = "***"
+        elif isinstance(v, dict):
+            out[k] = mask_secrets(v, is_secret)
+        else:
+            out[k] = v
+    return out
+
+
+def secret_keys(options: dict, is_secret, prefix: str = "") -> list[str]:
+    """Dotted names of the secret keys in ``options`` (nested dicts too)."""
+    found = []
+    for k, v in options.items():
+        name = f"{prefix}{k}"
+        if isinstance(k, str) and is_secret(k):
+            found.append(name)
+        elif isinstance(v, dict):
+            found += secret_keys(v, is_secret, f"{name}.")
+    return sorted(found)
+
+
+def mask_field(data, name: str, is_secret):
+    """``data`` with the secret values of its options dict ``name`` masked (a model's input).
+
+    Run before validation, so that neither the error of :func:`refuse_secrets`
+    nor pydantic's echo of the input can show a secret.
+    """
+    if isinstance(data, dict) and isinstance(data.get(name), dict):
+        return {**data, name: mask_secrets(data[name], is_secret)}
+    return data
+
+
+def refuse_secrets(options: dict, is_secret, what: str, advice: str) -> dict:
+    """``options`` unchanged, or a ValueError naming its secret keys (never their values)."""
+    found = secret_keys(options, is_secret)
+    if found:
+        raise ValueError(
+            f"{what}: {found} would be stored in clear with the flow's parameters; {advice}"
+        )
+    return options
 
 
 # --------------------------------------------------------------------------
@@ -155,20 +229,25 @@ def iter_container_payloads(data: bytes, source: str = "") -> tuple[dict, Iterat
         raise InputError(f"{source or 'alert file'}: not an Avro container file")
     pos = 4
     meta: dict[str, bytes] = {}
-    while True:
-        count, pos = _read_long(data, pos)
-        if count == 0:
-            break
-        if count < 0:
-            _, pos = _read_long(data, pos)
-            count = -count
-        for _ in range(count):
-            klen, pos = _read_long(data, pos)
-            key = data[pos : pos + klen].decode()
-            pos += klen
-            vlen, pos = _read_long(data, pos)
-            meta[key] = data[pos : pos + vlen]
-            pos += vlen
+    try:
+        while True:
+            count, pos = _read_long(data, pos)
+            if count == 0:
+                break
+            if count < 0:
+                _, pos = _read_long(data, pos)
+                count = -count
+            for _ in range(count):
+                klen, pos = _read_long(data, pos)
+                key = data[pos : pos + klen].decode()
+                pos += klen
+                vlen, pos = _read_long(data, pos)
+                meta[key] = data[pos : pos + vlen]
+                pos += vlen
+    except (IndexError, UnicodeDecodeError) as exc:
+        raise InputError(f"{source or 'alert file'}: truncated or corrupt Avro header") from exc
+    if pos + 16 > len(data):
+        raise InputError(f"{source or 'alert file'}: truncated Avro header (no sync marker)")
     sync = data[pos : pos + 16]
     pos += 16
     codec = meta.get("avro.codec", b"null").decode()
@@ -179,8 +258,11 @@ def iter_container_payloads(data: bytes, source: str = "") -> tuple[dict, Iterat
         p = pos
         parsed = None
         while p < len(data):
-            n, p = _read_long(data, p)
-            size, p = _read_long(data, p)
+            try:
+                n, p = _read_long(data, p)
+                size, p = _read_long(data, p)
+            except IndexError as exc:
+                raise InputError(f"{source}: truncated Avro block header") from exc
             block = data[p : p + size]
             p += size
             if data[p : p + 16] != sync:
@@ -273,6 +355,12 @@ def _atomic_write(url: str, data: bytes, storage_options: dict | None = None) ->
                 f"{url}: write not confirmed, object store unreachable "
                 f"({type(exc).__name__}: {exc}); a retry rewrites it whole"
             ) from exc
+        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            raise AlertError(f"{url}: cannot write: {missing_credentials(exc)}") from exc
+        if isinstance(exc, OSError):
+            # e.g. ENOSPC: the final name is untouched (written under a temporary name).
+            reason = f"{exc.strerror} (errno {exc.errno})" if exc.strerror else str(exc)
+            raise AlertError(f"{url}: cannot write: {reason}; nothing was left under it") from exc
         raise
 
 
@@ -319,11 +407,51 @@ def write_alerts(batch: AlertBatch, config: AlertStoreConfig | None = None) -> s
 
     Re-running the same (visit, detector) replaces the file atomically.
     """
+    written = write_alerts_with_digest(batch, config)
+    return None if written is None else written[0]
+
+
+def write_alerts_with_digest(
+    batch: AlertBatch, config: AlertStoreConfig | None = None
+) -> tuple[str, str] | None:
+    """:func:`write_alerts`, also returning the SHA-256 (hex) of the bytes written.
+
+    The digest goes into the detector's receipt; ``python -m alerts list``
+    checks each file against it (:func:`check_against_receipt`).
+    """
     config = config or AlertStoreConfig()
     if len(batch) == 0:
         return None
     url = alert_file_url(config.location, batch.visit, batch.detector)
-    return write_alert_file(url, batch, config.codec, dict(config.storage_options))
+    data = container_bytes(batch.schema, batch.payloads, config.codec)
+    _atomic_write(url, data, dict(config.storage_options))
+    return url, hashlib.sha256(data).hexdigest()
+
+
+def check_against_receipt(url: str, data: bytes, storage_options: dict | None = None) -> str | None:
+    """Why the alert file ``url`` (its bytes ``data``) disagrees with its receipt, or None.
+
+    The receipt is ``{dir}/receipts/{visit}_{detector}.json`` beside the file;
+    a file without a receipt, or a receipt without a digest, is not checked.
+    """
+    m = _NAME.match(os.path.basename(url))
+    if m is None:
+        return None
+    receipt = f"{url.rsplit('/', 1)[0]}/receipts/{m['visit']}_{m['detector']}.json"
+    try:
+        with fsspec.open(receipt, "rb", **(storage_options or {})) as f:
+            body = json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"{receipt}: unreadable receipt ({exc})"
+    want = body.get("sha256") if isinstance(body, dict) else None
+    if want is None:
+        return None
+    have = hashlib.sha256(data).hexdigest()
+    if have != want:
+        return f"content differs from its receipt (sha256 {have[:16]}..., receipt {want[:16]}...)"
+    return None
 
 
 write_alerts_task = task(write_alerts, name="write_alerts", cache_policy=NO_CACHE)

@@ -24,10 +24,11 @@ import argparse
 import sys
 
 import pandas as pd
+from pydantic import ValidationError
 
 from apdb.config import ApdbConfig
 from apdb.region import Circle
-from core.errors import PipelineError
+from core.errors import PipelineError, one_line
 
 
 def _open(url: str, **kwargs):
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
+    except ValidationError as exc:  # a URL or option that cannot work: a usage error
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import unquote
 
 import sqlalchemy as sa
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from core.errors import ConfigError
 
@@ -84,22 +86,74 @@ class ApdbConfig(BaseModel, frozen=True, extra="forbid"):
         ge=0,
         description="SQLite busy_timeout: how long a writer waits for the file lock (ms).",
     )
+    lock_timeout_ms: int = Field(
+        60_000,
+        ge=0,
+        description=(
+            "PostgreSQL lock_timeout: how long a statement waits for a table or row lock "
+            "held by another session (a CREATE INDEX, VACUUM FULL, an idle transaction) "
+            "before it fails with a TransientError and is retried (ms; 0 = wait for ever)."
+        ),
+    )
+    statement_timeout_ms: int = Field(
+        600_000,
+        ge=0,
+        description=(
+            "PostgreSQL statement_timeout: longest a single statement may run (ms; "
+            "0 = no limit); a statement cut off raises a TransientError."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _move_password_out_of_url(cls, data):
-        """A password written in the URL moves to ``password`` so the URL can be shown."""
-        if isinstance(data, dict) and isinstance(data.get("url"), str) and "://" in data["url"]:
-            try:
-                url = sa.make_url(data["url"])
-            except sa.exc.ArgumentError:
-                return data
-            if url.password is not None:
+        """A password written in the URL moves to ``password`` so the URL can be shown.
+
+        Both libpq forms are taken out: ``user:password@host`` (the password may
+        hold unencoded ``@``, ``:`` or ``/``: the user part ends at the last
+        ``@``) and ``?password=``. A URL that cannot be split is replaced by a
+        placeholder, as it may hold a secret. This never raises: pydantic would
+        print the raw input beside the error.
+        """
+        if isinstance(data, dict) and isinstance(data.get("url"), str):
+            url, password = split_password(data["url"])
+            if url != data["url"] or password is not None:
                 data = dict(data)
-                if data.get("password") is None:
-                    data["password"] = SecretStr(str(url.password))
-                data["url"] = url._replace(password=None).render_as_string(hide_password=False)
+                data["url"] = url
+                if password is not None and data.get("password") is None:
+                    data["password"] = SecretStr(password)
         return data
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, url: str) -> str:
+        """Refuse URLs that cannot be parsed, or that carry secrets other than the password.
+
+        The URL checked here has no password any more (see
+        :meth:`_move_password_out_of_url`), so the messages may show it.
+        """
+        if url == _UNPARSEABLE:
+            raise ValueError(
+                "ApdbConfig.url cannot be parsed as a path or a database URL; it is not "
+                "shown because it may hold a password"
+            )
+        if "://" not in url:
+            return url
+        secrets = sorted(k for k, _ in _query_items(url) if _is_secret_query_key(k))
+        if secrets:
+            raise ValueError(
+                f"ApdbConfig.url {url!r}: the query parameter(s) {secrets} hold secrets that "
+                f"would show wherever the URL is shown; give them in the environment "
+                f"(libpq reads PGSSLPASSWORD, ...)"
+            )
+        try:
+            sa.make_url(url)
+        except Exception as exc:  # every parse failure is a config error
+            raise ValueError(
+                f"ApdbConfig.url {url!r} is not a valid database URL "
+                f"({type(exc).__name__}: {_reason(exc, url)})"
+            ) from None
+        return url
 
     def sqlalchemy_url(self) -> sa.URL:
         """The SQLAlchemy URL, with the password filled in (do not log it).
@@ -114,8 +168,11 @@ class ApdbConfig(BaseModel, frozen=True, extra="forbid"):
             text = "sqlite:///" + str(Path(text).expanduser().resolve())
         try:
             url = sa.make_url(text)
-        except sa.exc.ArgumentError as exc:
-            raise ConfigError(f"ApdbConfig.url: cannot parse {self.safe_url()!r}: {exc}") from exc
+        except Exception as exc:  # every parse failure is a config error
+            raise ConfigError(
+                f"ApdbConfig.url: cannot parse {self.safe_url()!r} "
+                f"({type(exc).__name__}: {_reason(exc, text)})"
+            ) from None
         backend = url.get_backend_name()
         if backend == "postgresql":
             url = url.set(drivername="postgresql+psycopg")
@@ -134,7 +191,79 @@ class ApdbConfig(BaseModel, frozen=True, extra="forbid"):
 
     def safe_url(self) -> str:
         """The URL with any password masked, for logs and messages."""
-        try:
-            return sa.make_url(self.url).render_as_string(hide_password=True)
-        except sa.exc.ArgumentError:
-            return self.url if "@" not in self.url else "<unparseable URL>"
+        url, password = split_password(self.url)
+        if password is None or url == _UNPARSEABLE:
+            return url
+        scheme, rest = url.split("://", 1)
+        user, at, host = rest.rpartition("@")
+        return f"{scheme}://{user}:***@{host}" if at else f"{scheme}://***@{rest}"
+
+
+_UNPARSEABLE = "<unparseable URL, not shown>"
+_SECRET_WORDS = ("password", "secret", "token", "passfile", "sslkey")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
+
+
+def _is_secret_query_key(key: str) -> bool:
+    return any(w in key.lower() for w in _SECRET_WORDS)
+
+
+def _query_items(url: str) -> list[tuple[str, str]]:
+    """The raw ``key=value`` pairs of a URL's query (after the user part)."""
+    rest = url.split("://", 1)[1]
+    host = rest.rpartition("@")[2]
+    query = host.partition("?")[2]
+    out = []
+    for piece in query.split("&") if query else ():
+        key, _, value = piece.partition("=")
+        out.append((unquote(key), value))
+    return out
+
+
+def _reason(exc: Exception, url: str) -> str:
+    """An exception's message with the URL it may quote left out."""
+    text = str(exc)
+    return "cannot parse the URL" if url in text else text
+
+
+def split_password(text: str) -> tuple[str, str | None]:
+    """``(url without any password, the password or None)``; never raises.
+
+    The password is taken from ``user:password@`` — the user part ends at the
+    *last* ``@`` before the host, so unencoded ``@``, ``:`` and ``/`` in the
+    password are kept in it — and from a ``password=`` query parameter (libpq
+    accepts both); other secret query parameters (``sslpassword``, ...) are
+    masked as ``***``. A plain path is returned as it is, unless it looks like
+    a broken URL or a libpq ``key=value`` string with a password: then the
+    placeholder ``<unparseable URL, not shown>`` is returned.
+    """
+    if "://" not in text:
+        if re.search(r"password\s*=", text, re.IGNORECASE) or (
+            "@" in text and _SCHEME.match(text) and not re.match(r"^[A-Za-z]:[\\/]", text)
+        ):
+            return _UNPARSEABLE, None
+        return text, None
+    scheme, rest = text.split("://", 1)
+    password: str | None = None
+    userinfo, at, host = rest.rpartition("@")
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        if colon:
+            password = unquote(pw)
+            rest = f"{user}@{host}"
+    else:
+        host = rest
+    base, q, query = host.partition("?")
+    if q:
+        kept = []
+        for piece in query.split("&"):
+            key, eq, value = piece.partition("=")
+            name = unquote(key)
+            if name == "password":
+                if password is None:
+                    password = unquote(value)
+                continue
+            kept.append(f"{key}=***" if eq and _is_secret_query_key(name) else piece)
+        host = base + ("?" + "&".join(kept) if kept else "")
+        rest = f"{rest.rpartition('@')[0]}@{host}" if at else host
+    return f"{scheme}://{rest}", password

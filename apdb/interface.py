@@ -90,6 +90,15 @@ class Apdb(ABC):
         """DiaForcedSources of the given DiaObjects with ``midpointMjdTai >= since_mjd``."""
 
     @abstractmethod
+    def get_object_history(self, object_ids: Iterable[int] | np.ndarray) -> pd.DataFrame:
+        """Every stored version of the given DiaObjects (all SDM ``DiaObject`` columns).
+
+        A version is the row a store wrote: ``validityStartMjdTai`` is that
+        store's time (also in its marker, :meth:`visit_summary`), and
+        ``validityEndMjdTai`` is set when a later store replaced it.
+        """
+
+    @abstractmethod
     def store(
         self,
         visit: int,
@@ -99,6 +108,7 @@ class Apdb(ABC):
         forced_sources: pd.DataFrame,
         *,
         time_mjd: float | None = None,
+        ss_sources: pd.DataFrame | None = None,
     ) -> StoreResult:
         """Store one detector's results in one transaction, with its marker.
 
@@ -114,6 +124,8 @@ class Apdb(ABC):
         time_mjd : float, optional
             Validity start (MJD TAI) of the new object versions; default the
             first ``midpointMjdTai`` of ``sources`` or ``forced_sources``.
+        ss_sources : pandas.DataFrame, optional
+            SDM ``SSSource`` rows of the solar-system DiaSources among ``sources``.
 
         Returns
         -------

@@ -175,6 +175,13 @@ def build_metadata() -> sa.MetaData:
         sqlite_with_rowid=False,
     )
     sa.Table(
+        "SSSource",
+        md,
+        *_sdm_columns("SSSource"),
+        sa.PrimaryKeyConstraint(*sdm.primary_key("SSSource")),
+        sa.Index("IDX_SSSource_ssObjectId", "ssObjectId"),
+    )
+    sa.Table(
         "metadata",
         md,
         sa.Column("name", sa.Text, primary_key=True),
@@ -217,9 +224,18 @@ _PG_TYPES = {
     LAST_TABLE: _pg_types("DiaObjectLast") | _EXTRA_PG_TYPES,
     "DiaSource": _pg_types("DiaSource") | _EXTRA_PG_TYPES,
     "DiaForcedSource": _pg_types("DiaForcedSource") | _EXTRA_PG_TYPES,
+    "SSSource": _pg_types("SSSource"),
 }
 
-TABLES = ("DiaObject", LAST_TABLE, "DiaSource", "DiaForcedSource", MARKER_TABLE, "metadata")
+TABLES = (
+    "DiaObject",
+    LAST_TABLE,
+    "DiaSource",
+    "DiaForcedSource",
+    "SSSource",
+    MARKER_TABLE,
+    "metadata",
+)
 
 
 # --------------------------------------------------------------------------- columns
@@ -500,35 +516,96 @@ def _ids_array(object_ids: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
 _SCHEMA_WORDS = ("no such table", "no such column", "has no column", "syntax error")
 
 
-@contextlib.contextmanager
-def _mapped_errors(what: str, url: str) -> Iterator[None]:
-    """Translate driver errors: transient ones are retryable, the rest are ApdbError."""
-    try:
-        yield
-    except (InputError, ApdbError, TransientError):
-        raise
-    except sa.exc.TimeoutError as exc:
-        raise TransientError(f"APDB {url}: {what}: connection pool timeout: {exc}") from exc
-    except sa.exc.DBAPIError as exc:
+def _pg_timeout(orig: BaseException, what: str, url: str) -> TransientError | None:
+    """A TransientError (and a warning) for a PostgreSQL lock or statement timeout."""
+    if isinstance(orig, psycopg.errors.LockNotAvailable):
+        kind = "a lock held by another session (lock_timeout_ms)"
+    elif isinstance(orig, psycopg.errors.QueryCanceled):
+        kind = "the statement to finish (statement_timeout_ms, or cancelled)"
+    else:
+        return None
+    first = (str(orig).strip().splitlines() or [type(orig).__name__])[0]
+    message = (
+        f"APDB {url}: {what}: gave up waiting for {kind}: {first}. Another session may hold "
+        f"a table lock (CREATE INDEX, VACUUM FULL, REINDEX, an idle transaction: see "
+        f"pg_stat_activity and pg_locks); the operation is retried"
+    )
+    _LOG.warning("%s", message)
+    return TransientError(message)
+
+
+def _sqlite_readonly(orig: BaseException, what: str, url: str) -> ApdbError | None:
+    """An ApdbError saying why a SQLite APDB cannot be written, or None."""
+    text = str(orig).lower()
+    if "readonly database" in text or "read-only" in text:
+        return ApdbError(
+            f"APDB {url}: {what}: the database is read-only ({orig}); SQLite in WAL mode "
+            f"needs write access to the file and to its directory (for the -wal and -shm files)"
+        )
+    if "unable to open database file" in text:
+        return ApdbError(
+            f"APDB {url}: {what}: unable to open the database file: the file or its "
+            f"directory is missing or read-only (SQLite in WAL mode needs a writable "
+            f"directory for the -wal and -shm files)"
+        )
+    return None
+
+
+def _translate(exc: BaseException, what: str, url: str) -> BaseException | None:
+    """The diapipe error for a driver error (None: let it through as it is)."""
+    if isinstance(exc, (InputError, ApdbError, TransientError)):
+        return None
+    if isinstance(exc, sa.exc.TimeoutError):
+        return TransientError(f"APDB {url}: {what}: connection pool timeout: {exc}")
+    if isinstance(exc, sa.exc.DBAPIError):
         orig = exc.orig if exc.orig is not None else exc
+        mapped = _pg_timeout(orig, what, url) or _sqlite_readonly(orig, what, url)
+        if mapped is not None:
+            return mapped
         if exc.connection_invalidated or isinstance(
             orig, (sqlite3.OperationalError, psycopg.OperationalError)
         ):
             if not any(w in str(orig).lower() for w in _SCHEMA_WORDS):
-                raise TransientError(f"APDB {url}: {what}: {orig}") from exc
-        raise ApdbError(f"APDB {url}: {what}: {orig}") from exc
-    except sqlite3.OperationalError as exc:
+                return TransientError(f"APDB {url}: {what}: {orig}")
+        return ApdbError(f"APDB {url}: {what}: {orig}")
+    if isinstance(exc, (sqlite3.Error, psycopg.Error)):
+        mapped = _pg_timeout(exc, what, url) or _sqlite_readonly(exc, what, url)
+        if mapped is not None:
+            return mapped
+    if isinstance(exc, sqlite3.OperationalError):
         if any(w in str(exc).lower() for w in _SCHEMA_WORDS):
-            raise ApdbError(f"APDB {url}: {what}: {exc}") from exc
-        raise TransientError(f"APDB {url}: {what}: {exc}") from exc
-    except (
-        psycopg.OperationalError,
-        psycopg.errors.SerializationFailure,
-        psycopg.errors.DeadlockDetected,
-    ) as exc:
-        raise TransientError(f"APDB {url}: {what}: {exc}") from exc
-    except (sqlite3.Error, psycopg.Error) as exc:
-        raise ApdbError(f"APDB {url}: {what}: {exc}") from exc
+            return ApdbError(f"APDB {url}: {what}: {exc}")
+        return TransientError(f"APDB {url}: {what}: {exc}")
+    if isinstance(
+        exc,
+        (
+            psycopg.OperationalError,
+            psycopg.errors.SerializationFailure,
+            psycopg.errors.DeadlockDetected,
+        ),
+    ):
+        return TransientError(f"APDB {url}: {what}: {exc}")
+    if isinstance(exc, (sqlite3.Error, psycopg.Error)):
+        return ApdbError(f"APDB {url}: {what}: {exc}")
+    return None
+
+
+@contextlib.contextmanager
+def _mapped_errors(what: str, url: str) -> Iterator[None]:
+    """Translate driver errors: transient ones are retryable, the rest are ApdbError.
+
+    PostgreSQL lock and statement timeouts (``lock_timeout_ms``,
+    ``statement_timeout_ms``) are transient, logged as a warning naming the
+    operation that waited; a read-only SQLite file or directory is an ApdbError
+    that says so.
+    """
+    try:
+        yield
+    except Exception as exc:
+        mapped = _translate(exc, what, url)
+        if mapped is None:
+            raise
+        raise mapped from exc
 
 
 class _AlreadyStored(Exception):
@@ -558,15 +635,24 @@ class ApdbSql(Apdb):
 
     Raises
     ------
+    repair : bool
+        Create APDB tables that are missing from an existing APDB (what
+        :meth:`create` does) instead of refusing it.
+
+    Raises
+    ------
     SchemaVersionError
         The database was made with an incompatible SDM schema or layout version.
     ApdbError
-        The database has no APDB tables and ``auto_create`` is False.
+        The database has no APDB tables and ``auto_create`` is False; it holds
+        other tables and no APDB (``auto_create`` never writes into a foreign
+        database); or an APDB table is missing or lacks columns (checked table by
+        table at open; ``python -m apdb create`` fills in missing tables).
     TransientError
         The server cannot be reached.
     """
 
-    def __init__(self, config: ApdbConfig):
+    def __init__(self, config: ApdbConfig, *, repair: bool = False):
         self.config = config
         self._url = config.safe_url()
         url = config.sqlalchemy_url()
@@ -597,9 +683,12 @@ class ApdbSql(Apdb):
                         f"APDB {self._url}: no APDB tables (no 'metadata' table); "
                         f"create them with: python -m apdb create URL"
                     )
+                if not repair:
+                    self._refuse_foreign_tables()
                 self._create_schema()
                 meta = self._read_metadata()
             self.metadata = self._check_versions(meta or {})
+            self._check_tables(repair=repair)
             self.order = int(self.metadata["config:healpix_order"])
             self._aggregate_reads = self._can_aggregate()
         except BaseException:
@@ -622,7 +711,7 @@ class ApdbSql(Apdb):
                         conn.exec_driver_sql(f"DROP TABLE IF EXISTS {_q(name)}")
             finally:
                 engine.dispose()
-        return cls(config.model_copy(update={"auto_create": True}))
+        return cls(config.model_copy(update={"auto_create": True}), repair=True)
 
     @staticmethod
     def _make_engine(config: ApdbConfig) -> sa.Engine:
@@ -659,7 +748,7 @@ class ApdbSql(Apdb):
                 cur.close()
 
             return engine
-        return sa.create_engine(
+        engine = sa.create_engine(
             url,
             pool_size=config.pool_size,
             max_overflow=config.max_overflow,
@@ -667,6 +756,18 @@ class ApdbSql(Apdb):
             pool_pre_ping=True,
             connect_args={"connect_timeout": config.connect_timeout_s},
         )
+        lock_ms, statement_ms = int(config.lock_timeout_ms), int(config.statement_timeout_ms)
+
+        @event.listens_for(engine, "connect")
+        def _on_pg_connect(dbapi_conn, _record):
+            # Session settings, so no statement waits for ever behind another session's
+            # lock (a CREATE INDEX, VACUUM FULL, an idle transaction); see _mapped_errors.
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET lock_timeout = {lock_ms}")
+                cur.execute(f"SET statement_timeout = {statement_ms}")
+            dbapi_conn.commit()
+
+        return engine
 
     @contextlib.contextmanager
     def _connection(self, what: str, *, write: bool = False) -> Iterator:
@@ -697,6 +798,52 @@ class ApdbSql(Apdb):
             cur = conn.cursor()
             cur.execute('SELECT "name", "value" FROM "metadata"')
             return dict(cur.fetchall())
+
+    def _refuse_foreign_tables(self) -> None:
+        """Auto-create only into an empty database, never beside someone else's tables."""
+        with _mapped_errors("list tables", self._url):
+            names = sorted(sa.inspect(self._engine).get_table_names())
+        if names:
+            raise ApdbError(
+                f"APDB {self._url}: the database holds other tables ({', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}) and no APDB; auto_create adds APDB "
+                f"tables only to an empty database. Use a new file or database, or make the "
+                f"tables here on purpose with: python -m apdb create URL"
+            )
+
+    def _check_tables(self, *, repair: bool) -> None:
+        """Every APDB table exists with every column it needs (one catalog read per table).
+
+        With ``repair``, missing tables (and indexes) are created; a table that
+        exists but lacks columns cannot be repaired here and is refused.
+        """
+        with _mapped_errors("check tables", self._url):
+            inspector = sa.inspect(self._engine)
+            have = set(inspector.get_table_names())
+            short: dict[str, list[str]] = {}
+            for table in build_metadata().sorted_tables:
+                if table.name not in have:
+                    continue
+                cols = {c["name"] for c in inspector.get_columns(table.name)}
+                lacking = [c.name for c in table.columns if c.name not in cols]
+                if lacking:
+                    short[table.name] = lacking
+        missing = [t for t in TABLES if t not in have]
+        if short:
+            raise ApdbError(
+                f"APDB {self._url}: damaged: "
+                + "; ".join(f"table {t} lacks column(s) {c[:5]}" for t, c in sorted(short.items()))
+                + "; restore it from a backup or migrate it (python -m apdb create cannot fill "
+                "in columns)"
+            )
+        if missing and not repair:
+            raise ApdbError(
+                f"APDB {self._url}: damaged: table(s) {missing} missing; create them with: "
+                f"python -m apdb create URL"
+            )
+        if missing:
+            _LOG.warning("APDB %s: creating missing table(s) %s", self._url, missing)
+            self._create_schema()
 
     def _create_schema(self) -> None:
         md = build_metadata()
@@ -890,6 +1037,16 @@ class ApdbSql(Apdb):
         """DiaForcedSources of ``object_ids`` with ``midpointMjdTai >= since_mjd`` (MJD TAI)."""
         return self._get_history("DiaForcedSource", object_ids, since_mjd)
 
+    def get_ss_sources(self, dia_source_ids) -> pd.DataFrame:
+        """The ``SSSource`` rows of the given DiaSources (all SDM columns, any order)."""
+        ids = _ids_array(dia_source_ids, "SSSource query")
+        names = list(sdm.dtypes("SSSource"))
+        if ids.size == 0:
+            return sdm.empty_frame("SSSource")
+        test, param = self._id_filter(ids)
+        rows = self._select("SSSource", names, f'"diaSourceId" {test}', [param], "read SSSource")
+        return _frame(rows, names, sdm.dtypes("SSSource"))
+
     def get_object_history(self, object_ids) -> pd.DataFrame:
         """Every stored version of the given DiaObjects (from the ``DiaObject`` table)."""
         ids = _ids_array(object_ids, "DiaObject query")
@@ -992,12 +1149,15 @@ class ApdbSql(Apdb):
         forced_sources: pd.DataFrame | None,
         *,
         time_mjd: float | None = None,
+        ss_sources: pd.DataFrame | None = None,
     ) -> StoreResult:
         """Store one detector's objects, sources and forced sources in one transaction.
 
         See :meth:`apdb.interface.Apdb.store`. Inputs are validated against the
         SDM schema before the transaction opens (:class:`InputError`); a
         failure inside it rolls everything back, marker included.
+        ``ss_sources`` are the SDM ``SSSource`` rows of the solar-system
+        DiaSources among ``sources``; each must name one of them by ``diaSourceId``.
         """
         visit, detector = int(visit), int(detector)
         objects = sdm.empty_frame("DiaObject") if objects is None else objects
@@ -1042,6 +1202,18 @@ class ApdbSql(Apdb):
             _check_visit_detector(cols.arrays, table, visit, detector)
         _unique(srcs.arrays["diaSourceId"], "DiaSource.diaSourceId")
         _unique(fsrcs.arrays["diaObjectId"], "DiaForcedSource.diaObjectId")
+        ss = _Columns(
+            sdm.empty_frame("SSSource") if ss_sources is None else ss_sources,
+            "SSSource",
+            nan_to_none=nan_none,
+        )
+        _unique(ss.arrays["diaSourceId"], "SSSource.diaSourceId")
+        orphan = ~np.isin(ss.arrays["diaSourceId"], srcs.arrays["diaSourceId"])
+        if orphan.any():
+            raise InputError(
+                f"SSSource: diaSourceId {int(ss.arrays['diaSourceId'][orphan][0])} is not among "
+                f"the DiaSources of visit {visit} detector {detector}"
+            )
 
         pixels = hpgeom.angle_to_pixel(hpgeom.order_to_nside(self.order), ra, dec)
         obj_rows = objs.rows()
@@ -1088,6 +1260,7 @@ class ApdbSql(Apdb):
                         )
                 self._insert(cur, "DiaSource", [*srcs.names, PAYLOAD_COLUMN], src_rows)
                 self._insert(cur, "DiaForcedSource", [*fsrcs.names, PAYLOAD_COLUMN], fsrc_rows)
+                self._insert(cur, "SSSource", ss.names, ss.rows())
         except _AlreadyStored:
             _LOG.info("visit %d detector %d already stored in %s", visit, detector, self._url)
             return StoreResult(visit, detector, already_stored=True)

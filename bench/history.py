@@ -3,7 +3,7 @@
 :func:`prepare` makes (once, cached on disk under ``.bench-cache/``) what
 ``python -m bench visit`` and ``python -m bench orchestration`` time:
 
-- the SPEC §2 bundle of the *new* visit (rendered images, 189 detectors), and
+- the docs/design.md §2 bundle of the *new* visit (rendered images, 189 detectors), and
 - an APDB holding the 12-month history before it: DiaObjects, DiaSources and
   DiaForcedSources of every prior visit of the same simulated field.
 

@@ -4,7 +4,7 @@ Two paths are timed on the default survey (189 LSSTCam-like detectors of
 512×512 px, ≈53 DiaSources per detector):
 
 - ``write_visit``: render science/template/difference images, measure the
-  DiaSources on the pixels, write the SPEC §2 bundle with truth (local disk).
+  DiaSources on the pixels, write the docs/design.md §2 bundle with truth (local disk).
 - ``visit_catalog``: the catalog-only fast path used to fill months of APDB
   history (no images).
 

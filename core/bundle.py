@@ -1,4 +1,4 @@
-"""The visit bundle (SPEC §2): its on-disk layout and in-memory model.
+"""The visit bundle (docs/design.md §2): its on-disk layout and in-memory model.
 
 Layout under one root URL (a local path or ``s3://bucket/prefix``, always
 through fsspec)::
@@ -222,6 +222,14 @@ class ReaderConfig(BaseModel, frozen=True, extra="forbid"):
         description="A detector centre further than this from the visit boresight means a "
         "WCS that does not belong to the visit (LSSTCam's field radius is ~1.75 deg).",
     )
+    max_wcs_mismatch_px: float = Field(
+        0.1,
+        gt=0,
+        description="The science and template WCSs must map the difference image's corners "
+        "and centre to the same pixels within this many pixels: the images are on one pixel "
+        "grid (the template warped to the science image), and stamps are cut at the "
+        "difference image's pixels from all three.",
+    )
     max_sources: int = Field(
         100_000,
         gt=0,
@@ -229,6 +237,10 @@ class ReaderConfig(BaseModel, frozen=True, extra="forbid"):
         "science is done on them. LSSTCam's design average is ~53 DiaSources per detector; "
         "100,000 is far past any real detector and far past maxNewDiaObjects (1000).",
     )
+
+
+#: Plausible ``midpointMjdTai`` (MJD 40000 = 1968-05-24, 100000 = 2132-09-01).
+MJD_RANGE = (40_000.0, 100_000.0)
 
 
 def _fs(root: str):
@@ -243,6 +255,15 @@ def _ukey(fs, path: str) -> str:
         return ""
 
 
+def missing_credentials(exc: Exception) -> str:
+    """What to do when the object store found no credentials (botocore's error)."""
+    return (
+        f"no object-store credentials ({exc}): set AWS_ACCESS_KEY_ID and "
+        f"AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary ones), or "
+        f"AWS_PROFILE / AWS_SHARED_CREDENTIALS_FILE"
+    )
+
+
 def _read_bytes(fs, path: str, what: str) -> bytes:
     try:
         return fs.cat_file(path)
@@ -250,7 +271,11 @@ def _read_bytes(fs, path: str, what: str) -> bytes:
         raise InputError(f"{path}: {what} is missing") from exc
     except IsADirectoryError as exc:
         raise InputError(f"{path}: {what} is a directory, not a file") from exc
-    except OSError as exc:
+    except Exception as exc:
+        if type(exc).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
+            raise InputError(f"{path}: {what}: {missing_credentials(exc)}") from exc
+        if not isinstance(exc, OSError):
+            raise
         raise TransientError(f"{path}: could not read {what}: {exc}") from exc
 
 
@@ -291,7 +316,15 @@ def read_visit_info(root: str, visit: int) -> VisitInfo:
         raise InputError(f"{path}: exposureTime must be > 0, got {data['exposureTime']}")
     if not -90 <= data["boresightDec"] <= 90:
         raise InputError(f"{path}: boresightDec must be in [-90, 90], got {data['boresightDec']}")
+    mjd = data["midpointMjdTai"]
+    if not MJD_RANGE[0] <= mjd <= MJD_RANGE[1]:
+        raise InputError(
+            f"{path}: midpointMjdTai {mjd!r} is outside the plausible range "
+            f"{MJD_RANGE[0]:g}..{MJD_RANGE[1]:g} (years 1968-2132): not an MJD"
+        )
     dets = data["detectors"]
+    if not dets:
+        raise InputError(f"{path}: detectors is empty: the visit has nothing to process")
     if any(isinstance(d, bool) or not isinstance(d, int) for d in dets):
         raise InputError(f"{path}: detectors must be a list of integers, got {dets!r}")
     if len(set(dets)) != len(dets):
@@ -348,8 +381,9 @@ def _check_wcs(wcs_text: str, path: str, shape: tuple[int, int]) -> WCS:
 # The bundle images are plain multi-extension FITS. astropy.io.fits spends ~40 ms
 # parsing the cards of one 5-HDU file; this reader takes the few cards it needs
 # straight from the 80-byte records and maps the data with numpy, ~1 ms. Anything
-# it does not handle (tile compression, BSCALE/BZERO, random groups) goes to
-# astropy unchanged.
+# it does not handle (tile compression, BSCALE/BZERO, random groups, long-string
+# CONTINUE cards, a card value it cannot parse) goes to astropy unchanged, which
+# alone decides whether the file is readable (tests/core/test_fits_parity.py).
 
 _BITPIX = {8: ">u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 _WCS_KEYS = (
@@ -430,6 +464,8 @@ def _parse_mef(raw: bytes) -> dict[str, tuple[dict, np.ndarray | None, str]]:
                 if key == "END":
                     ended = True
                     break
+                if key == "CONTINUE":  # a long string spread over several cards
+                    raise _NotSimple
                 if key == "HIERARCH":
                     name, eq, rest = card[9:].partition("=")
                     if eq:
@@ -495,11 +531,11 @@ def read_exposure(
     raw = _read_bytes(fs, path, "image file")
     try:
         hdus = _parse_mef(raw)
-    except _NotSimple:
+    except (_NotSimple, ValueError, KeyError):
+        # compressed, scaled, a card the fast path cannot parse, or not FITS at all:
+        # astropy reads it or names what is wrong (InputError)
         hdus = None
-    except ValueError as exc:
-        raise InputError(f"{path}: not a readable FITS file: {exc}") from exc
-    if hdus is None:  # compressed, scaled or otherwise unusual: let astropy read it
+    if hdus is None:
         hdus = _parse_with_astropy(raw, path)
     names = list(hdus)
     for name in _HDUS:
@@ -553,7 +589,8 @@ def read_exposure(
         or not math.isfinite(calib)
         or calib <= 0
     ):
-        raise InputError(f"{path}: PHOTCALIB must be > 0, got {calib!r}")
+        kind = "" if isinstance(calib, (int, float)) else f" (a {type(calib).__name__}, not a number)"
+        raise InputError(f"{path}: PHOTCALIB must be > 0, got {calib!r}{kind}")
     calib_err = header.get("PHOTCERR", 0.0)
     if (
         isinstance(calib_err, bool)
@@ -704,6 +741,8 @@ def read_detector_bundle(
             f"{base}/difference.fits: WCS puts the detector {offset:.2f} deg from the visit "
             f"boresight (limit {config.max_pointing_offset_deg} deg)"
         )
+    for kind in ("science", "template"):
+        _check_same_grid(images["difference"], images[kind], base, kind, config)
     sources = read_sources(fs, f"{base}/diaSources.parquet", config)
     checksums = {
         name: _ukey(fs, f"{base}/{name}")
@@ -719,6 +758,42 @@ def read_detector_bundle(
         root=root,
         checksums=checksums,
     )
+
+
+def _check_same_grid(difference, other, base: str, kind: str, config: ReaderConfig) -> None:
+    """Refuse an image whose WCS disagrees with the difference image's on its corners.
+
+    The difference image's corners and centre go to the sky with its WCS and
+    back to pixels with the other image's WCS; every point must land within
+    ``max_wcs_mismatch_px`` of where it started.
+    """
+    ny, nx = difference.shape
+    pix = np.array(
+        [[-0.5, -0.5], [nx - 0.5, -0.5], [nx - 0.5, ny - 0.5], [-0.5, ny - 0.5]]
+        + [[(nx - 1) / 2, (ny - 1) / 2]]
+    )
+    where = f"{base}/{kind}.fits and {base}/difference.fits"
+    try:
+        sky = difference.wcs.all_pix2world(pix, 0)
+        back = other.wcs.all_world2pix(sky, 0)
+    except Exception as exc:  # astropy raises several kinds here
+        raise InputError(f"{where}: the WCSs cannot be compared: {exc}") from exc
+    off = np.hypot(*(back - pix).T)
+    worst = float(np.nanmax(off)) if np.isfinite(off).any() else float("inf")
+    if not np.isfinite(off).all() or worst > config.max_wcs_mismatch_px:
+        i = int(np.nanargmax(np.where(np.isfinite(off), off, np.inf)))
+        arcsec = worst * _pixel_scale_arcsec(difference.wcs, pix[i])
+        raise InputError(
+            f"{where}: the WCSs disagree by {worst:.3g} px ({arcsec:.3g} arcsec) at pixel "
+            f"({pix[i][0]:g}, {pix[i][1]:g}) of the difference image (limit "
+            f"{config.max_wcs_mismatch_px} px): the images are not on one pixel grid"
+        )
+
+
+def _pixel_scale_arcsec(wcs, xy) -> float:
+    x, y = float(xy[0]), float(xy[1])
+    (r0, d0), (r1, d1) = wcs.all_pix2world([[x, y], [x + 1.0, y]], 0)
+    return _separation_deg(r0, d0, r1, d1) * 3600.0
 
 
 def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:

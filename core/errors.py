@@ -31,6 +31,10 @@ class ApdbError(PipelineError):
     """The APDB refused an operation (incompatible schema, integrity conflict)."""
 
 
+class OutOfOrderError(ApdbError):
+    """The APDB already holds a later visit of this sky area than the one being processed."""
+
+
 class SchemaVersionError(ApdbError):
     """The database was made with a schema version this code cannot use."""
 
@@ -45,3 +49,19 @@ class IdOverflowError(PipelineError, OverflowError):
 
 class AlertError(PipelineError):
     """An alert could not be built, validated or distributed."""
+
+
+def one_line(exc: Exception) -> str:
+    """A pydantic ``ValidationError`` (or any error) as one line, without the input echoed.
+
+    pydantic's own text repeats each offending input value, which may be a
+    secret; this keeps only where each error is and what it says.
+    """
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    parts = []
+    for e in errors(include_url=False, include_input=False):
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        parts.append(f"{loc}: {e.get('msg', '')}" if loc else str(e.get("msg", "")))
+    return "; ".join(parts)

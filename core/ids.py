@@ -1,4 +1,4 @@
-"""Deterministic 64-bit IDs (SPEC §3).
+"""Deterministic 64-bit IDs (docs/design.md §3).
 
 ``diaSourceId = (ccdVisitId << counter_bits) | row`` with ``counter_bits = 63 -
 ccd_exposure_id_bits``, so every ID is a non-negative signed 64-bit integer;

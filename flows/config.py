@@ -171,7 +171,9 @@ class PipelineConfig(BaseModel, frozen=True, extra="forbid"):
 
     preset: Literal["lsstcam", "ztf", "decam"] = Field("lsstcam", description=_PRESET_HELP)
     apdb: ApdbConfig = Field(default_factory=ApdbConfig, description="The APDB connection.")
-    ids: IdConfig = Field(default_factory=IdConfig, description="64-bit ID packing (SPEC §3).")
+    ids: IdConfig = Field(
+        default_factory=IdConfig, description="64-bit ID packing (docs/design.md §3)."
+    )
     reader: ReaderConfig = Field(
         default_factory=ReaderConfig, description="Input bundle validation."
     )

@@ -28,6 +28,7 @@ from apdb import Apdb, Polygon, make_apdb
 from apdb.config import ApdbConfig
 from apdb.interface import StoreResult
 from core.bundle import DetectorBundle, VisitInfo, read_detector_bundle
+from core.errors import ApdbError, OutOfOrderError
 from core.ids import IdPacker
 from flows.config import PipelineConfig
 from tasks.associate import Association, associate
@@ -50,8 +51,8 @@ __all__ = [
     "store_detector",
 ]
 
-FOOTPRINT_PAD_ARCSEC = 2.0  # SPEC §4.1: the WCS polygon of the corners, padded by 2″
-BBOX_GROW_PX = 10.0  # SPEC §4.1: objects outside the bbox grown by 10 px are dropped
+FOOTPRINT_PAD_ARCSEC = 2.0  # docs/design.md §4.1: the WCS polygon of the corners, padded by 2″
+BBOX_GROW_PX = 10.0  # docs/design.md §4.1: objects outside the bbox grown by 10 px are dropped
 
 _bundles: OrderedDict[tuple, tuple[DetectorBundle, int]] = OrderedDict()
 _bundles_lock = threading.Lock()
@@ -153,7 +154,20 @@ def _in_bbox(bundle: DetectorBundle, ra: np.ndarray, dec: np.ndarray) -> np.ndar
 
 
 def load_detector(root: str, visit: VisitInfo, detector: int, config: PipelineConfig) -> Loaded:
-    """Stage 1: DiaObjects in the footprint and their 12-month history."""
+    """Stage 1: DiaObjects in the footprint and their 12-month history before the visit.
+
+    History is bounded on both sides: ``visit - history_days <= midpointMjdTai <
+    visit``, so an alert is a function of the visit and what came before it
+    (recovery reads the same window, :func:`recover_detector`).
+
+    Raises
+    ------
+    OutOfOrderError
+        The footprint already holds DiaSources or DiaForcedSources of a later
+        visit: the DiaObjects loaded would include that visit, so the alerts
+        and the stored object versions would differ from those of processing
+        in time order. Visits of one sky area must be processed in time order.
+    """
     bundle = get_bundle(root, visit, detector, config)
     apdb = get_apdb(config)
     objects = apdb.get_objects(footprint(bundle))
@@ -162,13 +176,42 @@ def load_detector(root: str, visit: VisitInfo, detector: int, config: PipelineCo
     objects = objects[keep].reset_index(drop=True)
     ids = objects["diaObjectId"].to_numpy()
     since = apdb.history_start(visit.midpointMjdTai)
+    sources = apdb.get_sources(ids, since)
+    forced = apdb.get_forced_sources(ids, since)
+    _refuse_later_visits(visit, detector, sources, forced)
+    t = visit.midpointMjdTai
     return Loaded(
         objects=objects,
-        sources=apdb.get_sources(ids, since),
-        forced=apdb.get_forced_sources(ids, since),
+        sources=sources[sources["midpointMjdTai"].to_numpy() < t].reset_index(drop=True),
+        forced=forced[forced["midpointMjdTai"].to_numpy() < t].reset_index(drop=True),
         n_in_region=n_region,
         n_outside_bbox=int(n_region - keep.sum()),
     )
+
+
+def _refuse_later_visits(
+    visit: VisitInfo, detector: int, sources: pd.DataFrame, forced: pd.DataFrame
+) -> None:
+    """Raise :class:`OutOfOrderError` when the history holds rows after the visit."""
+    t = visit.midpointMjdTai
+    later = []
+    for name, df in (("DiaSource", sources), ("DiaForcedSource", forced)):
+        mjd = df["midpointMjdTai"].to_numpy(dtype=float)
+        after = mjd > t
+        if after.any():
+            visits = sorted(int(v) for v in np.unique(df["visit"].to_numpy()[after]))
+            later.append(
+                f"{int(after.sum())} {name} row(s) of visit(s) {visits[:5]} "
+                f"(up to MJD {mjd[after].max():.5f})"
+            )
+    if later:
+        raise OutOfOrderError(
+            f"visit {visit.visit} (MJD {t:.5f}) detector {detector}: the APDB already holds "
+            f"{' and '.join(later)} of DiaObjects in this footprint. Visits of one sky area "
+            f"must be processed in time order: the DiaObjects now in the APDB include those "
+            f"later visits, so this visit's alerts and object versions would differ from "
+            f"an in-order run"
+        )
 
 
 def calibrate_detector(
@@ -280,27 +323,55 @@ def recover_detector(
     """Rebuild a stored detector's alerts from the APDB (stages 7-8 only).
 
     Used when the (visit, detector) marker is in the APDB but its alerts never
-    went out (the process died between the store and the produce). The stored
-    DiaSources of this (visit, detector), their DiaObjects, their history before
-    this visit and the forced photometry up to this visit are read back, so the
-    alerts carry exactly what was committed — association is not re-run against
-    a database that already holds this visit.
+    went out (the process died between the store and the produce). What this
+    store committed is read back, so the payloads are byte-identical to the
+    first ones even after later visits of the same sky area were stored:
+
+    * the stored DiaSources of this (visit, detector);
+    * their DiaObjects *as committed by this store*: the ``DiaObject`` version
+      whose ``validityStartMjdTai`` is the marker's (open then, so its
+      ``validityEndMjdTai`` is null), not the latest version;
+    * their DiaSource history before the visit, and their DiaForcedSources
+      before the visit plus the ones this detector stored, in the same
+      ``history_days`` window as :func:`load_detector`.
+
+    Association is not re-run against a database that already holds this visit.
     """
     bundle = get_bundle(root, visit, detector, config)
     apdb = get_apdb(config)
+    t = visit.midpointMjdTai
     region_objects = apdb.get_objects(footprint(bundle))
-    since = apdb.history_start(visit.midpointMjdTai)
+    since = apdb.history_start(t)
     sources = apdb.get_sources(region_objects["diaObjectId"].to_numpy(), since)
     mine = (sources["visit"] == visit.visit) & (sources["detector"] == detector)
     new = sources[mine].sort_values("diaSourceId").reset_index(drop=True)
-    obj_ids = new["diaObjectId"].to_numpy()
-    history = sources[
-        sources["diaObjectId"].isin(obj_ids) & (sources["midpointMjdTai"] < visit.midpointMjdTai)
-    ]
+    obj_ids = new["diaObjectId"].dropna().astype("int64").to_numpy()
+    history = sources[sources["diaObjectId"].isin(obj_ids) & (sources["midpointMjdTai"] < t)]
     forced = apdb.get_forced_sources(obj_ids, since)
-    forced = forced[forced["midpointMjdTai"] <= visit.midpointMjdTai]
-    objects = region_objects[region_objects["diaObjectId"].isin(obj_ids)]
+    own = (forced["visit"] == visit.visit) & (forced["detector"] == detector)
+    forced = forced[(forced["midpointMjdTai"] < t) | own]
+    objects = _committed_objects(apdb, visit, detector, obj_ids)
     cutouts = make_cutouts(new, bundle, config.cutouts)
     return package_alerts(
         new, objects, history, forced, cutouts, visit, config.packaging, detector=detector
     )
+
+
+def _committed_objects(apdb: Apdb, visit: VisitInfo, detector: int, obj_ids) -> pd.DataFrame:
+    """The DiaObject versions the store of (visit, detector) wrote, as it wrote them."""
+    markers = apdb.visit_summary(visit.visit)
+    row = markers[markers["detector"] == int(detector)]
+    if row.empty:
+        raise ApdbError(f"visit {visit.visit} detector {detector}: no marker in the APDB")
+    start = float(row["validityStartMjdTai"].iloc[0])
+    versions = apdb.get_object_history(obj_ids)
+    objects = versions[versions["validityStartMjdTai"] == start].copy()
+    missing = sorted(set(obj_ids.tolist()) - set(objects["diaObjectId"].tolist()))
+    if missing:
+        raise ApdbError(
+            f"visit {visit.visit} detector {detector}: DiaObject {missing[:5]} has no version "
+            f"with validityStartMjdTai = {start} (the marker's store time)"
+        )
+    # The version was open when it was committed; a later visit may have closed it since.
+    objects["validityEndMjdTai"] = np.nan
+    return objects.reset_index(drop=True)

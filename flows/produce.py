@@ -1,4 +1,4 @@
-"""Stage 9 for one detector: alert files, Kafka, dead letters (SPEC §4.9), receipts.
+"""Stage 9 for one detector: alert files, Kafka, dead letters (docs/design.md §4.9), receipts.
 
 A detector is *finished* when the APDB holds its (visit, detector) marker and
 its receipt ``{alert location}/receipts/{visit}_{detector}.json`` exists. The
@@ -17,12 +17,12 @@ import fsspec
 
 from alerts.kafka import produce_alerts
 from alerts.packet import AlertBatch
-from alerts.store import DeadLetterStore, _atomic_write, write_alerts
+from alerts.store import DeadLetterStore, _atomic_write, write_alerts_with_digest
 from core.bundle import VisitInfo
 from core.errors import AlertError
 from flows.config import PipelineConfig
 
-__all__ = ["finished_detectors", "produce_detector", "receipt_url"]
+__all__ = ["finished_detectors", "produce_detector", "receipt_url", "receipts_by_visit"]
 
 
 def receipt_url(config: PipelineConfig, visit: int, detector: int) -> str:
@@ -30,19 +30,30 @@ def receipt_url(config: PipelineConfig, visit: int, detector: int) -> str:
     return f"{config.output.store.location.rstrip('/')}/receipts/{int(visit)}_{int(detector)}.json"
 
 
-def finished_detectors(config: PipelineConfig, visit: int) -> set[int]:
-    """Detectors of ``visit`` whose alerts were produced (receipt written)."""
+def receipts_by_visit(config: PipelineConfig, visit: int | None = None) -> dict[int, set[int]]:
+    """Visit → detectors with a receipt, from one listing of the receipt directory.
+
+    With ``visit``, only that visit's receipts are kept.
+    """
     base = f"{config.output.store.location.rstrip('/')}/receipts"
     fs, path = fsspec.core.url_to_fs(base, **dict(config.output.store.storage_options))
     if not fs.exists(path):
-        return set()
-    prefix = f"{int(visit)}_"
-    out = set()
+        return {}
+    out: dict[int, set[int]] = {}
     for p in fs.ls(path, detail=False):
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if name.startswith(prefix) and name.endswith(".json"):
-            out.add(int(name[len(prefix) : -5]))
+        v, sep, rest = name.partition("_")
+        if not (sep and name.endswith(".json") and v.isdigit() and rest[:-5].isdigit()):
+            continue
+        if visit is not None and int(v) != int(visit):
+            continue
+        out.setdefault(int(v), set()).add(int(rest[:-5]))
     return out
+
+
+def finished_detectors(config: PipelineConfig, visit: int) -> set[int]:
+    """Detectors of ``visit`` whose alerts were produced (receipt written)."""
+    return receipts_by_visit(config, visit).get(int(visit), set())
 
 
 def produce_detector(
@@ -57,8 +68,9 @@ def produce_detector(
     Returns
     -------
     (value, counts)
-        ``value``: ``alerts``, ``file`` (URL or None), ``delivered``,
-        ``dead_letters`` (URL or None); ``counts`` the same numbers.
+        ``value``: ``alerts``, ``file`` (URL or None), ``sha256`` (of the file's
+        bytes, when written), ``delivered``, ``dead_letters`` (URL or None);
+        ``counts`` the same numbers. The receipt holds the same.
     """
     out: dict[str, Any] = {"alerts": 0, "file": None, "delivered": 0, "dead_letters": None}
     if batch is None or len(batch) == 0:
@@ -66,7 +78,7 @@ def produce_detector(
         return out, {"alerts": 0, "delivered": 0, "failed": 0}
     out["alerts"] = len(batch)
     if config.output.do_write_alerts:
-        out["file"] = write_alerts(batch, config.output.store)
+        out["file"], out["sha256"] = write_alerts_with_digest(batch, config.output.store)
     failed = 0
     if config.output.do_produce_alerts:
         dead = (

@@ -46,7 +46,7 @@ from flows.config import PipelineConfig
 
 __all__ = ["STAGES", "GroupResult", "stage_task", "summary_task"]
 
-#: Stage names in the order they run (SPEC §4; summarise runs inside associate).
+#: Stage names in the order they run (docs/design.md §4; summarise runs inside associate).
 STAGES = ("load", "calibrate", "associate", "forced", "store", "cutout", "package", "produce")
 
 

@@ -465,7 +465,13 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
         lines += [f"| {d} | {e.replace('|', '/')} |" for d, e in sorted(failed.items())]
     if result["alert_files"]:
         lines += ["", "## Alert files", ""] + [f"- `{p}`" for p in result["alert_files"][:50]]
-    if result["table"]:
+    try:  # matplotlib comes with the [viewer] extra; without it the summary has no picture
+        import matplotlib  # noqa: F401
+    except ImportError:
+        have_matplotlib = False
+    else:
+        have_matplotlib = True
+    if result["table"] and have_matplotlib:
         png = visit_figure_png(result)
         lines += [
             "",
@@ -650,7 +656,27 @@ def run_visit(
     return state, state.result(raise_on_failure=False)
 
 
-def _parse(argv):
+def _detector_list(text: str) -> list[int]:
+    """``--detectors 91,94``: comma-separated non-negative integers."""
+    items = [t.strip() for t in text.split(",")]
+    if not text.strip() or any(not t.isdigit() for t in items):
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated detector numbers such as 91,94, got {text!r}"
+        )
+    return [int(t) for t in items]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.visit",
         description="Process a visit end to end. With no arguments: simulate a small survey "
@@ -658,7 +684,7 @@ def _parse(argv):
     )
     p.add_argument("--root", help="bundle root (local path or s3://); default: simulate one")
     p.add_argument("--visit", type=int, action="append", help="visit(s) to process (repeatable)")
-    p.add_argument("--detectors", help="comma-separated detector subset")
+    p.add_argument("--detectors", type=_detector_list, help="comma-separated detector subset")
     p.add_argument("--workdir", default="run", help="where simulated bundles, APDB and alerts go")
     p.add_argument("--apdb", help="APDB URL (default: SQLite file in --workdir)")
     p.add_argument("--alerts", help="alert location (default: --workdir/alerts)")
@@ -671,19 +697,43 @@ def _parse(argv):
         help="instrument preset: association gate, bands, ID layout, stamp size",
     )
     p.add_argument("--runner", default="thread", help="thread | dask | dask=tcp://host:port")
-    p.add_argument("--detectors-per-task", type=int, default=None)
-    p.add_argument("--max-workers", type=int, default=None, help="threads of the task runner")
-    p.add_argument("--sim-visits", type=int, default=3, help="visits to simulate (no --root)")
-    p.add_argument("--sim-detectors", type=int, default=4, help="detectors to simulate (no --root)")
+    p.add_argument("--detectors-per-task", type=_positive_int, default=None)
+    p.add_argument(
+        "--max-workers", type=_positive_int, default=None, help="threads of the task runner"
+    )
+    p.add_argument(
+        "--sim-visits", type=_positive_int, default=3, help="visits to simulate (no --root)"
+    )
+    p.add_argument(
+        "--sim-detectors", type=_positive_int, default=4, help="detectors to simulate (no --root)"
+    )
     p.add_argument(
         "--sim-sources", type=float, default=53, help="DiaSources per detector (no --root)"
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-cache", action="store_true", help="do not cache stage results")
-    return p.parse_args(argv)
+    return p
+
+
+def _parse(argv):
+    return _parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; bad arguments and settings give one ``error:`` line and status 2."""
+    from pydantic import ValidationError
+
+    from core.errors import ConfigError, one_line
+
+    try:
+        return _main(argv)
+    except (ValidationError, ConfigError, InputError) as exc:
+        _parser().print_usage(sys.stderr)
+        print(f"python -m flows.visit: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parse(argv)
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -707,7 +757,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in visits:
             survey.write_visit(root, v)
     elif not visits:
-        raise SystemExit("--visit is required with --root")
+        _parser().error("--visit is required with --root")
 
     kafka_opts: dict[str, Any] = {}
     if args.kafka:
@@ -730,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
             "orchestration": {**orch, "result_storage": str(work / "prefect-results")},
         }
     )
-    detectors = [int(d) for d in args.detectors.split(",")] if args.detectors else None
+    detectors = args.detectors or None
     status = 0
     for v in visits:
         print(f"visit {v}: processing")

@@ -54,6 +54,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; bad values give one ``error:`` line and exit status 2."""
+    from pydantic import ValidationError
+
+    from core.errors import one_line
+
+    try:
+        return _main(argv)
+    except (ValidationError, OSError) as exc:
+        where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
+        print(f"python -m sim: error: {where}{text}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.visits < 1 or args.first_visit < 0:
         raise SystemExit("--visits must be >= 1 and --first-visit >= 0")

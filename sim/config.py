@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from core.bundle import BANDS
+from sim.solarsystem import SolarSystemConfig
 
 __all__ = ["LSSTCAM_DETECTOR_SIZE", "SurveyConfig"]
 
@@ -132,6 +133,33 @@ class SurveyConfig(BaseModel, frozen=True, extra="forbid"):
         0.03, ge=0, description="Per-visit fractional loss of transparency (half-normal σ)."
     )
 
+    # --- astrometry: what quoted centroid errors leave out -----------------------
+    astrometric_floor_arcsec: float = Field(
+        0.02,
+        ge=0,
+        description="Per-axis systematic centroid scatter of every detection (arcsec): "
+        "astrometric calibration, template registration and PSF-model residuals. Drawn "
+        "independently per detection and included in the quoted xErr/yErr.",
+    )
+    dcr_arcsec_per_mag: tuple[float, float, float, float, float, float] = Field(
+        (0.30, 0.15, 0.05, 0.02, 0.01, 0.01),
+        description="Chromatic (differential-refraction-like) centroid offset per band u g r i "
+        "z y, in arcsec per magnitude of colour difference from the reference SED and per "
+        "unit tan(zenith distance). An object's offset in a visit is this × its colour × "
+        "tan z of the visit, along the visit's parallactic direction; it is not in the quoted "
+        "errors (a real pipeline cannot know it).",
+    )
+    colour_sigma_mag: float = Field(
+        0.4,
+        ge=0,
+        description="Spread (Gaussian σ, mag) of the objects' colour differences from the "
+        "reference SED that the chromatic offset scales with.",
+    )
+    airmass_range: tuple[float, float] = Field(
+        (1.0, 1.5),
+        description="Per-visit airmass range (uniform); sets tan z of the chromatic offset.",
+    )
+
     # --- populations ------------------------------------------------------------
     sources_per_detector: float = Field(
         53.0,
@@ -167,7 +195,15 @@ class SurveyConfig(BaseModel, frozen=True, extra="forbid"):
         (18.0, 23.0), description="AB magnitude range of moving objects (r band)."
     )
     moving_speed_range: tuple[float, float] = Field(
-        (0.02, 0.5), description="Sky speed range of moving objects (deg/day, log-uniform)."
+        (0.02, 0.5),
+        description="Sky speed range (deg/day, log-uniform) of the sky's linear-motion draw "
+        "(sim.sky.Sky.positions); the survey moves its moving objects on Keplerian orbits "
+        "(solar_system) instead.",
+    )
+    solar_system: SolarSystemConfig = Field(
+        SolarSystemConfig(),
+        description="Orbits, known share and prediction errors of the moving objects "
+        "(sim.solarsystem).",
     )
     ap_radius_px: float = Field(
         12.0,
@@ -224,10 +260,15 @@ class SurveyConfig(BaseModel, frozen=True, extra="forbid"):
             "moving_mag_range",
             "moving_speed_range",
             "sky_scale_range",
+            "airmass_range",
         ):
             lo, hi = getattr(self, name)
             if not hi >= lo:
                 raise ValueError(f"{name} must be (low, high), got {(lo, hi)}")
+        if self.airmass_range[0] < 1:
+            raise ValueError(f"airmass_range must be >= 1, got {self.airmass_range}")
+        if min(self.dcr_arcsec_per_mag) < 0:
+            raise ValueError("dcr_arcsec_per_mag must be >= 0")
         if self.moving_speed_range[0] <= 0:
             raise ValueError("moving_speed_range must be > 0")
         return self

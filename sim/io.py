@@ -71,7 +71,7 @@ def _fixed_blocks(shape: tuple[int, int]) -> tuple[bytes, bytes, bytes]:
 
 
 class FitsWriter:
-    """Serialises SPEC §2 multi-extension FITS files that share their headers.
+    """Serialises docs/design.md §2 multi-extension FITS files that share their headers.
 
     The three images of one (visit, detector) have the same WCS, calibration
     and PSF, so the header blocks are built once with astropy and the data
@@ -119,7 +119,7 @@ class FitsWriter:
 
 
 def fits_bytes(image, mask, variance, psf, image_header, psf_header=None) -> bytes:
-    """One SPEC §2 FITS file as bytes (see :class:`FitsWriter`)."""
+    """One docs/design.md §2 FITS file as bytes (see :class:`FitsWriter`)."""
     return FitsWriter(np.shape(image), image_header, psf, psf_header).to_bytes(
         image, mask, variance
     )

@@ -9,7 +9,7 @@ normalised by the sum ``Z`` of its samples on the centred kernel grid, so the
 sampled (FWHM ≥ 3 px at 0.2″/px) and truncated at 2.5 FWHM, so shifted
 stamps also sum to 1 within 1e-4 (the Moffat wing crossing the stamp edge).
 
-Measurements follow SPEC §4.5: ``F = Σ P·I / Σ P²`` and
+Measurements follow docs/design.md §4.5: ``F = Σ P·I / Σ P²`` and
 ``σF = sqrt(Σ P²·V) / Σ P²`` with ``P`` the PSF shifted to the position.
 """
 
@@ -180,7 +180,7 @@ def render(shape, psf: Psf, x, y, flux) -> np.ndarray:
 
 
 def psf_photometry(image, variance, psf: Psf, x, y):
-    """PSF-weighted flux at fixed positions (SPEC §4.5).
+    """PSF-weighted flux at fixed positions (docs/design.md §4.5).
 
     Parameters
     ----------

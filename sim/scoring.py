@@ -5,7 +5,7 @@ row per ``diaSources.parquet`` row, same order: ``row, truthId`` (-1 for
 bogus), ``kind``, true position and fluxes) and ``truth_objects.parquet``
 (every true object on the detector that visit, with its true difference and
 science fluxes). Because DiaSource IDs are deterministic
-(``diaSourceId = pack(visit, detector, row)``, SPEC §3), every stored
+(``diaSourceId = pack(visit, detector, row)``, docs/design.md §3), every stored
 DiaSource can be traced back to its truth row without any matching.
 
 Definitions (all fractions in 0..1)

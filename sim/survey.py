@@ -9,8 +9,8 @@ Two ways to observe a visit:
 
 - :meth:`Survey.write_visit` renders the science, template and difference
   images, measures DiaSources on the difference pixels (Gauss–Newton PSF
-  centroid, then SPEC §4.5 PSF flux, aperture flux, forced science and
-  template fluxes, pixel flags from the mask), and writes the SPEC §2 bundle
+  centroid, then docs/design.md §4.5 PSF flux, aperture flux, forced science and
+  template fluxes, pixel flags from the mask), and writes the docs/design.md §2 bundle
   plus ground truth.
 - :meth:`Survey.visit_catalog` is the fast path: the same sources, the same
   bogus injections and the same detection rule, with measurement noise drawn
@@ -46,6 +46,7 @@ from sim.focalplane import (
 )
 from sim.psf import Psf, gather, psf_photometry, refine_centroid, render
 from sim.sky import KINDS, Sky
+from sim.solarsystem import EPHEMERIS_FILE, SolarSystem
 
 __all__ = ["CATALOG_COLUMNS", "TRUTH_COLUMNS", "Survey", "VisitParams"]
 
@@ -53,6 +54,8 @@ __all__ = ["CATALOG_COLUMNS", "TRUTH_COLUMNS", "Survey", "VisitParams"]
 _VISIT, _BOGUS, _SCI_NOISE, _TMPL_NOISE, _BADCOL, _CALIB, _RELIAB, _FAST, _SKY, _TRIAL = range(
     1, 11
 )
+_SOLAR = 11
+_COLOUR, _DCR, _ASTROM = range(12, 15)
 BOGUS_KINDS = ("bogus_noise", "bogus_dipole", "bogus_cr")
 _BIT = {k: np.int32(1 << v) for k, v in MASK_PLANES.items()}
 
@@ -226,6 +229,9 @@ class Survey:
             counts[kind] = round(real * share / rate) if rate > 0 and share > 0 else 0
         self.counts = counts
         self.sky = Sky(counts, self.field_radius, cfg, _rng(cfg.seed, _SKY))
+        self.solar_system = self._solar_system(self.sky, _rng(cfg.seed, _SOLAR))
+        #: per-object colour difference from the reference SED (mag): scales the chromatic offset
+        self.colour = _rng(cfg.seed, _COLOUR).normal(0.0, cfg.colour_sigma_mag, len(self.sky))
 
     # ------------------------------------------------------------------ visits
     @lru_cache(maxsize=64)  # noqa: B019 - a survey lives as long as its visits are used
@@ -258,6 +264,25 @@ class Survey:
             psf=psf,
             cd=cd_matrix(rot, cfg.pixel_scale_arcsec),
         )
+
+    def chromatic_offset(self, visit: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every object's chromatic centroid offset in ``visit`` (focal-plane pixels u, v).
+
+        A differential-refraction-like shift: ``κ_band · colour · tan z`` along
+        the visit's parallactic direction (both drawn per visit; airmass
+        uniform in ``airmass_range``), with ``κ`` from ``dcr_arcsec_per_mag``.
+        The same object moves by different amounts in different bands and
+        visits, so detections of one object scatter about its mean position by
+        more than their quoted errors, as real difference-image centroids do.
+        """
+        cfg = self.config
+        vp = self.visit_params(visit)
+        rng = _rng(cfg.seed, _DCR, visit)
+        airmass = float(rng.uniform(*cfg.airmass_range))
+        angle = float(rng.uniform(0.0, 2.0 * math.pi))
+        kappa = cfg.dcr_arcsec_per_mag["ugrizy".index(vp.band)]
+        amp = kappa * math.sqrt(airmass * airmass - 1.0) / cfg.pixel_scale_arcsec * self.colour
+        return amp * math.cos(angle), amp * math.sin(angle)
 
     def visit_info(self, visit: int) -> VisitInfo:
         """The ``visit.json`` contents of ``visit``."""
@@ -305,6 +330,34 @@ class Survey:
         out.insert(3, "dec", dec)
         return out
 
+    # ---------------------------------------------------------- solar system
+    def _solar_system(self, sky: Sky, rng: np.random.Generator) -> SolarSystem:
+        """Keplerian orbits for ``sky``'s moving objects, through their refMjd positions."""
+        cfg = self.config
+        rows = np.flatnonzero(sky._kind == "moving")
+        a = sky._arrays
+        ra, dec = gnomonic_inverse(a["xi"][rows], a["eta"][rows], cfg.field_ra, cfg.field_dec)
+        v_mag = 31.4 - 2.5 * np.log10(a["r_flux"][rows])
+        return SolarSystem(
+            rows, ra, dec, a["refMjd"][rows], v_mag, cfg.solar_system, rng, n_rows=len(sky)
+        )
+
+    def _sky_positions(self, sky: Sky, solar: SolarSystem, mjd: float):
+        """Field tangent-plane ``(xi, eta)`` of every object of ``sky`` at ``mjd``."""
+        xi, eta = sky.positions(mjd)
+        if len(solar):
+            geo = solar.geometry(mjd)
+            cfg = self.config
+            xi[solar.truth_ids], eta[solar.truth_ids] = gnomonic_forward(
+                geo["ra"], geo["dec"], cfg.field_ra, cfg.field_dec
+            )
+        return xi, eta
+
+    def ephemerides(self, visit: int) -> pd.DataFrame:
+        """The known asteroids' ephemeris table of ``visit`` (``{visit}/ephemerides.parquet``)."""
+        vp = self.visit_params(visit)
+        return self.solar_system.ephemerides(vp.mjd, vp.ra, vp.dec, self.field_radius)
+
     # ---------------------------------------------------------- focal plane
     def _focal_positions(self, vp: VisitParams, xi: np.ndarray, eta: np.ndarray):
         """Field tangent-plane coordinates → focal-plane pixels (u, v) of a visit."""
@@ -319,8 +372,10 @@ class Survey:
     @lru_cache(maxsize=4)  # noqa: B019
     def _visit_objects(self, visit: int):
         vp = self.visit_params(visit)
-        xi, eta = self.sky.positions(vp.mjd)
+        xi, eta = self._sky_positions(self.sky, self.solar_system, vp.mjd)
         u, v, ra, dec = self._focal_positions(vp, xi, eta)
+        du, dv = self.chromatic_offset(visit)
+        u, v = u + du, v + dv  # where the light lands in this visit's band (ra, dec: catalogue)
         sci, tmpl = self.sky.fluxes(vp.mjd, vp.band)
         order = np.argsort(u, kind="stable")
         return u, v, ra, dec, sci, tmpl, order, u[order]
@@ -358,11 +413,12 @@ class Survey:
         """Mean DiaSources per detector per visit contributed by one object of ``kind``."""
         cfg = self.config
         trial = Sky({kind: n_trial}, self.field_radius, cfg, _rng(cfg.seed, _TRIAL, len(kind)))
+        solar = self._solar_system(trial, _rng(cfg.seed, _TRIAL, _SOLAR))
         visits = np.unique(np.linspace(0, cfg.n_visits - 1, 12).round().astype(int))
         total = 0.0
         for visit in visits:
             vp = self.visit_params(int(visit))
-            xi, eta = trial.positions(vp.mjd)
+            xi, eta = self._sky_positions(trial, solar, vp.mjd)
             u, v, _, _ = self._focal_positions(vp, xi, eta)
             det, _, _ = self.focal_plane.locate(u, v)
             sci, tmpl = trial.fluxes(vp.mjd, vp.band)
@@ -595,15 +651,18 @@ class Survey:
         bogus = np.isin(kind, BOGUS_KINDS)
         rr = _rng(cfg.seed, _RELIAB, vp.visit, sc.detector)
         rel_real = rr.beta(8.0, 1.5, kind.size)
-        rel_bogus = rr.beta(1.2, 8.0, kind.size)
+        # bogus: most near 0; one in ten looks real to the classifier (Beta(4, 3)), so the
+        # production cut (0.5) removes ~93 % of them and the 0.1 new-object cut ~40 %
+        fooled = rr.random(kind.size) < 0.1
+        rel_bogus = np.where(fooled, rr.beta(4.0, 3.0, kind.size), rr.beta(1.0, 9.0, kind.size))
         out["reliability"] = np.where(bogus, rel_bogus, rel_real).astype(np.float32)
         out["isDipole"] = kind == "bogus_dipole"
         speed = np.zeros(kind.size)
         tid = cand["truthId"][keep]
         mov = kind == "moving"
         if mov.any():
-            a = self.sky._arrays
-            speed[mov] = np.hypot(a["xiRate"][tid[mov]], a["etaRate"][tid[mov]])
+            solar = self.solar_system
+            speed[mov] = solar.geometry(vp.mjd)["rate"][solar.index[tid[mov]]]
         out["trailLength"] = (
             speed * cfg.exposure_time / 86400.0 * 3600.0 / cfg.pixel_scale_arcsec
         ).astype(np.float32)
@@ -690,6 +749,7 @@ class Survey:
         y = np.where(failed, np.round(cand["y"]), y)
         xerr = np.where(failed, 0.5, xerr)
         yerr = np.where(failed, 0.5, yerr)
+        x, y, xerr, yerr = self._astrometric_floor(sc, x, y, xerr, yerr)
         f, fe, edge = psf_photometry(d["image"], d["variance"], psf, x, y)
         with np.errstate(invalid="ignore", divide="ignore"):
             snr = np.abs(f) / fe
@@ -721,6 +781,21 @@ class Survey:
             **self._flags(d["mask"], x, y, psf.fwhm),
         }
         return self._finish(sc, cand, meas, keep, frames=frames)
+
+    def _astrometric_floor(self, sc: Scene, x, y, xerr, yerr):
+        """Add the systematic centroid scatter (``astrometric_floor_arcsec``) and quote it.
+
+        Each detection moves by an independent Gaussian draw of that σ per
+        axis, and its quoted error becomes ``hypot(σ_fit, σ_floor)``, so the
+        quoted errors keep describing the scatter actually drawn.
+        """
+        cfg = self.config
+        s = cfg.astrometric_floor_arcsec / cfg.pixel_scale_arcsec
+        if s == 0 or np.size(x) == 0:
+            return x, y, xerr, yerr
+        rng = _rng(cfg.seed, _ASTROM, sc.visit.visit, sc.detector)
+        jitter = rng.standard_normal((2, np.size(x))) * s
+        return x + jitter[0], y + jitter[1], np.hypot(xerr, s), np.hypot(yerr, s)
 
     def _aperture(self, image, variance, x, y):
         """Circular-aperture sum (pixel centres within ``ap_radius_px``) and its error."""
@@ -778,6 +853,7 @@ class Survey:
         pos_err = np.sqrt(2.0) * psf.sigma / np.maximum(snr, 1.0)
         x = cand["x"] + pos_err * rng.standard_normal(n)
         y = cand["y"] + pos_err * rng.standard_normal(n)
+        x, y, x_err, y_err = self._astrometric_floor(sc, x, y, pos_err, pos_err)
         sci_sig = np.sqrt(sc.sky * p2 + np.maximum(cand["sci"], 0) * psf.sum_p3()) / p2
         tmpl_sig = (
             np.sqrt((sc.sky * p2 + np.maximum(cand["tmpl"], 0) * psf.sum_p3()) / cfg.template_depth)
@@ -801,8 +877,8 @@ class Survey:
         meas = {
             "x": x,
             "y": y,
-            "xErr": pos_err,
-            "yErr": pos_err,
+            "xErr": x_err,
+            "yErr": y_err,
             "psfInstFlux": f,
             "psfInstFluxErr": sig,
             "apInstFlux": af,
@@ -873,7 +949,7 @@ class Survey:
     def write_visit(
         self, root: str, visit: int, detectors=None, truth_catalog: bool = True
     ) -> list[str]:
-        """Write the SPEC §2 bundle of ``visit`` and its truth under ``root``.
+        """Write the docs/design.md §2 bundle of ``visit`` and its truth under ``root``.
 
         Parameters
         ----------
@@ -900,6 +976,13 @@ class Survey:
                 simio.json_bytes(self.visit_info(visit).to_json_dict()),
             )
         ]
+        if self.config.solar_system.write_ephemerides:
+            written.append(
+                simio.write_bytes(
+                    f"{visit_path(root, visit)}/{EPHEMERIS_FILE}",
+                    simio.parquet_bytes(self.ephemerides(visit)),
+                )
+            )
         if truth_catalog:
             fs, path = fsspec.core.url_to_fs(self.truth_catalog_path(root))
             if not fs.exists(path):
@@ -964,10 +1047,19 @@ class Survey:
         return f"{root.rstrip('/')}/truth/objects.parquet"
 
     def write_truth(self, root: str) -> str:
-        """Write the survey catalogue (:meth:`truth_catalog`) to ``{root}/truth/objects.parquet``."""
-        return simio.write_bytes(
-            self.truth_catalog_path(root), simio.parquet_bytes(self.truth_catalog())
+        """Write the survey catalogue (:meth:`truth_catalog`) to ``{root}/truth/objects.parquet``.
+
+        Beside it, ``solarsystem.parquet`` maps each moving object's truthId to its
+        ``ssObjectId``, designation, whether it is known (has ephemerides) and its
+        true orbit (:meth:`sim.solarsystem.SolarSystem.truth`). Returns the
+        objects.parquet URL.
+        """
+        path = self.truth_catalog_path(root)
+        simio.write_bytes(
+            path.rsplit("/", 1)[0] + "/solarsystem.parquet",
+            simio.parquet_bytes(self.solar_system.truth()),
         )
+        return simio.write_bytes(path, simio.parquet_bytes(self.truth_catalog()))
 
     def visit_catalog(self, visit: int, detectors=None) -> pd.DataFrame:
         """Measured DiaSources of a visit without rendering images (fast path).

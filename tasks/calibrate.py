@@ -1,4 +1,4 @@
-"""Calibrate a detector's DiaSource catalog (SPEC §4.2).
+"""Calibrate a detector's DiaSource catalog (docs/design.md §4.2).
 
 Turns the raw, instrumental ``diaSources.parquet`` catalog (pixel positions,
 fluxes in counts) into rows of the APDB ``DiaSource`` table:
@@ -13,7 +13,7 @@ fluxes in counts) into rows of the APDB ``DiaSource`` table:
   ``PHOTCALIB``, ``scienceFlux`` with the science image's and ``templateFlux``
   with the template image's;
 * ``visit, detector, band, midpointMjdTai, exposureTime, timeProcessedMjdTai,
-  bboxSize``, ``diaSourceId`` (SPEC §3) and the non-nullable counters
+  bboxSize``, ``diaSourceId`` (docs/design.md §3) and the non-nullable counters
   ``psfNdata``, ``trailNdata``, ``dipoleNdata``;
 * every input column that the ``DiaSource`` table has (flags, ``snr``,
   ``reliability``, ...) carried through; everything else is null.
@@ -295,7 +295,7 @@ def calibrate(
     Parameters
     ----------
     sources : pandas.DataFrame
-        Raw catalog (SPEC §2): ``x, y`` (pixels, 0-based), ``psfInstFlux``,
+        Raw catalog (docs/design.md §2): ``x, y`` (pixels, 0-based), ``psfInstFlux``,
         ``psfInstFluxErr`` (counts), optional ``xErr, yErr`` (pixels),
         ``apInstFlux(Err)``, ``scienceInstFlux(Err)``, ``templateInstFlux(Err)``
         (counts), ``trailLength`` (pixels), ``bboxSize`` (pixels), ``diaSourceId``

@@ -1,4 +1,4 @@
-"""Forced PSF photometry at DiaObject positions (SPEC §4.5).
+"""Forced PSF photometry at DiaObject positions (docs/design.md §4.5).
 
 For every DiaObject with at least ``min_dia_sources`` DiaSources whose
 position falls on the detector, measure on the difference image (``psfFlux``)
@@ -89,7 +89,7 @@ class ForcedConfig(BaseModel, frozen=True, extra="forbid"):
         2,
         ge=0,
         description="Only DiaObjects with at least this many DiaSources (nDiaSources) are "
-        "measured (SPEC §4.5).",
+        "measured (docs/design.md §4.5).",
     )
     bad_mask_planes: tuple[str, ...] = Field(
         ("BAD", "SAT", "NO_DATA"),

@@ -1,4 +1,4 @@
-"""Summary statistics of the DiaObjects a detector touched (SPEC §4.4).
+"""Summary statistics of the DiaObjects a detector touched (docs/design.md §4.4).
 
 Every DiaObject that took a new DiaSource (matched or new) is recomputed from
 its full loaded history (12 months of DiaSources) plus the new sources, per

@@ -7,6 +7,11 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 
+# Imported here, before any test can gc.freeze() the heap (flows.stages does): importing
+# hypothesis runs trio's entry point, whose register_random warns when trio's PRNG is in
+# the frozen generation, and filterwarnings=error would turn that into a crash at the
+# terminal summary of a run that had not imported hypothesis yet (tests/test_selection.py).
+import hypothesis  # noqa: F401
 import pytest
 
 from flows.config import PipelineConfig

@@ -18,7 +18,7 @@ from alerts.store import (
     read_alert_file,
     write_alerts,
 )
-from core.errors import InputError
+from core.errors import AlertError, InputError
 from tests.data import RUBIN_ALERTS
 
 from .conftest import make_alert_inputs
@@ -65,7 +65,7 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, batch, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(AlertError, match=r"7001_3\.avro: cannot write: disk full"):
         write_alerts(batch, config)
     assert open(url, "rb").read() == before
     assert os.listdir(tmp_path) == ["7001_3.avro"]

@@ -1,4 +1,4 @@
-"""SPEC §3 IDs: deterministic, unique, round-trippable, never wrapping."""
+"""docs/design.md §3 IDs: deterministic, unique, round-trippable, never wrapping."""
 
 from __future__ import annotations
 

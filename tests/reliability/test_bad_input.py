@@ -18,6 +18,7 @@ import pytest
 from astropy.io import fits
 
 from apdb import make_apdb
+from core.errors import InputError
 from flows.visit import run_visit
 from tests.conftest import make_config
 
@@ -65,6 +66,13 @@ def _header(name, **cards):
                 del hdus["IMAGE"].header[k]
             else:
                 hdus["IMAGE"].header[k] = v
+
+    return _edit_fits(name, fn)
+
+
+def _shift(name, key, delta):
+    def fn(hdus):
+        hdus["IMAGE"].header[key] += delta
 
     return _edit_fits(name, fn)
 
@@ -374,3 +382,35 @@ def test_bad_visit_json_fails_the_visit_with_a_clear_error(corpus, tmp_path):
     state, result = run_visit(str(root), 0, make_config(tmp_path))
     assert state.is_failed()
     assert re.search(r"visit\.json: missing field\(s\) band", str(result))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "pattern"),
+    [
+        (
+            _shift("template.fits", "CRVAL2", 0.01),
+            r"template\.fits and .*difference\.fits: the WCSs disagree by [\d.]+ px "
+            r"\(3[56](\.\d+)? arcsec\)",
+        ),
+        (
+            _shift("science.fits", "CRPIX1", 0.5),
+            r"science\.fits and .*difference\.fits: the WCSs disagree by 0\.5 px",
+        ),
+        (_shift("template.fits", "CRPIX2", 0.01), None),
+    ],
+    ids=["template 36 arcsec off", "science half a pixel off", "template 0.01 px off: accepted"],
+)
+def test_images_not_on_the_difference_image_grid_are_refused(
+    survey_root, tmp_path, mutate, pattern
+):
+    from core.bundle import read_detector_bundle
+
+    info = json.loads((Path(survey_root) / "0" / "visit.json").read_text())
+    det = info["detectors"][0]
+    shutil.copytree(Path(survey_root) / "0", tmp_path / "0")
+    mutate(tmp_path / "0" / str(det))
+    if pattern is None:
+        assert read_detector_bundle(str(tmp_path), 0, det).template is not None
+        return
+    with pytest.raises(InputError, match=pattern):
+        read_detector_bundle(str(tmp_path), 0, det)

@@ -111,3 +111,114 @@ def test_no_secret_in_logs_artifacts_or_alerts(
     for blob in alert_bytes + dead:
         for secret in SECRETS:
             assert secret.encode() not in blob, f"{secret!r} found in an alert or dead-letter file"
+
+
+def _everything_prefect_stored() -> dict[str, list[str]]:
+    """Every flow run, task run, log and artifact on the Prefect server, as JSON text."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        out: dict[str, list[str]] = {}
+        async with get_client() as client:
+            for name, call in (
+                ("flow runs", client.read_flow_runs),
+                ("task runs", client.read_task_runs),
+                ("logs", client.read_logs),
+                ("artifacts", client.read_artifacts),
+            ):
+                texts, offset = [], 0
+                while True:
+                    page = await call(limit=200, offset=offset)
+                    if not page:
+                        break
+                    texts += [x.model_dump_json() for x in page]
+                    offset += len(page)
+                out[name] = texts
+        return out
+
+    return asyncio.run(read())
+
+
+#: (name, URL with the secret, the secret) — every shape a password takes in an APDB URL.
+def _url_shapes(port: int) -> list[tuple[str, str, str]]:
+    return [
+        ("user:password@", f"postgresql://postgres:Pw-plain-1a@127.0.0.1:{port}/x", "Pw-plain-1a"),
+        (
+            "?password=",
+            f"postgresql://postgres@127.0.0.1:{port}/x?password=Pw-query-2b",
+            "Pw-query-2b",
+        ),
+        ("unencoded @", f"postgresql://postgres:p@Pw-at-3c@127.0.0.1:{port}/x", "Pw-at-3c"),
+        ("port typo", "postgresql://postgres:Pw-port-4d@127.0.0.1:x/x", "Pw-port-4d"),
+        ("broken scheme", "postgresql:/postgres:Pw-scheme-5e@127.0.0.1/x", "Pw-scheme-5e"),
+        ("percent-encoded", f"postgresql://postgres:Pw%40enc-6f@127.0.0.1:{port}/x", "Pw@enc-6f"),
+    ]
+
+
+def test_no_url_shape_shows_the_password_anywhere(survey_root, tmp_path, caplog, capfd):
+    """The command line run with each URL shape: nothing stored by Prefect shows the password."""
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_LOGGING_TO_API_ENABLED, temporary_settings
+
+    from flows.visit import main
+
+    shapes = _url_shapes(free_port())  # nothing listens: the run fails at its first APDB call
+    caplog.set_level(logging.DEBUG)
+    codes = {}
+    with temporary_settings({PREFECT_LOGGING_TO_API_ENABLED: True}):
+        for name, url, _ in shapes:
+            argv = ["--root", survey_root, "--visit", "0", "--apdb", url]
+            codes[name] = main([*argv, "--workdir", str(tmp_path / name.replace(" ", "_"))])
+        APILogHandler().flush()
+    out, err = capfd.readouterr()
+    assert codes == {
+        "user:password@": 1,
+        "?password=": 1,
+        "unencoded @": 1,
+        "port typo": 2,
+        "broken scheme": 2,
+        "percent-encoded": 1,
+    }, out[-2000:] + err[-2000:]
+    assert "not a valid database URL" in err and "cannot be parsed" in err
+    stored = _everything_prefect_stored()
+    assert stored["flow runs"] and stored["task runs"] is not None
+    assert any("127.0.0.1" in t for t in stored["logs"]), "the runs' logs reached the server"
+    haystacks = {
+        "log records": "\n".join(r.getMessage() + repr(r.args) for r in caplog.records),
+        "stdout/stderr": out + err,
+        **{f"Prefect {k}": "\n".join(v) for k, v in stored.items()},
+    }
+    for name, _, secret in shapes:
+        for where, text in haystacks.items():
+            assert secret not in text, f"{name}: the password is in the {where}"
+            assert secret.replace("@", "%40") not in text, f"{name}: the password is in the {where}"
+
+
+@pytest.mark.parametrize(
+    ("section", "options", "secret"),
+    [
+        ("kafka", {"extra": {"sasl.password": "Kx-extra-7a"}}, "Kx-extra-7a"),
+        ("kafka", {"extra": {"ssl.key.password": "Kx-key-8b"}}, "Kx-key-8b"),
+        ("output", {"store": {"storage_options": {"secret": "S3x-9c"}}}, "S3x-9c"),
+        (
+            "output",
+            {"store": {"storage_options": {"client_kwargs": {"aws_secret_access_key": "S3x-0d"}}}},
+            "S3x-0d",
+        ),
+        ("output", {"store": {"storage_options": {"key": "AKIAx-1e"}}}, "AKIAx-1e"),
+        ("output", {"store": {"storage_options": {"token": "Tok-2f"}}}, "Tok-2f"),
+    ],
+    ids=["sasl.password", "ssl.key.password", "s3 secret", "nested aws secret", "s3 key", "token"],
+)
+def test_credentials_in_pass_through_options_are_refused_unseen(section, options, secret):
+    """Options stored in clear as flow parameters refuse credentials, without showing them."""
+    from pydantic import ValidationError
+
+    from flows.config import PipelineConfig
+
+    with pytest.raises(ValidationError, match="would be stored in clear") as info:
+        PipelineConfig.model_validate({section: options})
+    assert secret not in str(info.value)
+    assert secret not in repr(info.value.errors())

@@ -39,7 +39,7 @@ def shifted_psf(kernel: np.ndarray, fx: float, fy: float) -> np.ndarray:
 
 
 def forced_psf_flux(image, variance, mask, kernel, x, y):
-    """SPEC §4.5 forced PSF photometry at (x, y): F = ΣP·I/ΣP², σ = sqrt(ΣP²V)/ΣP².
+    """docs/design.md §4.5 forced PSF photometry at (x, y): F = ΣP·I/ΣP², σ = sqrt(ΣP²V)/ΣP².
 
     Returns (flux, err, clean) with clean False when the stamp leaves the image
     or touches a masked pixel.

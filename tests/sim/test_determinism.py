@@ -28,8 +28,10 @@ def test_same_seed_same_bytes(tmp_path):
     Survey(CFG).write_visit(str(a), 4)
     Survey(CFG).write_visit(str(b), 4)
     sums = _checksums(a)
-    assert len(sums) == 1 + 2 * 6 + 1  # visit.json, 6 files per detector, truth catalogue
+    # visit.json, ephemerides, 6 files per detector, truth catalogue and solar-system truth
+    assert len(sums) == 2 + 2 * 6 + 2
     assert "truth/objects.parquet" in sums
+    assert "4/ephemerides.parquet" in sums and "truth/solarsystem.parquet" in sums
     assert sums == _checksums(b)
 
 

@@ -1,4 +1,4 @@
-"""The written bundle follows SPEC §2 exactly: files, HDUs, dtypes, headers, WCS."""
+"""The written bundle follows docs/design.md §2 exactly: files, HDUs, dtypes, headers, WCS."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ def make_bundle(
 
 
 def raw_sources(n: int = 5, seed: int = 0, shape=(200, 200)) -> pd.DataFrame:
-    """A raw instrumental catalog with every optional column (SPEC §2)."""
+    """A raw instrumental catalog with every optional column (docs/design.md §2)."""
     rng = np.random.default_rng(seed)
     ny, nx = shape
     return pd.DataFrame(

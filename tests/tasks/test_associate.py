@@ -64,26 +64,28 @@ def test_each_source_joins_its_object():
     np.testing.assert_array_equal(res.matched_object_ids, obj["diaObjectId"])
 
 
-def test_cost_closed_form_with_floor_and_fallback():
+def test_cost_closed_form_with_systematic_term_and_detection_prior():
     cfg = AssociationConfig()
+    sys2 = cfg.sigma_systematic_arcsec**2
     # source 0.3" east, 0.4" north of the object at the equator
     sig_s = (np.array([0.2]), np.array([0.01]))
     sig_o = (np.array([0.0]), np.array([0.01]))
-    i, j, cost, sep = pair_costs(
-        np.array([0.3 * AS]),
-        np.array([0.4 * AS]),
-        sig_s,
-        np.array([0.0]),
-        np.array([0.0]),
-        sig_o,
-        cfg,
-    )
-    sa2, sd2 = 0.2**2, 0.05**2  # dec σ: hypot(0.01, 0.01) floored at 0.05
-    assert (i[0], j[0]) == (0, 0)
-    assert sep[0] == pytest.approx(0.5, rel=1e-6)
-    assert cost[0] == pytest.approx(
-        0.5 * (0.09 / sa2 + 0.16 / sd2) + 0.5 * np.log(sa2 * sd2), rel=1e-6
-    )
+    args = (np.array([0.3 * AS]), np.array([0.4 * AS]), sig_s, np.array([0.0]), np.array([0.0]))
+    for n, prior in ((None, 0.0), (np.array([4.0]), np.log(4.0)), (np.array([np.nan]), 0.0)):
+        i, j, cost, sep = pair_costs(*args, sig_o, cfg, obj_n=n)
+        k = 1.0 if n is None or not np.isfinite(n[0]) else n[0]
+        sa2 = 0.2**2 + sys2 * (1 + 1 / k)
+        sd2 = 2 * 0.01**2 + sys2 * (1 + 1 / k)
+        assert (i[0], j[0]) == (0, 0)
+        assert sep[0] == pytest.approx(0.5, rel=1e-6)
+        assert cost[0] == pytest.approx(
+            0.5 * (0.09 / sa2 + 0.16 / sd2) + 0.5 * np.log(sa2 * sd2) - prior, rel=1e-6
+        )
+    # without the systematic term the 0.05" floor holds the dec σ
+    flat = AssociationConfig(sigma_systematic_arcsec=0.0, detection_prior=False)
+    _, _, cost, _ = pair_costs(*args, sig_o, flat, obj_n=np.array([4.0]))
+    sa2, sd2 = 0.2**2, 0.05**2
+    assert cost[0] == pytest.approx(0.5 * (0.09 / sa2 + 0.16 / sd2) + 0.5 * np.log(sa2 * sd2))
 
 
 @pytest.mark.parametrize(
@@ -124,22 +126,88 @@ def test_candidates_are_every_pair_within_the_chord(ra0, dec0):
     assert brute == {p for p in got if clear[p]}
 
 
-def test_unmatched_cost_is_k_sigma_at_the_floor():
-    assert unmatched_cost(CFG) == pytest.approx(0.5 * 100 + 0.5 * np.log(0.05**4))
+def test_unmatched_cost_is_k_sigma_at_the_reference_sigma():
+    assert unmatched_cost(CFG) == pytest.approx(0.5 * 100 + 2 * np.log(0.07))
     cfg = AssociationConfig(unmatched_sigma=3.0, sigma_floor_arcsec=0.1)
     assert unmatched_cost(cfg) == pytest.approx(4.5 + 2 * np.log(0.1))
 
 
+def _acceptance_radius(err_arcsec: float, n: float) -> float:
+    """Offset (arcsec) where an isolated pair's cost reaches U (round σ, closed form)."""
+    s2 = 2 * err_arcsec**2 + CFG.sigma_systematic_arcsec**2 * (1 + 1 / n)
+    return float(np.sqrt(2 * s2 * (unmatched_cost(CFG) - np.log(s2) + np.log(n))))
+
+
 @pytest.mark.parametrize(
-    ("err_arcsec", "offset_arcsec", "matched"),
-    [(0.01, 0.49, True), (0.01, 0.51, False), (0.3, 0.9, True), (0.3, 1.05, False)],
-    ids=["floor-9.8sigma", "floor-10.2sigma", "loose-inside-gate", "loose-outside-gate"],
+    ("err_arcsec", "n", "offset", "matched"),
+    [
+        (0.01, 1, 0.95, True),
+        (0.01, 1, 1.02, False),
+        (0.01, 1000, 0.98, True),
+        (0.01, 1000, 1.02, False),
+        (0.3, 1, 0.95, True),
+        (0.3, 1, 1.02, False),
+    ],
+    ids=[
+        "new-object-inside-gate",
+        "new-object-outside-gate",
+        "well-measured-inside-k-sigma",
+        "well-measured-beyond-k-sigma",
+        "loose-inside-gate",
+        "loose-outside-gate",
+    ],
 )
-def test_acceptance_is_k_sigma_or_the_gate(err_arcsec, offset_arcsec, matched):
-    """σ at the floor (0.05″ combined): accepted to 10σ = 0.5″; loose σ: the 1″ gate rules."""
-    src = sources([0.0], [offset_arcsec * AS], err_arcsec=err_arcsec)
-    res = associate(src, objects([0.0], [0.0], err_arcsec=err_arcsec), CFG)
+def test_acceptance_is_k_sigma_or_the_gate(err_arcsec, n, offset, matched):
+    """An isolated pair is matched out to k σ_eff or the 1″ gate, whichever is smaller.
+
+    σ_eff includes the systematic term, so a freshly created object accepts
+    over the whole gate however small the quoted errors; an object with
+    1,000 detections and 0.01″ errors accepts out to its k-σ radius (0.76″).
+    """
+    radius = min(_acceptance_radius(err_arcsec, n), 1.0)
+    if n == 1000:
+        assert 0.7 < radius < 0.8
+    src = sources([0.0], [offset * radius * AS], err_arcsec=err_arcsec)
+    obj = objects([0.0], [0.0], err_arcsec=err_arcsec).assign(nDiaSources=np.int32(n))
+    res = associate(src, obj, CFG)
     assert res.n_matched == int(matched) and res.n_new == int(not matched)
+
+
+def test_unmatched_inside_the_gate_only_in_the_documented_cases():
+    """A source inside an object's gate ends unmatched only when (1) the object
+    takes a better source of the same visit, or (2) the pair lies beyond the
+    k-σ acceptance of a well-measured object; never for an isolated pair."""
+    ra0 = 150.0
+    rng = np.random.default_rng(3)
+    # isolated pairs at random offsets up to the gate, tiny quoted errors, new objects
+    n = 200
+    odec = np.arange(n) * 10 * AS
+    off = rng.uniform(0, 0.97, n)  # acceptance of a fresh object: 0.98″ (k σ_eff)
+    ang = rng.uniform(0, 2 * np.pi, n)
+    src = sources(ra0 + off * np.cos(ang) * AS, odec + off * np.sin(ang) * AS, err_arcsec=0.002)
+    res = associate(src, objects(np.full(n, ra0), odec, err_arcsec=0.002), CFG)
+    assert res.n_matched == n
+    # (1) two sources inside one object's gate: the nearer one joins, the other is new
+    src = sources([ra0, ra0], [0.2 * AS, 0.6 * AS], err_arcsec=0.05)
+    res = associate(src, objects([ra0], [0.0]), CFG)
+    assert res.n_matched == 1 and res.n_new == 1
+    assert res.sources["diaObjectId"].tolist() == [10, int(src["diaSourceId"][1])]
+    # (2) well-measured object (1,000 detections, 0.01″): 0.9″ is inside the gate, beyond k σ
+    obj = objects([ra0], [0.0], err_arcsec=0.01).assign(nDiaSources=np.int32(1000))
+    res = associate(sources([ra0], [0.9 * AS], err_arcsec=0.01), obj, CFG)
+    assert res.n_matched == 0 and res.n_new == 1
+
+
+def test_detection_prior_keeps_the_object_with_the_longer_history():
+    """Two objects at one position (a same-visit duplicate made a twin): the
+    next source joins the object with more detections, even slightly farther."""
+    obj = objects([0.0, 0.0], [0.0, 0.1 * AS], err_arcsec=0.01).assign(
+        nDiaSources=np.array([50, 1], np.int32)
+    )
+    src = sources([0.0], [0.12 * AS], err_arcsec=0.01)
+    assert associate(src, obj, CFG).sources["diaObjectId"].tolist() == [10]
+    flat = CFG.model_copy(update={"detection_prior": False})
+    assert associate(src, obj, flat).sources["diaObjectId"].tolist() == [20]
 
 
 def test_missing_errors_fall_back_to_0p2_arcsec():
@@ -151,7 +219,7 @@ def test_missing_errors_fall_back_to_0p2_arcsec():
     _, _, cost, _ = pair_costs(
         np.array([0.3 * AS]), np.array([0.0]), sig, np.array([0.0]), np.array([0.0]), sig, CFG
     )
-    s2 = 0.08
+    s2 = 0.08 + 2 * CFG.sigma_systematic_arcsec**2
     assert cost[0] == pytest.approx(0.5 * 0.09 / s2 + 0.5 * np.log(s2 * s2), rel=1e-6)
 
 

@@ -16,10 +16,10 @@ kafka
 
 Command line: ``python -m alerts replay SRC --servers HOST:PORT``.
 
+Stamps have Rubin's origin, centre and header (``CUTMINX = x0 - 1`` for a
+stamp whose first pixel is detector pixel ``x0``, ``CRPIX = x - CUTMINX``).
 Differences from Rubin's stamps, on purpose: the stamp WCS carries
 ``CTYPE1/2 = RA---TAN/DEC--TAN`` (Rubin's stamps have none, so a FITS reader
-sees only a linear transformation), ``CRPIX`` is 1-based (Rubin's equals the
-0-based ``x - CUTMINX``), the stamp is centred to within half a pixel (Rubin's
-``makeCenteredBox`` origin ``floor(x - side/2)`` may be one pixel lower), and a
-``MASK`` extension keeps the mask bit planes. See :mod:`alerts.cutouts`.
+sees only a linear transformation), and a ``MASK`` extension keeps the mask bit
+planes. See :mod:`alerts.cutouts`.
 """

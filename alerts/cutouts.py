@@ -18,14 +18,23 @@ The WCS is a local linear (tangent-plane) approximation of the image WCS at
 the source: ``CRVAL`` = the sky position of the source, ``CRPIX`` = the
 source's position in the stamp in 1-based FITS pixels, and ``CDi_j`` = the
 Jacobian of the image WCS there, projected on the tangent plane at ``CRVAL``.
+
+Origin and centre follow Rubin's ``PackageAlertsTask.createCcdDataCutout``
+(ap_association): the stamp is ``Box2I.makeCenteredBox(center=(x, y),
+size=side)`` of lsst.geom, whose lower-left pixel is ``x0 = round(x - side/2 +
+0.5)`` (0-based; ``lsst.geom.Point2I`` rounds a ``Point2D`` to the nearest
+pixel), i.e. ``floor(x - (side - 1)/2 + 0.5)``: the source lies within half a
+pixel of the stamp centre. Rubin writes ``CUTMINX = x0 - 1`` ("so that the
+CCDData cutout position value will be [1, 1]": FITS pixel ``p`` of the stamp
+is detector pixel ``CUTMINX + p``, 0-based) and ``CRPIX1 = x - CUTMINX``; so
+does diapipe, and ``CUTMINY``, ``CRPIX2`` alike. On the 7 real LSSTCam alerts in
+``tests/data`` this gives Rubin's ``CUTMINX``/``CUTMINY`` exactly and ``CRPIX``
+to float32 precision.
+
 Unlike Rubin's stamps, which carry ``PCi_j``/``CDELTi`` with no ``CTYPEi`` (so
 a FITS reader sees a plain linear transformation rather than sky coordinates),
 diapipe writes ``CTYPE1 = 'RA---TAN'``, ``CTYPE2 = 'DEC--TAN'`` and
-``RADESYS = 'ICRS'``, and its ``CRPIX`` is 1-based (Rubin's stamps have
-``CRPIX1 = x - CUTMINX``, the 0-based position). The stamp origin is
-``CUTMINX = round(x - (side - 1) / 2)`` so that the source falls within half a
-pixel of the stamp centre; Rubin's ``Box2I.makeCenteredBox`` gives
-``floor(x - side / 2)``, up to one pixel lower.
+``RADESYS = 'ICRS'``.
 
 Stamps that run off the image are padded with NaN (image and variance) and the
 ``NO_DATA`` mask bit. A source whose centre is off the image (or whose position
@@ -108,8 +117,10 @@ def cutout_origin(x: np.ndarray, y: np.ndarray, side: np.ndarray) -> tuple[np.nd
     """Lower-left pixel (0-based) of stamps of ``side`` centred on (x, y).
 
     The stamp covers pixel centres ``min .. min + side - 1``; the origin is
-    ``round(x - (side - 1) / 2)`` so that the source lies within half a pixel
-    of the stamp centre.
+    ``round(x - (side - 1) / 2)`` (halves round up), so that the source lies
+    within half a pixel of the stamp centre: lsst.geom's
+    ``Box2I.makeCenteredBox``, as Rubin cuts its stamps. The header's
+    ``CUTMINX``/``CUTMINY`` are this origin minus 1 (Rubin's convention).
     """
     half = (np.asarray(side, dtype=np.float64) - 1.0) / 2.0
     return (
@@ -242,8 +253,8 @@ def _image_cards(bitpix: int, nx: int, ny: int, primary: bool) -> list[str]:
 #: The primary header's cards after the image cards: (key, value, comment); the
 #: value None is filled per stamp (see :meth:`_SideTemplates.primary_header`).
 _PRIMARY_CARDS = (
-    ("CUTMINX", None, "stamp origin x on the detector (0-based)"),
-    ("CUTMINY", None, "stamp origin y on the detector (0-based)"),
+    ("CUTMINX", None, "detector x (0-based) of stamp FITS pixel 0"),
+    ("CUTMINY", None, "detector y (0-based) of stamp FITS pixel 0"),
     ("ROTPA", None, "Pos angle in deg of focal plane +Y wrt North"),
     ("BUNIT", _str("nJy"), ""),
     ("WCSAXES", "2", "Number of coordinate axes"),
@@ -365,10 +376,15 @@ def _big_endian(stamps: np.ndarray, dtype, scale=None) -> np.ndarray:
 def _primary_headers(
     tpls: list[_SideTemplates], x0, y0, rotpa: float, crpix1, crpix2, ra, dec, cd
 ) -> list[bytes]:
-    """The primary header of every stamp (``tpls[i]`` the templates of its side)."""
+    """The primary header of every stamp (``tpls[i]`` the templates of its side).
+
+    ``x0``, ``y0`` are the stamps' lower-left pixels; ``CUTMINX/Y`` = them - 1.
+    """
     rot = _float(rotpa)
     return [
-        tpl.primary_header(x0[i], y0[i], rot, (crpix1[i], crpix2[i]), (ra[i], dec[i]), cd[i])
+        tpl.primary_header(
+            x0[i] - 1, y0[i] - 1, rot, (crpix1[i], crpix2[i]), (ra[i], dec[i]), cd[i]
+        )
         for i, tpl in enumerate(tpls)
     ]
 

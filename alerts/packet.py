@@ -28,11 +28,12 @@ each history row is encoded once per batch and an object's history is one
 contiguous slice of the encoded table. History rows never change once stored,
 so nothing else is needed to reuse their encoding.
 
-Nulls: in a DataFrame, a pandas ``NA``/``None`` or a float ``NaN`` is null: it
-is written as Avro ``null`` in a nullable field, and in a field the schema
-declares non-nullable it is an :class:`~core.errors.AlertError` naming the
-record, field and row. Dict records (:func:`encode_alert_records`) treat only
-``None`` as null, so a NaN there is written as NaN, which Avro allows.
+Nulls: a pandas ``NA``/``None`` and a float that is not finite (``NaN``,
+``±inf``, or a double beyond the range of a ``float`` field) are null: written
+as Avro ``null`` in a nullable field, and an :class:`~core.errors.AlertError`
+naming the record, field and row in a field the schema declares non-nullable.
+So no packet carries a NaN or an infinity; Rubin writes null for an undefined
+value.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ _VARINT_LIMITS = np.uint64(1) << (_SHIFTS[1:])
 _MASKED = (pd.arrays.IntegerArray, pd.arrays.BooleanArray, pd.arrays.FloatingArray)
 _NULL = b"\x00"
 _SOME = b"\x02"
+_FLOAT_WIDTH = {"float": np.float32, "double": np.float64}
 
 
 # --------------------------------------------------------------------------
@@ -491,9 +493,17 @@ def encode_table(
         values = np.asarray(values)
         if null is not None:
             null = np.asarray(null, dtype=bool)
-        if kind in ("float", "double") and nullable and values.dtype.kind == "f":
-            nan = np.isnan(values)
-            null = nan if null is None else (null | nan)
+        if kind in ("float", "double") and values.dtype.kind == "f":
+            # NaN and ±inf (also a float64 beyond float32's range) are undefined values
+            with np.errstate(over="ignore"):
+                undefined = ~np.isfinite(values.astype(_FLOAT_WIDTH[kind], copy=False))
+            if not nullable and undefined.any():
+                bad = int(np.flatnonzero(undefined)[0])
+                raise AlertError(
+                    f"{what}: {values[bad]} at row {bad} but the alert schema field is "
+                    "not nullable"
+                )
+            null = undefined if null is None else (null | undefined)
         any_null = null is not None and bool(null.any())
         if any_null and not nullable:
             bad = int(np.flatnonzero(null)[0])
@@ -508,7 +518,9 @@ def encode_table(
         pieces.append((((~null).view(np.uint8) << 1)[:, None], None))
         if null.all():
             continue
-        if kind in ("long", "int", "boolean"):
+        if kind in ("long", "int", "boolean") or (
+            kind in _FLOAT_WIDTH and values.dtype != _FLOAT_WIDTH[kind]
+        ):  # (a float64 null beyond float32's range would warn when cast)
             values = np.where(null, 0, values)
         mat, lens = _column(values, kind, what)
         pieces.append((mat, ~null if lens is None else np.where(null, 0, lens)))
@@ -946,7 +958,8 @@ def _as_schema_value(v, kind: str):
 
 
 def _dict_columns(rows: list[Mapping], layout: RecordLayout) -> dict:
-    """Field → (values, null mask) from dict rows; only ``None`` is null (NaN stays NaN)."""
+    """Field → (values, null mask) from dict rows: ``None`` is null (and so, when
+    encoded, is a float that is not finite)."""
     cols = {}
     for name, kind, _ in layout.fields:
         raw = [r.get(name) for r in rows]
@@ -969,8 +982,9 @@ def encode_alert_records(
 ) -> list[bytes]:
     """Encode alert dicts (already reduced to the schema) with the column encoder.
 
-    Only ``None`` is written as null here, so a NaN stored in a nullable field
-    survives a decode → encode round trip unchanged.
+    ``None`` is written as null, and so is a NaN or ±inf in a nullable float
+    field (an error in a non-nullable one), as for DataFrames. A decoded packet
+    holds neither, so a decode → encode round trip is unchanged.
     """
     schema = schema or load_schema(None)
     out = []

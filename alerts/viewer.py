@@ -164,12 +164,12 @@ def read_stamp(data: bytes | None, source: Mapping | None = None) -> Stamp | Non
 
     Notes
     -----
-    The source position is ``CRPIX - 1`` (FITS ``CRPIX`` is 1-based and the
-    stamp WCS has ``CRVAL`` at the source). That is exact for diapipe's stamps
-    (``CRPIX = x - CUTMINX + 1``). Rubin's stamps have ``CRPIX = x - CUTMINX``,
-    and on the 7 real LSSTCam packets the source's flux centroid lies about one
-    pixel below ``x - CUTMINX`` in both axes, i.e. at ``CRPIX - 1`` as well.
-    Without ``CRPIX`` the position is ``x - CUTMINX``; without either, the
+    The source position is ``CRPIX - 1`` (0-based; FITS ``CRPIX`` is 1-based
+    and the stamp WCS has ``CRVAL`` at the source). Rubin's stamps and
+    diapipe's have ``CRPIX = x - CUTMINX`` (``CUTMINX`` is the detector
+    position of the pixel before the stamp's first), and on the 7 real LSSTCam
+    packets the source's flux centroid lies at ``CRPIX - 1`` within the noise.
+    Without ``CRPIX`` the position is ``x - CUTMINX - 1``; without either, the
     stamp centre.
 
     Returns
@@ -203,7 +203,7 @@ def read_stamp(data: bytes | None, source: Mapping | None = None) -> Stamp | Non
     if "CRPIX1" in header and "CRPIX2" in header:
         x, y = float(header["CRPIX1"]) - 1.0, float(header["CRPIX2"]) - 1.0
     elif "CUTMINX" in header and "CUTMINY" in header and sx is not None and sy is not None:
-        x, y = float(sx) - header["CUTMINX"], float(sy) - header["CUTMINY"]
+        x, y = float(sx) - header["CUTMINX"] - 1.0, float(sy) - header["CUTMINY"] - 1.0
     return Stamp(image, variance, x, y, str(header.get("BUNIT", "")).strip())
 
 

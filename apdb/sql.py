@@ -1309,6 +1309,10 @@ class ApdbSql(Apdb):
         except _AlreadyStored:
             _LOG.info("visit %d detector %d already stored in %s", visit, detector, self._url)
             return StoreResult(visit, detector, already_stored=True)
+        except ApdbError as exc:
+            if isinstance(exc.__cause__, (sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
+                raise self._collision(visit, detector, srcs.arrays["diaSourceId"], ids) from exc
+            raise
         return StoreResult(
             visit,
             detector,
@@ -1426,6 +1430,34 @@ class ApdbSql(Apdb):
             t = start.get(v, np.nan)
             rows.append((int(v), int(d), None if np.isnan(t) else float(t), stored, 0, 0, int(ns), int(nf)))
         return rows
+
+    def _collision(
+        self, visit: int, detector: int, source_ids: np.ndarray, object_ids: np.ndarray
+    ) -> InputError:
+        """The error for new IDs that are already in the APDB (the store was rolled back).
+
+        Only given ``diaSourceId`` values can collide (diapipe's own are unique
+        per (visit, detector)); the message names some of them and who stored them.
+        """
+        ids = np.unique(np.concatenate([source_ids, object_ids]).astype(np.int64))
+        cond, param = self._id_filter(ids)
+        with self._connection(f"store visit {visit} detector {detector}") as conn:
+            cur = conn.cursor()
+            cur.execute(
+                f'SELECT "diaSourceId", "visit", "detector" FROM "DiaSource" '
+                f'WHERE "diaSourceId" {cond} ORDER BY "diaSourceId" LIMIT 5',
+                [param],
+            )
+            rows = cur.fetchall()
+            cur.execute(f'SELECT COUNT(*) FROM "DiaSource" WHERE "diaSourceId" {cond}', [param])
+            n = int(cur.fetchone()[0])
+        where = "; ".join(f"{r[0]} (visit {r[1]}, detector {r[2]})" for r in rows)
+        return InputError(
+            f"store({visit}, {detector}): diaSourceId values collide with IDs already in the "
+            f"APDB {self._url}: {n} of them, e.g. {where or '(a DiaObject ID)'}. Given "
+            "diaSourceIds must be unique over the survey; leave the column out to have diapipe "
+            "make them. Nothing of this detector was stored."
+        )
 
     def _id_filter(self, ids: np.ndarray) -> tuple[str, object]:
         if self.dialect == "sqlite":

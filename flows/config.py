@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from alerts.cutouts import CutoutConfig
 from alerts.kafka import KafkaConfig
@@ -26,7 +27,61 @@ from tasks.calibrate import CalibrateConfig
 from tasks.forced import ForcedConfig
 from tasks.summarise import SummaryConfig
 
-__all__ = ["AlertOutputConfig", "OrchestrationConfig", "PipelineConfig"]
+__all__ = ["PRESETS", "AlertOutputConfig", "OrchestrationConfig", "PipelineConfig"]
+
+#: Instrument presets: section → field → value, each value with its source.
+#: A preset fills only what the configuration does not set itself.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Rubin's defaults: ap_association AssociationTask.maxDistArcSeconds = 1.0;
+    # DiaPipelineTask.validBands ugrizy; PackageAlertsTask minCutoutSize 30 /
+    # maxCutoutSize 102; obs_lsst RubinDimensionPacker (day_obs·10⁵ + seq_num, 40 bits,
+    # 256 detectors).
+    "lsstcam": {
+        "association": {"max_distance_arcsec": 1.0},
+        "summary": {"valid_bands": ("u", "g", "r", "i", "z", "y")},
+        "cutouts": {"min_cutout_size": 30, "max_cutout_size": 102},
+        "ids": {"visit_packing": "lsstcam", "ccd_exposure_id_bits": 40, "n_detectors": 256},
+    },
+    # ZTF: alerts join an object within 1.5 arcsec (Masci et al. 2019, PASP 131, 018003);
+    # filters ZTF-g, -r, -i (Bellm et al. 2019, PASP 131, 018002); alert stamps are
+    # 63 x 63 pixels (Patterson et al. 2019, PASP 131, 018001); 16 CCDs read out in
+    # 4 quadrants, readout channels rcid 0-63, the unit ZTF processes; plain exposure ids
+    # (expid < 2^31), packed linearly: 31 + 6 bits, 26 bits of rows.
+    "ztf": {
+        "association": {"max_distance_arcsec": 1.5},
+        "summary": {"valid_bands": ("g", "r", "i")},
+        "cutouts": {"min_cutout_size": 63, "max_cutout_size": 63},
+        "ids": {"visit_packing": "linear", "ccd_exposure_id_bits": 37, "n_detectors": 64},
+    },
+    # DECam as processed by Rubin's pipelines (obs_decam + ap_pipe): ap_association's 1.0
+    # arcsec gate and PackageAlertsTask's 30-102 px stamps; filters u g r i z Y
+    # (Flaugher et al. 2015, AJ 150, 150); 62 science CCDs, ccdnum 1-62; plain exposure
+    # numbers (expnum < 2^26), packed linearly: 26 + 6 bits, 31 bits of rows.
+    "decam": {
+        "association": {"max_distance_arcsec": 1.0},
+        "summary": {"valid_bands": ("u", "g", "r", "i", "z", "y")},
+        "cutouts": {"min_cutout_size": 30, "max_cutout_size": 102},
+        "ids": {"visit_packing": "linear", "ccd_exposure_id_bits": 32, "n_detectors": 64},
+    },
+}
+
+_PRESET_HELP = (
+    "Instrument preset: fills the association gate, the bands, the ID layout and the stamp "
+    "size wherever the configuration does not set them itself. "
+    "'lsstcam' (default, Rubin's defaults): gate 1.0 arcsec (ap_association "
+    "maxDistArcSeconds), bands ugrizy (validBands), stamps 30-102 px (PackageAlertsTask "
+    "minCutoutSize/maxCutoutSize), IDs day_obs·1e5 + seq_num in 40 bits, 256 detectors "
+    "(obs_lsst RubinDimensionPacker). "
+    "'ztf': gate 1.5 arcsec (ZTF's own association radius, Masci et al. 2019, PASP 131, "
+    "018003), bands g r i (Bellm et al. 2019, PASP 131, 018002), stamps 63 px (ZTF alert "
+    "cutouts, Patterson et al. 2019, PASP 131, 018001), IDs linear, 64 readout quadrants "
+    "(16 CCDs x 4), 37 bits. "
+    "'decam': gate 1.0 arcsec and stamps 30-102 px (Rubin's pipelines on DECam, obs_decam), "
+    "bands ugrizy (DECam u g r i z Y, Flaugher et al. 2015, AJ 150, 150), IDs linear, 64 "
+    "detectors (ccdnum 1-62), 32 bits. Command line: python -m flows.visit --preset ztf; "
+    "deployment: parameters.config.preset."
+)
+
 
 
 class AlertOutputConfig(BaseModel, frozen=True, extra="forbid"):
@@ -114,6 +169,7 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
 class PipelineConfig(BaseModel, frozen=True, extra="forbid"):
     """Everything a visit needs. Defaults are Rubin's defaults where Rubin has one."""
 
+    preset: Literal["lsstcam", "ztf", "decam"] = Field("lsstcam", description=_PRESET_HELP)
     apdb: ApdbConfig = Field(default_factory=ApdbConfig, description="The APDB connection.")
     ids: IdConfig = Field(
         default_factory=IdConfig, description="64-bit ID packing (docs/design.md §3)."
@@ -152,6 +208,23 @@ class PipelineConfig(BaseModel, frozen=True, extra="forbid"):
     orchestration: OrchestrationConfig = Field(
         default_factory=OrchestrationConfig, description="Prefect task grouping and runners."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fill the preset's values into the sections and fields not given."""
+        if not isinstance(data, dict):
+            return data
+        name = data.get("preset", "lsstcam")
+        if name not in PRESETS:
+            return data  # the Literal field reports the bad name
+        out = dict(data)
+        for section, values in PRESETS[name].items():
+            given = out.get(section)
+            if isinstance(given, BaseModel):
+                continue  # a section passed as a model is taken as it is
+            out[section] = {**values, **(given or {})}
+        return out
 
     def digest(self) -> str:
         """A short hash of every setting that changes results (for cache keys).

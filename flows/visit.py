@@ -692,6 +692,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--alerts", help="alert location (default: --workdir/alerts)")
     p.add_argument("--kafka", metavar="SERVERS", help="produce to Kafka at these bootstrap servers")
     p.add_argument("--topic", default="alerts", help="Kafka topic (with --kafka)")
+    p.add_argument(
+        "--preset",
+        choices=("lsstcam", "ztf", "decam"),
+        default="lsstcam",
+        help="instrument preset: association gate, bands, ID layout, stamp size",
+    )
     p.add_argument("--runner", default="thread", help="thread | dask | dask=tcp://host:port")
     p.add_argument("--detectors-per-task", type=_positive_int, default=None)
     p.add_argument(
@@ -765,6 +771,7 @@ def _main(argv: list[str] | None) -> int:
         orch["max_workers"] = args.max_workers
     config = PipelineConfig.model_validate(
         {
+            "preset": args.preset,
             "apdb": {"url": args.apdb or str(work / "apdb.sqlite3")},
             "output": {
                 "store": {"location": args.alerts or str(work / "alerts")},

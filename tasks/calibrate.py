@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from apdb import sdm
-from core.bundle import DIA_SOURCE_REQUIRED, DetectorBundle, Exposure
+from core.bundle import DIA_SOURCE_REQUIRED, DetectorBundle, Exposure, detector_path
 from core.errors import InputError
 from core.frames import column_values
 from core.ids import IdPacker
@@ -40,6 +40,7 @@ __all__ = [
     "CalibrateConfig",
     "calibrate",
     "calibrate_task",
+    "check_values",
     "float_column",
     "require_columns",
     "sky_jacobian",
@@ -212,6 +213,75 @@ def _has_nulls(values) -> bool:
     return bool(pd.isna(values).any())
 
 
+#: Measurement errors: > 0 where given (NaN: not measured). A zero error would
+#: give a source infinite weight in every inverse-variance mean.
+ERROR_COLUMNS = (
+    "psfInstFluxErr",
+    "xErr",
+    "yErr",
+    *(inst + "Err" for inst, _, _ in FLUX_COLUMNS[1:]),
+)
+#: Columns with a physical range, (low, high) inclusive; NaN (not measured) is allowed.
+#: ``reliability`` is a probability; ``snr`` is the detection significance, which
+#: Rubin gives as a magnitude (positive for negative-flux sources too; ≥ 5 on the
+#: real LSSTCam alerts in tests/data).
+RANGED_COLUMNS = {"reliability": (0.0, 1.0), "snr": (0.0, np.inf)}
+
+
+def _catalog_name(bundle: DetectorBundle) -> str:
+    """How messages name the detector's catalog."""
+    if bundle.root:
+        return f"{detector_path(bundle.root, bundle.visit.visit, bundle.detector)}/diaSources.parquet"
+    return f"DiaSource input (visit {bundle.visit.visit}, detector {bundle.detector})"
+
+
+def _first_bad(name: str, bad: np.ndarray, values: np.ndarray, what: str, where: str) -> None:
+    """Raise an InputError for the rows flagged in ``bad`` (if any) of column ``name``."""
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{where}: column {name!r} {what}: {int(bad.sum())} value(s), first at row {i} "
+            f"({values[i].item()!r})"
+        )
+
+
+def check_values(sources: pd.DataFrame, where: str) -> None:
+    """Refuse values no measurement gives, naming ``where``, the column and the first row.
+
+    * ±inf in any numeric column (NaN, "not measured", is allowed where the
+      column is optional; a null in a required one is refused by the reader);
+    * an error (:data:`ERROR_COLUMNS`) that is not > 0;
+    * ``reliability`` outside [0, 1], a negative ``snr`` (:data:`RANGED_COLUMNS`);
+    * a negative given ``diaSourceId`` (IDs are non-negative signed 64-bit, SPEC §3).
+
+    Raises
+    ------
+    InputError
+        The first problem found.
+    """
+    for name in sources.columns:
+        values = column_values(sources, name)
+        if not (isinstance(values, np.ndarray) and values.dtype.kind == "f"):
+            if not pd.api.types.is_float_dtype(getattr(values, "dtype", None)):
+                continue
+            values = np.asarray(values.to_numpy(dtype=np.float64, na_value=np.nan))
+        _first_bad(name, np.isinf(values), values, "must be finite (NaN if not measured)", where)
+        if name in ERROR_COLUMNS:
+            _first_bad(name, values <= 0, values, "must be > 0 (an error of 0 is not one)", where)
+        if name in RANGED_COLUMNS:
+            lo, hi = RANGED_COLUMNS[name]
+            bad = (values < lo) | (values > hi)
+            span = f"[{lo:g}, {hi:g}]" if np.isfinite(hi) else f">= {lo:g}"
+            _first_bad(name, bad, values, f"must be {span}", where)
+    if "diaSourceId" in sources.columns:
+        ids = sources["diaSourceId"]
+        if pd.api.types.is_integer_dtype(ids.dtype):
+            values = ids.to_numpy(dtype=np.int64, na_value=0)
+            _first_bad(
+                "diaSourceId", values < 0, values, "must be >= 0 (IDs are non-negative)", where
+            )
+
+
 def calibrate(
     sources: pd.DataFrame,
     bundle: DetectorBundle,
@@ -258,13 +328,16 @@ def calibrate(
     Raises
     ------
     InputError
-        A required column is missing or not numeric, a calibration is not
-        positive, the WCS cannot be evaluated, or a given ``diaSourceId`` has
-        nulls.
+        A required column is missing or not numeric, a value is one no
+        measurement gives (:func:`check_values`: ±inf, an error ≤ 0,
+        ``reliability`` outside [0, 1], a negative ``snr`` or ``diaSourceId``),
+        a calibration is not positive, the WCS cannot be evaluated, or a given
+        ``diaSourceId`` has nulls.
     IdOverflowError
         The visit, detector or row count does not fit the ID layout.
     """
     require_columns(sources, DIA_SOURCE_REQUIRED, "DiaSource input")
+    check_values(sources, _catalog_name(bundle))
     visit_info = bundle.visit
     for kind in ("difference", "science", "template"):
         exp = bundle.image(kind)

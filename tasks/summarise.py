@@ -12,7 +12,8 @@ Default statistics (SDM ``DiaObject`` columns), per band ``b`` in
 
 ``{b}_psfFluxMean``, ``{b}_psfFluxMeanErr``
     Inverse-variance weighted mean ``Σ(f/σ²)/Σ(1/σ²)`` and its error
-    ``1/sqrt(Σ 1/σ²)`` (nJy) over rows with a finite, positive error.
+    ``1/sqrt(Σ 1/σ²)`` (nJy) over rows with a finite, positive error; both
+    NaN (null) for a band without such a row.
 ``{b}_psfFluxNdata``
     Number of finite ``psfFlux`` values.
 ``{b}_psfFluxSigma``
@@ -59,7 +60,9 @@ names follow Rubin's earlier DiaObject schema):
     frequency grid uniform in frequency.
 
 A statistic with too few points is NaN, never an exception; NaN fluxes and
-errors are skipped.
+errors are skipped. No statistic is ever ±inf: every undefined value is NaN,
+which the APDB stores as NULL and alerts carry as null (Rubin writes null for
+the same fields).
 """
 
 from __future__ import annotations
@@ -188,13 +191,18 @@ def _distinct_band_codes(values: np.ndarray, bands: list[str]) -> np.ndarray:
 
 
 def _weighted_mean(g, f, e, n_groups):
-    """Inverse-variance mean and error per group; NaN where no usable row."""
+    """Inverse-variance mean and error per group; both NaN (null) where no usable row.
+
+    A group without a usable row (a band with no data) has no mean and no
+    error: both are NaN, written as null in the APDB and in alerts, as Rubin
+    writes them. ``1/sqrt(Σw)`` would be +inf there.
+    """
     ok = np.isfinite(f) & np.isfinite(e) & (e > 0)
     w = np.where(ok, 1.0 / np.where(ok, e, 1.0) ** 2, 0.0)
     sw = np.bincount(g, w, minlength=n_groups)
     swf = np.bincount(g, w * np.where(ok, f, 0.0), minlength=n_groups)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return swf / sw, 1.0 / np.sqrt(sw)
+    sw = np.where(sw > 0, sw, np.nan)
+    return swf / sw, 1.0 / np.sqrt(sw)
 
 
 def _segment_starts(keys_sorted: np.ndarray) -> np.ndarray:

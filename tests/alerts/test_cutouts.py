@@ -74,7 +74,7 @@ def test_ccddata_reads_values_in_njy(bundle):
     diff, sci, tmpl = make_cutouts(src, bundle)[1]
     for blob, exp in ((diff, bundle.difference), (sci, bundle.science), (tmpl, bundle.template)):
         c = _read(blob)
-        x0, y0 = c.meta["CUTMINX"], c.meta["CUTMINY"]
+        x0, y0 = c.meta["CUTMINX"] + 1, c.meta["CUTMINY"] + 1  # the stamp's first pixel
         assert c.unit == "nJy"
         assert c.meta["ROTPA"] == 30.0
         want = exp.image[y0 : y0 + 30, x0 : x0 + 30] * np.float32(exp.photo_calib)
@@ -100,7 +100,7 @@ def test_ccddata_reads_values_in_njy(bundle):
 def test_wcs_maps_source_pixel_to_its_sky_position_and_back(bundle, x, y):
     src = _sources(bundle, [x], [y], [60])
     c = _read(make_cutouts(src, bundle)[1][0])
-    x0, y0 = c.meta["CUTMINX"], c.meta["CUTMINY"]
+    x0, y0 = c.meta["CUTMINX"] + 1, c.meta["CUTMINY"] + 1  # the stamp's first pixel
     # the source's own pixel maps to its (ra, dec)
     ra, dec = c.wcs.all_pix2world([[x - x0, y - y0]], 0)[0]
     assert ra == pytest.approx(src.ra[0], abs=1e-9)
@@ -112,9 +112,10 @@ def test_wcs_maps_source_pixel_to_its_sky_position_and_back(bundle, x, y):
     dra = (sky[:, 0] - det[:, 0]) * np.cos(np.deg2rad(det[:, 1]))
     assert np.max(np.hypot(dra, sky[:, 1] - det[:, 1])) * 3.6e6 < 1.0
     np.testing.assert_allclose(c.wcs.all_world2pix(sky, 0), px, atol=1e-8)
-    # CRPIX is 1-based: the source sits at FITS pixel x - CUTMINX + 1
+    # CRPIX is 1-based: the source sits at FITS pixel x - x0 + 1 = x - CUTMINX (Rubin's rule)
     h = fits.getheader(io.BytesIO(make_cutouts(src, bundle)[1][0]))
     assert h["CRPIX1"] == pytest.approx(np.float32(x) - x0 + 1)
+    assert h["CRPIX1"] == pytest.approx(np.float32(x) - h["CUTMINX"])
 
 
 def test_side_is_clipped_bbox_and_stamp_is_centred(bundle):
@@ -125,14 +126,14 @@ def test_side_is_clipped_bbox_and_stamp_is_centred(bundle):
     for i, side in enumerate([30, 30, 57, 102, 102, 30], start=1):
         h = fits.getheader(io.BytesIO(out[i][0]))
         assert (h["NAXIS1"], h["NAXIS2"]) == (side, side)
-        assert abs(200.49 - h["CUTMINX"] - (side - 1) / 2) <= 0.5
-        assert abs(150.51 - h["CUTMINY"] - (side - 1) / 2) <= 0.5
+        assert abs(200.49 - (h["CUTMINX"] + 1) - (side - 1) / 2) <= 0.5
+        assert abs(150.51 - (h["CUTMINY"] + 1) - (side - 1) / 2) <= 0.5
 
 
 def test_stamp_off_the_edge_is_nan_padded_with_no_data_bit(bundle):
     diff = make_cutouts(_sources(bundle, [2.0], [NY - 3.0], [30]), bundle)[1][0]
     c = _read(diff)
-    x0, y0 = c.meta["CUTMINX"], c.meta["CUTMINY"]
+    x0, y0 = c.meta["CUTMINX"] + 1, c.meta["CUTMINY"] + 1  # the stamp's first pixel
     assert x0 < 0 and y0 + 30 > NY
     cols = np.arange(30) + x0
     rows = np.arange(30) + y0
@@ -166,3 +167,42 @@ def test_input_not_modified_and_deterministic():
     b = make_cutouts(src, bundle)
     pd.testing.assert_frame_equal(src, before)
     assert a == b
+
+
+def _real_alerts() -> list[dict]:
+    with open(REAL, "rb") as f:
+        return list(fastavro.reader(f))
+
+
+@pytest.mark.parametrize("kind", ["cutoutDifference", "cutoutScience", "cutoutTemplate"])
+def test_origin_and_centre_are_rubins_on_the_real_stamps(bundle, kind):
+    """Same source position and side → Rubin's CUTMINX/CUTMINY and CRPIX, on all 7 real alerts.
+
+    Rubin's relation is ``diaSource.x - CUTMINX == CRPIX1`` (its ``CUTMINX`` is
+    the stamp's first pixel minus 1). The real detector images are not at hand,
+    so each source is moved by a whole number of pixels onto the test image:
+    the fractional position, which decides the rounding, is kept. ``CRPIX``
+    agrees to the float32 resolution of the packet's ``x``/``y`` (Rubin takes
+    the centre from the sky position).
+    """
+    reals = _real_alerts()
+    assert len(reals) == 7
+    xs, ys, want = [], [], []
+    for a in reals:
+        src, h = a["diaSource"], fits.getheader(io.BytesIO(a[kind]))
+        assert h["NAXIS1"] == cutout_side(np.array([src["bboxSize"]]), CutoutConfig())[0] == 30
+        assert src["x"] - h["CUTMINX"] == pytest.approx(h["CRPIX1"], abs=3e-4)  # x is float32
+        shift_x, shift_y = np.floor(src["x"]) - 150, np.floor(src["y"]) - 120
+        xs.append(src["x"] - shift_x)
+        ys.append(src["y"] - shift_y)
+        want.append((h["CUTMINX"] - shift_x, h["CUTMINY"] - shift_y, h["CRPIX1"], h["CRPIX2"]))
+    out = make_cutouts(
+        _sources(bundle, xs, ys, [a["diaSource"]["bboxSize"] for a in reals]), bundle
+    )
+    for i, (cutmin_x, cutmin_y, crpix1, crpix2) in enumerate(want, start=1):
+        h = fits.getheader(io.BytesIO(out[i][0]))
+        assert (h["CUTMINX"], h["CUTMINY"]) == (cutmin_x, cutmin_y)
+        assert (h["CRPIX1"], h["CRPIX2"]) == (
+            pytest.approx(crpix1, abs=3e-4),
+            pytest.approx(crpix2, abs=3e-4),
+        )

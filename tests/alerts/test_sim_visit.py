@@ -80,7 +80,7 @@ def test_stamps_of_the_visit_match_the_bundle(visit_alerts):
     for rec in records:
         ds = rec["diaSource"]
         diff = CCDData.read(io.BytesIO(rec["cutoutDifference"]), format="fits")
-        x0, y0 = diff.meta["CUTMINX"], diff.meta["CUTMINY"]
+        x0, y0 = diff.meta["CUTMINX"] + 1, diff.meta["CUTMINY"] + 1  # the stamp's first pixel
         ra, dec = diff.wcs.all_pix2world([[ds["x"] - x0, ds["y"] - y0]], 0)[0]
         assert np.hypot((ra - ds["ra"]) * np.cos(np.deg2rad(dec)), dec - ds["dec"]) * 3.6e6 < 1.0
         ny, nx = diff.shape

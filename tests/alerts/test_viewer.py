@@ -116,13 +116,13 @@ def test_renders_our_alerts(ours, tmp_path):
         assert rendered.n_points["source"] == len(alert["prvDiaSources"] or [])
 
 
-def test_our_stamp_marks_source_at_x_minus_cutminx(ours):
+def test_our_stamp_marks_source_at_x_minus_cutminx_minus_1(ours):
     alert = load_alerts(ours)[0]
     src = alert["diaSource"]
     stamp = read_stamp(alert["cutoutDifference"], src)
     h = fits.getheader(io.BytesIO(alert["cutoutDifference"]))
-    assert stamp.x == pytest.approx(src["x"] - h["CUTMINX"], abs=1e-4)
-    assert stamp.y == pytest.approx(src["y"] - h["CUTMINY"], abs=1e-4)
+    assert stamp.x == pytest.approx(src["x"] - h["CUTMINX"] - 1, abs=1e-4)
+    assert stamp.y == pytest.approx(src["y"] - h["CUTMINY"] - 1, abs=1e-4)
     assert stamp.unit == "nJy"
     assert stamp.variance is not None and stamp.variance.shape == stamp.image.shape
 
@@ -139,7 +139,7 @@ def _fits(header: dict, side: int = 20) -> bytes:
     ("header", "expected"),
     [
         ({"CRPIX1": 8.5, "CRPIX2": 11.0, "CUTMINX": 100, "CUTMINY": 200}, (7.5, 10.0)),
-        ({"CUTMINX": 100, "CUTMINY": 200}, (5.25, 3.5)),
+        ({"CUTMINX": 100, "CUTMINY": 200}, (4.25, 2.5)),
         ({}, (9.5, 9.5)),
     ],
     ids=["crpix", "cutmin-only", "centre"],

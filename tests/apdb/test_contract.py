@@ -276,8 +276,8 @@ def test_failure_inside_the_transaction_rolls_everything_back(db):
     store_detector(db, 1, 0, [1], 60.0, 0.0, 60000.0, source_base=500)
     counts = db.row_counts()
     # diaSourceId 500 exists: the DiaSource insert fails after the marker and the
-    # objects were written in the same transaction.
-    with pytest.raises(ApdbError, match="store visit 2 detector 0"):
+    # objects were written in the same transaction; the error names the collision.
+    with pytest.raises(InputError, match=r"store\(2, 0\): diaSourceId values collide"):
         db.store(
             2,
             0,

@@ -237,3 +237,76 @@ def test_id_overflow_is_an_error():
         calibrate(
             src, make_bundle(src), CalibrateConfig(), id_packer=packer, time_processed_mjd=1.0
         )
+
+
+def _with(column, value, row=1, n=4):
+    src = raw_sources(n)
+    values = src[column].to_numpy(dtype=np.float64, copy=True) if column in src else np.full(n, 0.5)
+    values[row] = value
+    return src.assign(**{column: values})
+
+
+@pytest.mark.parametrize(
+    ("src", "match"),
+    [
+        (
+            _with("psfInstFluxErr", 0.0),
+            r"'psfInstFluxErr' must be > 0 .*1 value\(s\), first at row 1",
+        ),
+        (_with("xErr", 0.0, row=2), r"'xErr' must be > 0 .*first at row 2 \(0.0\)"),
+        (_with("yErr", 0.0), r"'yErr' must be > 0"),
+        (_with("apInstFluxErr", 0.0), r"'apInstFluxErr' must be > 0"),
+        (_with("apInstFlux", np.inf), r"'apInstFlux' must be finite \(NaN if not measured\)"),
+        (_with("scienceInstFlux", -np.inf), r"'scienceInstFlux' must be finite"),
+        (_with("templateInstFluxErr", np.inf), r"'templateInstFluxErr' must be finite"),
+        (
+            _with("reliability", 7.5),
+            r"'reliability' must be \[0, 1\]: 1 value\(s\), first at row 1 \(7.5\)",
+        ),
+        (_with("reliability", -0.01), r"'reliability' must be \[0, 1\]"),
+        (_with("snr", -5.0), r"'snr' must be >= 0"),
+        (
+            raw_sources(3).assign(diaSourceId=np.array([5, -1, -2], dtype=np.int64)),
+            r"'diaSourceId' must be >= 0 .*2 value\(s\), first at row 1 \(-1\)",
+        ),
+    ],
+    ids=[
+        "zero-flux-err",
+        "zero-x-err",
+        "zero-y-err",
+        "zero-ap-err",
+        "inf-ap-flux",
+        "minus-inf-science-flux",
+        "inf-template-err",
+        "reliability-above-1",
+        "reliability-negative",
+        "negative-snr",
+        "negative-ids",
+    ],
+)
+def test_values_no_measurement_gives_are_refused(src, match):
+    """L11/L12/L14: zero errors, ±inf, reliability outside [0, 1], negative snr or IDs."""
+    with pytest.raises(InputError, match="DiaSource input \\(visit 1000, detector 7\\): column " + match):
+        run(src)
+
+
+def test_value_errors_name_the_catalog_file():
+    src = _with("reliability", 2.0)
+    bundle = make_bundle(src)
+    bundle = type(bundle)(**{**bundle.__dict__, "root": "s3://b/run"})
+    with pytest.raises(InputError, match=r"^s3://b/run/1000/7/diaSources.parquet: column 'reliab"):
+        run(src, bundle)
+
+
+def test_nan_is_not_measured_and_is_accepted():
+    src = raw_sources(4)
+    for column in ("apInstFlux", "apInstFluxErr", "xErr", "reliability", "snr"):
+        src = (
+            _with(column, np.nan)
+            if column not in src
+            else src.assign(**{column: np.where(np.arange(4) == 1, np.nan, src[column])})
+        )
+    out = run(src)
+    assert np.isnan(out["apFlux"][1]) and np.isnan(out["reliability"][1])
+    assert np.isnan(out["raErr"][1])
+    assert out["reliability"].between(0, 1).sum() == 3

@@ -353,3 +353,22 @@ def test_band_codes_text_match_nulls_and_unknown_bands(values):
     assert got.dtype == np.int64
     assert got.tolist() == want
     assert _band_codes(values, []).tolist() == [-1] * len(values)
+
+
+def test_bands_without_usable_data_have_null_means_and_errors_never_inf():
+    """Rubin writes null there; 1/sqrt(Σw) over no row would be +inf."""
+    src = dia_sources(5, [10.0, 12.0], [0.0, np.nan], [60000.0, 60001.0])  # no usable error
+    forced = pd.DataFrame(
+        {
+            "diaObjectId": pd.array([5], dtype="Int64"),
+            "band": np.array(["r"], dtype=object),
+            "psfFlux": [3.0],
+            "psfFluxErr": [np.nan],
+        }
+    )
+    row = one(src, forced_sources=forced).iloc[0]
+    for b in "ugrizy":
+        for name in ("psfFluxMean", "psfFluxMeanErr", "scienceFluxMean", "scienceFluxMeanErr"):
+            assert np.isnan(row[f"{b}_{name}"]), (b, name)
+        assert np.isnan(row[f"{b}_fpFluxMean"]) and np.isnan(row[f"{b}_fpFluxMeanErr"]), b
+    assert row["r_psfFluxNdata"] == 2

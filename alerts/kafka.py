@@ -33,8 +33,6 @@ from typing import Literal
 
 import numpy as np
 from confluent_kafka import Producer
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, SecretStr
 
 from alerts.packet import AlertBatch, wire_header
@@ -46,7 +44,6 @@ __all__ = [
     "ProduceResult",
     "ReplayResult",
     "produce_alerts",
-    "produce_alerts_task",
     "producer_config",
     "replay_dead_letters",
 ]
@@ -292,9 +289,6 @@ def produce_alerts(
         errors={k: v for k, v in errors.items() if v},
         seconds=time.perf_counter() - t0,
     )
-
-
-produce_alerts_task = task(produce_alerts, name="produce_alerts", cache_policy=NO_CACHE)
 
 
 @dataclass(frozen=True)

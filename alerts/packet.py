@@ -47,8 +47,6 @@ import fastavro
 import numpy as np
 import pandas as pd
 from lsst.alert.packet import Schema, get_latest_schema_version, get_schema_path
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, field_validator
 
 from core.bundle import VisitInfo
@@ -64,7 +62,6 @@ __all__ = [
     "encode_table",
     "load_schema",
     "package_alerts",
-    "package_alerts_task",
     "wire_header",
 ]
 
@@ -848,9 +845,6 @@ def package_alerts(
         n_without_object=sum(p == _NULL for p in obj_pieces),
         n_without_cutouts=int(sum(s[0] is None for s in stamps)),
     )
-
-
-package_alerts_task = task(package_alerts, name="package_alerts", cache_policy=NO_CACHE)
 
 
 # --------------------------------------------------------------------------

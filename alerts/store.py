@@ -40,8 +40,6 @@ from typing import Literal
 import fastavro
 import fsspec
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from alerts.packet import AlertBatch, AlertSchema, load_schema, varint
@@ -57,7 +55,6 @@ __all__ = [
     "read_alert_file",
     "write_alert_file",
     "write_alerts",
-    "write_alerts_task",
 ]
 
 _MAGIC = b"Obj\x01"
@@ -324,9 +321,6 @@ def write_alerts(batch: AlertBatch, config: AlertStoreConfig | None = None) -> s
         return None
     url = alert_file_url(config.location, batch.visit, batch.detector)
     return write_alert_file(url, batch, config.codec, dict(config.storage_options))
-
-
-write_alerts_task = task(write_alerts, name="write_alerts", cache_policy=NO_CACHE)
 
 
 def read_alert_batch(url: str, storage_options: dict | None = None) -> AlertBatch:

@@ -236,9 +236,7 @@ def _cutout(ctx: StageContext, det: int, *, associated):
 def _package(ctx: StageContext, det: int, *, loaded, associated, forced, cutouts):
     if not ctx.config.packaging.do_package:
         return None, {"alerts": 0}
-    batch = D.package_detector(
-        ctx.visit, det, ctx.config, loaded, associated, forced, cutouts
-    )
+    batch = D.package_detector(ctx.visit, det, ctx.config, loaded, associated, forced, cutouts)
     return batch, {"alerts": len(batch)}
 
 

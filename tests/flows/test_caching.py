@@ -26,11 +26,7 @@ def field_root(tmp_path_factory) -> str:
     from sim.survey import Survey
 
     root = tmp_path_factory.mktemp("field")
-    survey = Survey(
-        SurveyConfig(
-            seed=5, n_detectors=2, n_visits=3, detector_size=(256, 256), sources_per_detector=80
-        )
-    )
+    survey = Survey(SurveyConfig(seed=5, n_detectors=2, n_visits=3, sources_per_detector=80))
     for visit in range(3):
         survey.write_visit(str(root), visit)
     return str(root)
@@ -89,8 +85,9 @@ def test_rerun_after_a_failed_store_stores_what_an_uncached_run_stores(field_roo
     state, result = _operator_sequence(field_root, tmp_path / "default")
     assert state.name == "Completed", state.message
     assert result["failed"] == {}
-    default, expected = _stored(tmp_path / "default" / "apdb.sqlite3"), _stored(
-        tmp_path / "nocache" / "apdb.sqlite3"
+    default, expected = (
+        _stored(tmp_path / "default" / "apdb.sqlite3"),
+        _stored(tmp_path / "nocache" / "apdb.sqlite3"),
     )
     assert default["inconsistent"] == 0, "nDiaSources agrees with the stored DiaSources"
     assert len(default["objects"]) == len(expected["objects"]), "no duplicate DiaObject"
@@ -100,6 +97,7 @@ def test_rerun_after_a_failed_store_stores_what_an_uncached_run_stores(field_roo
     assert files == sorted(f"1_{d}.avro" for d in result["detectors"])
     assert result["alerts"] == control["alerts"] > 0
     assert result["alerts"] == sum(1 for s in default["sources"] if s[2] == 1)
+    assert sum(row.get("associate_matched", 0) for row in control["table"]) > 0, "a real re-run"
 
 
 def test_a_failed_detector_is_not_served_from_the_cache(survey_root, tmp_path, monkeypatch):
@@ -137,16 +135,16 @@ def test_a_config_change_between_runs_is_honoured(field_root, tmp_path):
         _fail_sources(db, False)
         changed = config.model_copy(
             update={
-                "association": config.association.model_copy(
-                    update={"max_distance_arcsec": radius}
-                )
+                "association": config.association.model_copy(update={"max_distance_arcsec": radius})
             }
         )
         state, result = run_visit(field_root, 1, changed)
         assert state.name == "Completed", state.message
         results[name] = sum(row.get("associate_matched", 0) for row in result["table"])
         # What an uncached run with that radius finds on the same APDB state.
-        results[name + "_expected"] = _matched_uncached(field_root, tmp_path / f"{name}-ctl", radius)
+        results[name + "_expected"] = _matched_uncached(
+            field_root, tmp_path / f"{name}-ctl", radius
+        )
     assert results["narrow"] == results["narrow_expected"]
     assert results["wide"] == results["wide_expected"]
     assert results["wide"] > results["narrow"]
@@ -178,9 +176,7 @@ def test_the_code_version_is_in_the_key(survey_root, tmp_path, monkeypatch):
     assert S.run_group(calibrate, ctx, dets, {}).cached == ()
 
 
-def test_result_storage_after_a_default_run_is_within_a_tenth_of_the_alerts(
-    survey_root, tmp_path
-):
+def test_result_storage_after_a_default_run_is_within_a_tenth_of_the_alerts(survey_root, tmp_path):
     config = make_config(tmp_path)
     state, result = run_visit(survey_root, 0, config)
     assert state.name == "Completed", state.message
@@ -197,7 +193,9 @@ def test_expired_cache_entries_are_deleted(survey_root, tmp_path):
     config = make_config(tmp_path, cache_expiration_hours=1.0)
     info = read_visit_info(survey_root, 0)
     calibrate = next(s for s in S.PIPELINE if s.name == "calibrate")
-    S.run_group(calibrate, S.StageContext(survey_root, info, config, 61000.0), [info.detectors[0]], {})
+    S.run_group(
+        calibrate, S.StageContext(survey_root, info, config, 61000.0), [info.detectors[0]], {}
+    )
     entries = list((tmp_path / "results").rglob("*.pkl"))
     assert len(entries) == 1
     old = time.time() - 2 * 3600

@@ -151,6 +151,7 @@ def test_a_config_change_between_runs_is_honoured(field_root, tmp_path):
 
 
 def _matched_uncached(root: str, work: Path, radius: float) -> int:
+    work.mkdir()
     config = make_config(work, cache=False)
     run_visit_plain(root, 0, config)
     changed = config.model_copy(

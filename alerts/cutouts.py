@@ -54,8 +54,6 @@ import logging
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from core.bundle import IMAGE_KINDS, MASK_PLANES, DetectorBundle, Exposure
@@ -67,7 +65,6 @@ __all__ = [
     "cutout_side",
     "local_wcs",
     "make_cutouts",
-    "make_cutouts_task",
 ]
 
 log = logging.getLogger(__name__)
@@ -491,6 +488,3 @@ def make_cutouts(
     if n_off:
         log.info("cutouts: %d of %d sources are off the image; no stamps", n_off, len(ids))
     return result
-
-
-make_cutouts_task = task(make_cutouts, name="make_cutouts", cache_policy=NO_CACHE)

@@ -45,8 +45,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 from alerts.index import object_key
@@ -59,7 +57,6 @@ __all__ = [
     "ProduceResult",
     "ReplayResult",
     "produce_alerts",
-    "produce_alerts_task",
     "message_key",
     "producer_config",
     "replay_dead_letters",
@@ -383,9 +380,6 @@ def produce_alerts(
         errors={k: v for k, v in errors.items() if v},
         seconds=time.perf_counter() - t0,
     )
-
-
-produce_alerts_task = task(produce_alerts, name="produce_alerts", cache_policy=NO_CACHE)
 
 
 @dataclass(frozen=True)

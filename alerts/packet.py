@@ -49,8 +49,6 @@ import fastavro
 import numpy as np
 import pandas as pd
 from lsst.alert.packet import Schema, get_latest_schema_version, get_schema_path
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, field_validator
 
 from core.bundle import VisitInfo
@@ -66,7 +64,6 @@ __all__ = [
     "encode_table",
     "load_schema",
     "package_alerts",
-    "package_alerts_task",
     "wire_header",
 ]
 
@@ -904,9 +901,6 @@ def _solar_system_pieces(
         for k, i in enumerate(has[ok]):
             out["mpc_orbits"][i] = _SOME + obuf[ooff[k] : ooff[k + 1]]
     return out
-
-
-package_alerts_task = task(package_alerts, name="package_alerts", cache_policy=NO_CACHE)
 
 
 # --------------------------------------------------------------------------

@@ -41,8 +41,6 @@ from typing import Literal
 import fastavro
 import fsspec
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from alerts.packet import AlertBatch, AlertSchema, load_schema, varint
@@ -59,7 +57,6 @@ __all__ = [
     "read_alert_file",
     "write_alert_file",
     "write_alerts",
-    "write_alerts_task",
 ]
 
 _MAGIC = b"Obj\x01"
@@ -465,9 +462,6 @@ def check_against_receipt(url: str, data: bytes, storage_options: dict | None = 
     if have != want:
         return f"content differs from its receipt (sha256 {have[:16]}..., receipt {want[:16]}...)"
     return None
-
-
-write_alerts_task = task(write_alerts, name="write_alerts", cache_policy=NO_CACHE)
 
 
 def read_alert_batch(url: str, storage_options: dict | None = None) -> AlertBatch:

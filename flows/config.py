@@ -153,16 +153,20 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
     )
     cache: bool = Field(
         True,
-        description="Cache stage results by identity (visit, detectors, stage, config hash, "
-        "input checksums) so a re-run or resumed visit reuses finished work.",
+        description="Cache the results of the stages that depend only on files and settings "
+        "(calibrate), per detector, so a re-run skips them. Stages that read the APDB are never "
+        "cached; a failed detector is never cached (docs/caching.md).",
     )
     result_storage: str | None = Field(
         None,
-        description="Where cached stage results are persisted: a local path or s3:// URL "
-        "(default: Prefect's local storage, PREFECT_LOCAL_STORAGE_PATH).",
+        description="Where cached stage results are kept: a local path or s3:// URL "
+        "(default: PREFECT_LOCAL_STORAGE_PATH/diapipe).",
     )
     cache_expiration_hours: float = Field(
-        48.0, gt=0, description="How long a cached stage result stays valid."
+        48.0,
+        gt=0,
+        description="Age after which a cached result is not used; it is deleted when the next "
+        "visit starts.",
     )
 
 

@@ -1,10 +1,16 @@
-"""The per-visit flow: fan out over detectors, run every stage, collect results.
+"""The per-visit flow: fan out over detector groups, run the stage table, collect results.
 
 ``process_visit`` is the Prefect flow; ``python -m flows.visit`` simulates a
 small visit and runs it on the embedded defaults (SQLite, local files). No
-science here: the stages live in :mod:`tasks` and :mod:`alerts`, the
-per-detector glue in :mod:`flows.detector`, the task wrappers in
-:mod:`flows.stages`.
+science here: the stages are declared once, with their inputs, in
+:data:`flows.stages.PIPELINE`; the per-detector glue is :mod:`flows.detector`.
+
+Each group of ``orchestration.detectors_per_task`` detectors is one task run
+(``group-{visit}-d{first}``) whose stages are nested task runs
+(``load-{visit}-d{first}``, ...), each retried on a TransientError. The group
+task is the unit the task runner places: on Dask, one worker runs all of a
+group's stages, so its values stay in that process and only a light summary
+comes back. ``run_visit_plain`` walks the same table with plain calls.
 """
 
 import argparse
@@ -16,111 +22,30 @@ from pathlib import Path
 from typing import Any
 
 from astropy.time import Time
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.futures import wait
 from prefect.states import Completed
 
 from core.bundle import VisitInfo, read_visit_info
 from core.errors import InputError, TransientError
 from flows import detector as D
-from flows.config import PipelineConfig
-from flows.produce import finished_detectors, produce_detector, record_visit
+from flows.config import OrchestrationConfig, PipelineConfig
+from flows.produce import finished_detectors, record_visit
 from flows.report import png_data_uri, visit_figure_png
-from flows.stages import STAGES, GroupResult, configure, stage_task, summary_task
+from flows.stages import (
+    STAGES,
+    TABLES,
+    GroupResult,
+    Stage,
+    StageContext,
+    prune_cache,
+    run_group,
+    run_table,
+)
 
-__all__ = ["VisitResult", "main", "process_visit"]
-
-
-# -- stage adapters: (root, visit, detector, config, upstream values, time) -> (value, counts)
-
-
-def _load(root, visit, det, config, inputs, t):
-    loaded = D.load_detector(root, visit, det, config)
-    return loaded, {
-        "objects": len(loaded.objects),
-        "sources": len(loaded.sources),
-        "forced": len(loaded.forced),
-    }
-
-
-def _calibrate(root, visit, det, config, inputs, t):
-    cal = D.calibrate_detector(root, visit, det, config, t)
-    return cal, {"sources": len(cal)}
-
-
-def _associate(root, visit, det, config, inputs, t):
-    loaded, cal = inputs
-    a = D.associate_detector(loaded, cal, config, t)
-    s = a.association
-    return a, {
-        "matched": s.n_matched,
-        "new": s.n_new,
-        "rejected": s.n_rejected,
-        "nan_dropped": s.n_nan_dropped,
-        "objects": len(a.objects),
-    }
-
-
-def _forced(root, visit, det, config, inputs, t):
-    (assoc,) = inputs
-    forced = D.forced_detector(root, visit, det, config, assoc, t)
-    return forced, {"forced": len(forced)}
-
-
-def _store(root, visit, det, config, inputs, t):
-    assoc, forced = inputs
-    r = D.store_detector(visit, det, config, assoc, forced, t)
-    return r, {
-        "objects": r.n_objects,
-        "sources": r.n_sources,
-        "forced": r.n_forced_sources,
-        "already_stored": int(r.already_stored),
-    }
-
-
-def _cutout(root, visit, det, config, inputs, t):
-    (assoc,) = inputs
-    stamps = D.cutout_detector(root, visit, det, config, assoc)
-    return stamps, {"stamps": sum(s is not None for v in stamps.values() for s in v)}
-
-
-def _package(root, visit, det, config, inputs, t):
-    loaded, assoc, forced, stamps = inputs
-    if not config.packaging.do_package:
-        return None, {"alerts": 0}
-    batch = D.package_detector(visit, det, config, loaded, assoc, forced, stamps)
-    return batch, {"alerts": len(batch)}
-
-
-def _produce(root, visit, det, config, inputs, t):
-    # inputs: (package,) or (package, store) — the store orders and gates it.
-    batch = inputs[0]
-    stored = inputs[1] if len(inputs) > 1 else None
-    if stored is not None and stored.already_stored and config.packaging.do_package:
-        # The detector was committed before this store ran: by an earlier attempt
-        # of this task whose result was lost (a retried store, a Dask worker that
-        # died and whose group was recomputed). The recomputed association saw the
-        # APDB with this visit already in it, so the alerts are rebuilt from what
-        # was committed, as for a detector recovered at flow start.
-        batch = D.recover_detector(root, visit, det, config)
-    return produce_detector(visit, det, config, batch)
-
-
-def _recover(root, visit, det, config, inputs, t):
-    batch = D.recover_detector(root, visit, det, config)
-    return batch, {"alerts": len(batch)}
-
-
-load_task = stage_task("load", _load)
-calibrate_task = stage_task("calibrate", _calibrate)
-associate_task = stage_task("associate", _associate)
-forced_task = stage_task("forced", _forced)
-store_task = stage_task("store", _store, cached=False)
-cutout_task = stage_task("cutout", _cutout)
-package_task = stage_task("package", _package)
-produce_task = stage_task("produce", _produce)
-recover_task = stage_task("recover", _recover, cached=False)
+__all__ = ["VisitResult", "main", "process_visit", "run_visit", "run_visit_plain"]
 
 
 class VisitResult(dict):
@@ -144,13 +69,74 @@ def _chunks(items: list[int], n: int) -> list[list[int]]:
     return [items[i : i + n] for i in range(0, len(items), n)]
 
 
-def _group_failure(state, stage: str) -> str:
-    try:
-        exc = state.result(raise_on_failure=False)
-    except Exception as e:
-        exc = e
-    kind = "retries exhausted" if isinstance(exc, TransientError) else "task failed"
-    return f"{stage}: {kind}: {type(exc).__name__}: {exc}"
+def select_detectors(bundle_root: str, info: VisitInfo, detectors) -> list[int]:
+    """The detectors to process: all of the visit's, or ``detectors``, each once and known."""
+    if not detectors:
+        return list(info.detectors)
+    dets = [int(d) for d in detectors]
+    dups = sorted({d for d in dets if dets.count(d) > 1})
+    if dups:
+        raise InputError(f"detectors {dups} are listed more than once for visit {info.visit}")
+    unknown = sorted(set(dets) - set(info.detectors))
+    if unknown:
+        raise InputError(
+            f"{bundle_root}/{info.visit}/visit.json: detectors {unknown} are not in the visit"
+        )
+    return dets
+
+
+def _retry_on_transient(task, task_run, state) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:
+            return False
+    return isinstance(exc, TransientError)
+
+
+def _stage_body(
+    stage: Stage,
+    visit: int,
+    detectors: list[int],
+    ctx: StageContext,
+    inputs: dict[str, GroupResult],
+) -> GroupResult:
+    return run_group(stage, ctx, detectors, inputs)
+
+
+@functools.lru_cache(maxsize=64)
+def _stage_task(name: str, o: OrchestrationConfig):
+    """The Prefect task of one stage, with the run's retry settings (built once per process)."""
+    return task(
+        _stage_body,
+        name=name,
+        task_run_name=f"{name}-{{visit}}-d{{detectors[0]}}",
+        cache_policy=NO_CACHE,
+        persist_result=False,
+        retries=o.retries,
+        retry_delay_seconds=[o.retry_backoff_s * 2**i for i in range(max(o.retries, 1))],
+        retry_jitter_factor=o.retry_jitter_factor,
+        retry_condition_fn=_retry_on_transient,
+    )
+
+
+def _call_stage(stage: Stage, ctx: StageContext, detectors, inputs) -> GroupResult:
+    t = _stage_task(stage.name, ctx.config.orchestration)
+    return t(stage, ctx.visit.visit, list(detectors), ctx, inputs)
+
+
+@task(
+    name="group",
+    task_run_name="{table}-{visit}-d{detectors[0]}",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+)
+def group_task(
+    table: str, visit: int, detectors: list[int], ctx: StageContext
+) -> dict[str, GroupResult | str]:
+    """Every stage of ``TABLES[table]`` for one group of detectors, as nested task runs."""
+    return run_table(TABLES[table], ctx, detectors, _call_stage)
 
 
 @flow(name="process-visit", log_prints=False, validate_parameters=True)
@@ -170,7 +156,7 @@ def process_visit(
     visit : int
         Visit number; ``{bundle_root}/{visit}/visit.json`` must exist.
     detectors : list of int, optional
-        Subset of the visit's detectors (default: all of them).
+        Subset of the visit's detectors (default: all of them), each once.
     config : PipelineConfig
         All settings; validated by Prefect and shown as a form in the UI.
     show_progress : bool
@@ -199,19 +185,13 @@ def process_visit(
         return data
     t_start = time.perf_counter()
     info: VisitInfo = read_visit_info(bundle_root, visit)
-    dets = list(info.detectors) if not detectors else [int(d) for d in detectors]
-    unknown = sorted(set(dets) - set(info.detectors))
-    if unknown:
-        raise InputError(
-            f"{bundle_root}/{visit}/visit.json: detectors {unknown} are not in the visit"
-        )
+    dets = select_detectors(bundle_root, info, detectors)
     # Fail fast, before any work, when the APDB cannot be reached.
     stored = D.get_apdb(config).done_detectors(info.visit) & set(dets)
     produced = finished_detectors(config, info.visit) & set(dets)
     skipped = sorted(stored & produced)  # finished before: nothing to do
     recover = sorted(stored - produced)  # stored, alerts never went out: rebuild from the APDB
     todo = [d for d in dets if d not in stored]
-    time_mjd = _now_mjd_tai()
     logger.info(
         "visit %s: %d detectors (%d finished before, %d stored without alerts), band %s, APDB %s",
         info.visit,
@@ -221,63 +201,21 @@ def process_visit(
         info.band,
         config.apdb.safe_url(),
     )
-
-    t = {
-        name: configure(task_, config, cached=(name not in ("store", "recover")))
-        for name, task_ in zip(
-            (*STAGES, "recover"),
-            (
-                load_task,
-                calibrate_task,
-                associate_task,
-                forced_task,
-                store_task,
-                cutout_task,
-                package_task,
-                produce_task,
-                recover_task,
-            ),
-            strict=True,
-        )
-    }
-    produce_uncached = configure(produce_task, config, cached=False)
+    prune_cache(config.orchestration)
+    ctx = StageContext(bundle_root, info, config, _now_mjd_tai())
     size = config.orchestration.detectors_per_task
-    groups = _chunks(todo, size)
-    futures: list[dict[str, Any]] = []
-    place, on_dask = _placement(len(groups) + len(_chunks(recover, size)))
-    for i, g in enumerate(groups):
-        args = (bundle_root, info, g, config, time_mjd)
-        f: dict[str, Any] = {}
+    groups = [("visit", g) for g in _chunks(todo, size)]
+    groups += [("recover", g) for g in _chunks(recover, size)]
+    place = _placement(len(groups))
+    futures = []
+    for i, (table, g) in enumerate(groups):
         with place(i):
-            f["load"] = t["load"].submit(*args)
-            # On Dask, waiting for load puts calibrate beside it (see _placement).
-            f["calibrate"] = t["calibrate"].submit(*args, wait_for=[f["load"]] if on_dask else None)
-            f["associate"] = t["associate"].submit(*args, upstream=(f["load"], f["calibrate"]))
-            f["forced"] = t["forced"].submit(*args, upstream=(f["associate"],))
-            f["store"] = t["store"].submit(*args, upstream=(f["associate"], f["forced"]))
-            f["cutout"] = t["cutout"].submit(*args, upstream=(f["associate"],))
-            f["package"] = t["package"].submit(
-                *args, upstream=(f["load"], f["associate"], f["forced"], f["cutout"])
-            )
-            f["produce"] = t["produce"].submit(*args, upstream=(f["package"], f["store"]))
-            f["summary"] = summary_task.submit(info.visit, g, dict(f))
-        futures.append(f)
-    recover_groups = _chunks(recover, size)
-    for i, g in enumerate(recover_groups, start=len(groups)):
-        args = (bundle_root, info, g, config, time_mjd)
-        with place(i):
-            f = {"recover": t["recover"].submit(*args)}
-            # Not cached: the receipt decides whether a recovered detector is finished.
-            f["produce"] = produce_uncached.submit(*args, upstream=(f["recover"],))
-            f["summary"] = summary_task.submit(info.visit, g, dict(f))
-        futures.append(f)
-    groups = groups + recover_groups
-
+            futures.append(group_task.submit(table, info.visit, g, ctx))
     if show_progress and futures:
-        _progress(futures, len(todo) + len(recover), groups)
-    wait([f["summary"] for f in futures])
-    outcomes = [_outcome(f) for f in futures]
-    result = _collect(info, groups, outcomes, time.perf_counter() - t_start)
+        _progress(futures, len(todo) + len(recover), [g for _, g in groups])
+    wait(futures)
+    outcomes = [_outcome(f, table) for f, (table, _) in zip(futures, groups, strict=True)]
+    result = _collect(info, [g for _, g in groups], outcomes, time.perf_counter() - t_start)
     result["skipped"] = skipped
     result["recovered"] = recover
     result["succeeded"] = sorted(set(result["succeeded"]) | set(skipped))
@@ -308,54 +246,50 @@ def _is_dask(runner) -> bool:
 
 
 def _placement(n_groups: int):
-    """Per group index, a context for submitting the group's task runs; and whether on Dask.
+    """Per group index, a context for submitting the group's task run.
 
-    On a Dask cluster every stage of a group runs in the same worker process: the
-    stage results (loaded history, stamps, alert bytes: hundreds of MB a group)
-    stay in that worker's memory instead of being pickled to another, and its
-    bundle cache serves every stage. That follows from data locality alone — a
-    task goes to the worker holding its inputs, and the flow makes ``calibrate``
-    wait for ``load``, so only ``load`` is free to land anywhere — with work
-    stealing off (:func:`local_cluster_kwargs`). No worker is named: a group
-    pinned to a worker address would wait forever for a worker that died (the
-    restarted one has a new address); unpinned, Dask recomputes it elsewhere.
-    Earlier groups get a higher priority, so a worker finishes one group before
-    it starts the next and holds one group's bundles at a time. With the thread
-    runner this is a no-op.
+    On a Dask cluster a group is one task, so every stage of the group runs in
+    the same worker process: the stage values (loaded history, stamps, alert
+    bytes: hundreds of MB a group) stay in that worker's memory, and its bundle
+    cache serves every stage. No worker is named: a group pinned to a worker
+    address would wait forever for a worker that died (the restarted one has a
+    new address); unpinned, Dask recomputes it elsewhere. Earlier groups get a
+    higher priority, so a worker finishes one group before it starts the next
+    and holds one group's bundles at a time. With the thread runner this is a
+    no-op.
     """
     import contextlib
 
     if not _is_dask(_current_runner()) or n_groups < 2:
-        return (lambda i: contextlib.nullcontext()), False
+        return lambda i: contextlib.nullcontext()
     import dask
 
-    return (lambda i: dask.annotate(priority=n_groups - i)), True
+    return lambda i: dask.annotate(priority=n_groups - i)
 
 
-def _outcome(f: dict[str, Any]) -> dict[str, Any]:
+def _outcome(future, table: str) -> dict[str, GroupResult | str]:
     """A group's per-stage outcome: light GroupResults, or failure messages.
 
-    The summary task's result is used when it completed; otherwise (a stage task
-    failed for good) each stage future is asked for its state.
+    The group task catches every stage's failure, so it fails only when its
+    process did (e.g. a Dask worker lost for good); then each of its stages
+    gets that message.
     """
-    summary = f["summary"]
-    if summary.state.is_completed():
-        return summary.result()
-    return {
-        stage: fut.result().light(keep_values=(stage == "produce"))
-        if fut.state.is_completed()
-        else _group_failure(fut.state, stage)
-        for stage, fut in f.items()
-        if stage != "summary"
-    }
+    if future.state.is_completed():
+        return future.result()
+    try:
+        exc = future.state.result(raise_on_failure=False)
+    except Exception as e:
+        exc = e
+    msg = f"group failed: {type(exc).__name__}: {exc}"
+    return {s.name: f"{s.name}: {msg}" for s in TABLES[table]}
 
 
 def _progress(futures, n_dets: int, groups) -> None:
     from prefect.futures import as_completed
 
     done = 0
-    by_future = {id(f["summary"]): len(g) for f, g in zip(futures, groups, strict=True)}
-    for fut in as_completed([f["summary"] for f in futures]):
+    by_future = {id(f): len(g) for f, g in zip(futures, groups, strict=True)}
+    for fut in as_completed(futures):
         done += by_future[id(fut)]
         width = 30
         filled = int(width * done / n_dets)
@@ -497,56 +431,6 @@ def _write_report(store, visit: int, png: bytes) -> str:
 
 # --------------------------------------------------------------------------- without Prefect
 
-_PLAIN_FUNCS = dict(
-    zip(
-        STAGES,
-        (_load, _calibrate, _associate, _forced, _store, _cutout, _package, _produce),
-        strict=True,
-    )
-)
-_UPSTREAM = {
-    "load": (),
-    "calibrate": (),
-    "associate": ("load", "calibrate"),
-    "forced": ("associate",),
-    "store": ("associate", "forced"),
-    "cutout": ("associate",),
-    "package": ("load", "associate", "forced", "cutout"),
-    "produce": ("package", "store"),
-}
-
-
-def _plain_group(
-    bundle_root: str, info: VisitInfo, g: list[int], config: PipelineConfig, time_mjd: float
-) -> dict[str, GroupResult | str]:
-    """Every stage of one group, back to back, with plain calls; light results."""
-    from flows.stages import run_group
-
-    done: dict[str, GroupResult | str] = {}
-    for stage in STAGES:
-        ups = _UPSTREAM[stage]
-        if any(not isinstance(done[u], GroupResult) for u in ups):
-            done[stage] = next(done[u] for u in ups if not isinstance(done[u], GroupResult))
-            continue
-        try:
-            done[stage] = run_group(
-                stage,
-                _PLAIN_FUNCS[stage],
-                bundle_root,
-                info,
-                g,
-                config,
-                tuple(done[u] for u in ups),
-                time_mjd,
-            )
-        except Exception as exc:
-            done[stage] = f"{stage}: {type(exc).__name__}: {exc}"
-    D.forget_bundles(info.visit, g)
-    return {
-        k: v.light(keep_values=(k == "produce")) if isinstance(v, GroupResult) else v
-        for k, v in done.items()
-    }
-
 
 def run_visit_plain(
     bundle_root: str,
@@ -556,23 +440,24 @@ def run_visit_plain(
     detectors: list[int] | None = None,
     executor=None,
 ) -> VisitResult:
-    """The same stages and grouping as :func:`process_visit`, with plain function calls.
+    """The same stage table and grouping as :func:`process_visit`, with plain function calls.
 
-    No Prefect: no task runs, no caching, no retries, no artifacts. Groups run in
-    a thread pool of ``orchestration.max_workers`` like the default task runner,
-    or on ``executor`` (e.g. a ``ProcessPoolExecutor``, the baseline of the Dask
-    runner: each group's stages in one process, only light results sent back).
-    Used by ``python -m bench orchestration`` and ``python -m bench visit`` to
-    measure what Prefect costs.
+    No Prefect: no task runs, no retries, no artifacts, and no recovery of
+    stored detectors (it runs every detector through :data:`~flows.stages.PIPELINE`).
+    Groups run in a thread pool of ``orchestration.max_workers`` like the
+    default task runner, or on ``executor`` (e.g. a ``ProcessPoolExecutor``, the
+    baseline of the Dask runner: each group's stages in one process, only light
+    results sent back). Used by ``python -m bench orchestration`` and
+    ``python -m bench visit`` to measure what Prefect costs.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     t_start = time.perf_counter()
     info = read_visit_info(bundle_root, visit)
-    dets = list(info.detectors) if not detectors else [int(d) for d in detectors]
-    time_mjd = _now_mjd_tai()
+    dets = select_detectors(bundle_root, info, detectors)
+    ctx = StageContext(bundle_root, info, config, _now_mjd_tai())
     groups = _chunks(dets, config.orchestration.detectors_per_task)
-    run = functools.partial(_plain_group, bundle_root, info, config=config, time_mjd=time_mjd)
+    run = functools.partial(run_table, TABLES["visit"], ctx)
     if executor is not None:
         outcomes = list(executor.map(run, groups))
     else:

@@ -113,8 +113,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 from scipy import sparse
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
@@ -128,7 +126,6 @@ __all__ = [
     "Association",
     "AssociationConfig",
     "associate",
-    "associate_task",
     "pair_costs",
     "unmatched_cost",
 ]
@@ -500,6 +497,3 @@ def associate(
             "n_nan_dropped": n_nan,
         },
     )
-
-
-associate_task = task(associate, name="associate", cache_policy=NO_CACHE)

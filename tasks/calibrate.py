@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from apdb import sdm
@@ -39,7 +37,6 @@ from core.ids import IdPacker
 __all__ = [
     "CalibrateConfig",
     "calibrate",
-    "calibrate_task",
     "check_values",
     "float_column",
     "require_columns",
@@ -425,6 +422,3 @@ def calibrate(
         out["diaSourceId"] = ids.to_numpy(dtype=np.int64)
 
     return sdm.frame(out, "DiaSource", n)
-
-
-calibrate_task = task(calibrate, name="calibrate", cache_policy=NO_CACHE)

@@ -50,8 +50,6 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, field_validator
 
 from apdb import sdm
@@ -65,7 +63,6 @@ __all__ = [
     "ForcedConfig",
     "ForcedResult",
     "forced_photometry",
-    "forced_photometry_task",
     "OBJECT_COLUMNS",
     "measure_psf_flux",
     "objects_after_visit",
@@ -571,6 +568,3 @@ def forced_photometry(
         n_off_image=n_off,
         n_ineligible=n_inel,
     )
-
-
-forced_photometry_task = task(forced_photometry, name="forced_photometry", cache_policy=NO_CACHE)

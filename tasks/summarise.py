@@ -69,8 +69,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, field_validator
 
 from apdb import sdm
@@ -78,7 +76,7 @@ from core.bundle import BANDS
 from core.frames import column_to_numpy, column_values
 from tasks.calibrate import float_column, require_columns
 
-__all__ = ["SummaryConfig", "summarise", "summarise_task"]
+__all__ = ["SummaryConfig", "summarise"]
 
 DEG = np.pi / 180.0
 
@@ -589,6 +587,3 @@ def summarise(
     if not extras:
         return base
     return pd.concat([base, pd.DataFrame(extras, index=base.index)], axis=1)
-
-
-summarise_task = task(summarise, name="summarise", cache_policy=NO_CACHE)

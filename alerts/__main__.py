@@ -289,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for delivery")
     p.add_argument(
-        "-X", dest="option", action="append", default=[], metavar="KEY=VALUE",
+        "-X",
+        dest="option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="extra librdkafka option (repeatable)",
     )
     store(p)

@@ -497,8 +497,7 @@ def encode_table(
             if not nullable and undefined.any():
                 bad = int(np.flatnonzero(undefined)[0])
                 raise AlertError(
-                    f"{what}: {values[bad]} at row {bad} but the alert schema field is "
-                    "not nullable"
+                    f"{what}: {values[bad]} at row {bad} but the alert schema field is not nullable"
                 )
             null = undefined if null is None else (null | undefined)
         any_null = null is not None and bool(null.any())

@@ -1341,7 +1341,10 @@ class ApdbSql(Apdb):
         """
         nan_none = self.dialect != "sqlite"
         objs = _Columns(
-            objects, "DiaObject", overrides={"validityEndMjdTai": float("nan")}, nan_to_none=nan_none
+            objects,
+            "DiaObject",
+            overrides={"validityEndMjdTai": float("nan")},
+            nan_to_none=nan_none,
         )
         ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
         _check_positions(ids, ra, dec)
@@ -1390,9 +1393,7 @@ class ApdbSql(Apdb):
 
     def _bulk_markers(self, markers, src: dict, fsrc: dict) -> list[tuple]:
         """Marker rows of a bulk load: the given (or seen) pairs with their row counts."""
-        keys = [
-            pd.DataFrame({"visit": a["visit"], "detector": a["detector"]}) for a in (src, fsrc)
-        ]
+        keys = [pd.DataFrame({"visit": a["visit"], "detector": a["detector"]}) for a in (src, fsrc)]
         if markers is not None:
             for column in ("visit", "detector"):
                 if column not in markers.columns:
@@ -1428,7 +1429,9 @@ class ApdbSql(Apdb):
             ["visit", "detector", "nDiaSources", "nDiaForcedSources"]
         ].itertuples(index=False):
             t = start.get(v, np.nan)
-            rows.append((int(v), int(d), None if np.isnan(t) else float(t), stored, 0, 0, int(ns), int(nf)))
+            rows.append(
+                (int(v), int(d), None if np.isnan(t) else float(t), stored, 0, 0, int(ns), int(nf))
+            )
         return rows
 
     def _collision(

@@ -589,7 +589,9 @@ def read_exposure(
         or not math.isfinite(calib)
         or calib <= 0
     ):
-        kind = "" if isinstance(calib, (int, float)) else f" (a {type(calib).__name__}, not a number)"
+        kind = (
+            "" if isinstance(calib, (int, float)) else f" (a {type(calib).__name__}, not a number)"
+        )
         raise InputError(f"{path}: PHOTCALIB must be > 0, got {calib!r}{kind}")
     calib_err = header.get("PHOTCERR", 0.0)
     if (

@@ -83,7 +83,6 @@ _PRESET_HELP = (
 )
 
 
-
 class AlertOutputConfig(BaseModel, frozen=True, extra="forbid"):
     """Where alerts go besides Kafka."""
 

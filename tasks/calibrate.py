@@ -228,7 +228,9 @@ RANGED_COLUMNS = {"reliability": (0.0, 1.0), "snr": (0.0, np.inf)}
 def _catalog_name(bundle: DetectorBundle) -> str:
     """How messages name the detector's catalog."""
     if bundle.root:
-        return f"{detector_path(bundle.root, bundle.visit.visit, bundle.detector)}/diaSources.parquet"
+        return (
+            f"{detector_path(bundle.root, bundle.visit.visit, bundle.detector)}/diaSources.parquet"
+        )
     return f"DiaSource input (visit {bundle.visit.visit}, detector {bundle.detector})"
 
 

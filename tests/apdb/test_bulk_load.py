@@ -66,10 +66,22 @@ def test_bulk_load_then_store_updates_an_object(db):
         ("objects", lambda f: f.drop(columns="validityStartMjdTai"), r"validityStartMjdTai"),
         ("objects", lambda f: f.drop(columns="ra"), r"DiaObject: required column 'ra'"),
         ("sources", lambda f: f.drop(columns="midpointMjdTai"), r"'midpointMjdTai' is missing"),
-        ("sources", lambda f: f.assign(psfFlux="bright"), r"DiaSource\.psfFlux: cannot convert str to float32"),
-        ("sources", lambda f: f.assign(band=1.5), r"DiaSource\.band: cannot convert float64 to text"),
+        (
+            "sources",
+            lambda f: f.assign(psfFlux="bright"),
+            r"DiaSource\.psfFlux: cannot convert str to float32",
+        ),
+        (
+            "sources",
+            lambda f: f.assign(band=1.5),
+            r"DiaSource\.band: cannot convert float64 to text",
+        ),
         ("forced", lambda f: f.assign(visit=f["visit"] + 0.5), r"DiaForcedSource\.visit"),
-        ("forced", lambda f: f.assign(detector="x"), r"DiaForcedSource\.detector: cannot convert str to int16"),
+        (
+            "forced",
+            lambda f: f.assign(detector="x"),
+            r"DiaForcedSource\.detector: cannot convert str to int16",
+        ),
     ],
     ids=["no-validity", "no-ra", "no-time", "text-flux", "numeric-band", "fractional", "text-det"],
 )

@@ -58,7 +58,9 @@ def _old_postgresql(pg_url) -> str:
         for stmt in (DATA / "layout-1.0.0-postgresql.sql").read_text().splitlines():
             if stmt.strip():
                 conn.execute(stmt)
-        old_tables = {r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        old_tables = {
+            r[0] for r in src.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
         for name in TABLES:
             if name == "metadata" or name not in old_tables:
                 continue

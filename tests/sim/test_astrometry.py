@@ -55,7 +55,9 @@ def test_chromatic_offsets_have_a_realistic_size():
     for visit in range(40):
         du, dv = survey.chromatic_offset(visit)
         r = np.hypot(du, dv) * CFG.pixel_scale_arcsec
-        by_band.setdefault(survey.visit_params(visit).band, []).append(float(np.sqrt(np.mean(r**2))))
+        by_band.setdefault(survey.visit_params(visit).band, []).append(
+            float(np.sqrt(np.mean(r**2)))
+        )
     g = np.mean(by_band["g"])
     assert 0.01 < g < 0.15
     assert all(np.mean(by_band[b]) < g / 3 for b in "izy" if b in by_band)

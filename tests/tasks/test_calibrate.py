@@ -286,7 +286,9 @@ def _with(column, value, row=1, n=4):
 )
 def test_values_no_measurement_gives_are_refused(src, match):
     """L11/L12/L14: zero errors, ±inf, reliability outside [0, 1], negative snr or IDs."""
-    with pytest.raises(InputError, match="DiaSource input \\(visit 1000, detector 7\\): column " + match):
+    with pytest.raises(
+        InputError, match="DiaSource input \\(visit 1000, detector 7\\): column " + match
+    ):
         run(src)
 
 

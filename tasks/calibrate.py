@@ -225,6 +225,38 @@ ERROR_COLUMNS = (
 RANGED_COLUMNS = {"reliability": (0.0, 1.0), "snr": (0.0, np.inf)}
 
 
+def _check_pass_through(values: np.ndarray, name: str, sdm_dtype, bundle: DetectorBundle) -> None:
+    """A carried-through catalogue column must hold the kind of value its SDM column does.
+
+    Text in a numeric or boolean column would otherwise only fail at the APDB
+    write, with a message that cannot name the catalogue it came from.
+    """
+    if str(sdm_dtype) == "object" or values.dtype.kind in "biufc":
+        return
+    if values.dtype.kind == "O" and str(sdm_dtype).lower().startswith(("float", "int", "bool")):
+        bad = next(
+            (
+                v
+                for v in values
+                if v is not None
+                and v is not pd.NA
+                and not isinstance(v, int | float | bool | np.number)
+            ),
+            None,
+        )
+        if bad is None:
+            return
+        raise InputError(
+            f"{_catalog_name(bundle)}: column {name!r} must be {sdm_dtype} as in the SDM "
+            f"DiaSource table, got {type(bad).__name__} value {str(bad)[:40]!r}"
+        )
+    if values.dtype.kind in "USM" and str(sdm_dtype).lower().startswith(("float", "int", "bool")):
+        raise InputError(
+            f"{_catalog_name(bundle)}: column {name!r} must be {sdm_dtype} as in the SDM "
+            f"DiaSource table, got {values.dtype} values"
+        )
+
+
 def _catalog_name(bundle: DetectorBundle) -> str:
     """How messages name the detector's catalog."""
     if bundle.root:
@@ -349,7 +381,9 @@ def calibrate(
     for name in sources.columns:
         if name in schema_cols:
             values = column_values(sources, name)
-            out[name] = values if isinstance(values, np.ndarray) else values.to_numpy()
+            values = values if isinstance(values, np.ndarray) else values.to_numpy()
+            _check_pass_through(values, name, schema_cols[name], bundle)
+            out[name] = values
 
     x = float_column(sources, "x")
     y = float_column(sources, "y")

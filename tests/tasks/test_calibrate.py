@@ -312,3 +312,26 @@ def test_nan_is_not_measured_and_is_accepted():
     assert np.isnan(out["apFlux"][1]) and np.isnan(out["reliability"][1])
     assert np.isnan(out["raErr"][1])
     assert out["reliability"].between(0, 1).sum() == 3
+
+
+@pytest.mark.parametrize(
+    "values",
+    [np.array(["soon"] * 4, dtype=object), np.array(["61000.5"] * 4)],
+    ids=["object-text", "numpy-text"],
+)
+def test_text_in_a_numeric_pass_through_column_names_the_catalog_file(values):
+    """L15: an SDM column of the wrong kind fails at calibrate, naming the file, not at the store."""
+    src = raw_sources(4).assign(timeWithdrawnMjdTai=values)
+    bundle = make_bundle(src)
+    bundle = type(bundle)(**{**bundle.__dict__, "root": "/data/run"})
+    with pytest.raises(
+        InputError,
+        match=r"^/data/run/1000/7/diaSources.parquet: column 'timeWithdrawnMjdTai' must be float64",
+    ):
+        run(src, bundle)
+
+
+def test_numbers_in_an_object_pass_through_column_are_accepted():
+    src = raw_sources(4).assign(timeWithdrawnMjdTai=np.array([None, 1.5, 2, None], dtype=object))
+    out = run(src)
+    assert out["timeWithdrawnMjdTai"].isna().sum() == 2

@@ -1310,7 +1310,11 @@ class ApdbSql(Apdb):
             _LOG.info("visit %d detector %d already stored in %s", visit, detector, self._url)
             return StoreResult(visit, detector, already_stored=True)
         except ApdbError as exc:
-            if isinstance(exc.__cause__, (sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
+            cause = exc.__cause__
+            unique = isinstance(cause, psycopg.errors.UniqueViolation) or (
+                isinstance(cause, sqlite3.IntegrityError) and "UNIQUE constraint" in str(cause)
+            )
+            if unique:  # not any integrity error: a trigger's RAISE(ABORT) is one too
                 raise self._collision(visit, detector, srcs.arrays["diaSourceId"], ids) from exc
             raise
         return StoreResult(

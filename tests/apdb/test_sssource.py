@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from apdb import sdm
-from core.errors import ApdbError, InputError
+from core.errors import InputError
 from tests.apdb.conftest import make_sources
 
 
@@ -68,7 +68,7 @@ def test_sssource_failure_rolls_back_the_detector(db):
     # diaSourceId 900 exists: the DiaSource insert fails inside the transaction, and
     # neither the marker nor the SSSource rows of detector 3 stay
     src = _sso_sources([900, 901], detector=3)
-    with pytest.raises(ApdbError, match="store visit 4 detector 3"):
+    with pytest.raises(InputError, match=r"store\(4, 3\): diaSourceId values collide"):
         db.store(
             4, 3, None, src, None, time_mjd=61000.5, ss_sources=_ss_sources([900, 901], [70, 71])
         )

@@ -225,7 +225,10 @@ def test_store_down_raises_transient_and_leaves_nothing(s3server, endpoint, batc
     assert _objects(direct, "down") == []
     endpoint.start()
     url = write_alerts(batch, config)
-    assert _objects(direct, "down") == [f"{BUCKET}/down/7001_3.avro"]
+    written = _objects(direct, "down")
+    assert [o for o in written if o.endswith(".avro")] == [f"{BUCKET}/down/7001_3.avro"]
+    # the id index of the file is written after the file itself
+    assert [o.split("/")[-2] for o in written if not o.endswith(".avro")] == ["index"]
     assert read_alert_batch(url, config.storage_options).payloads == batch.payloads
 
 
@@ -242,7 +245,10 @@ def test_upload_cut_halfway_is_never_visible(s3server, endpoint, batch):
     assert _objects(direct, "cut") == [], "nothing under the final name after a cut upload"
     endpoint.start()
     url = write_alerts(batch, config)
-    assert _objects(direct, "cut") == [f"{BUCKET}/cut/7001_3.avro"]
+    written = _objects(direct, "cut")
+    assert [o for o in written if o.endswith(".avro")] == [f"{BUCKET}/cut/7001_3.avro"]
+    # the id index of the file is written after the file itself
+    assert [o.split("/")[-2] for o in written if not o.endswith(".avro")] == ["index"]
     back = read_alert_batch(url, config.storage_options)
     assert back.payloads == batch.payloads, "the rewritten object is complete"
 

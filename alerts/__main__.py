@@ -226,24 +226,27 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--endpoint-url", help="S3 endpoint (e.g. a local S3 server)")
         p.add_argument("--storage-options", help="fsspec options as JSON")
 
+    def kafka_options(p):
+        p.add_argument(
+            "--security-protocol",
+            default="PLAINTEXT",
+            choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"],
+        )
+        p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for delivery")
+        p.add_argument(
+            "-X",
+            dest="option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="extra librdkafka option (repeatable)",
+        )
+
     p = sub.add_parser("replay", help="re-send dead letters to Kafka")
     common(p)
     p.add_argument("--servers", default="localhost:9092", help="Kafka bootstrap servers")
     p.add_argument("--topic", default="alerts", help="Kafka topic")
-    p.add_argument(
-        "--security-protocol",
-        default="PLAINTEXT",
-        choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"],
-    )
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for delivery")
-    p.add_argument(
-        "-X",
-        dest="option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra librdkafka option (repeatable)",
-    )
+    kafka_options(p)
     p.set_defaults(func=_replay)
 
     p = sub.add_parser("list", help="list alert or dead-letter files with their alert counts")
@@ -282,20 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cadence", type=float, metavar="S", help="seconds between visits (default: the survey's)"
     )
     p.add_argument("--speed", type=float, default=1.0, metavar="X", help="X times faster")
-    p.add_argument(
-        "--security-protocol",
-        default="PLAINTEXT",
-        choices=["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"],
-    )
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for delivery")
-    p.add_argument(
-        "-X",
-        dest="option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra librdkafka option (repeatable)",
-    )
+    kafka_options(p)
     store(p)
     p.set_defaults(func=_replay_night)
 

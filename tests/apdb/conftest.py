@@ -15,6 +15,7 @@ is an error: CI must never pass with the production backend untested.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -33,21 +34,25 @@ from apdb.sql import TABLES, ApdbSql
 PG_ADMIN = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 
 
-@pytest.fixture(scope="session")
-def pg_url():
-    """URL of a fresh PostgreSQL database for this session (dropped afterwards)."""
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str, *, required: bool = False):
+    """A new PostgreSQL database ``{prefix}_<random>`` on the test server, dropped afterwards.
+
+    Without the server the caller's test fails when ``required`` or under CI (the
+    ``CI`` variable set), and is skipped with the reason printed otherwise.
+    """
     engine = sa.create_engine(
         PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
     )
-    name = f"diapipe_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     try:
         with engine.connect() as conn:
             conn.exec_driver_sql(f"CREATE DATABASE {name}")
     except sa.exc.OperationalError as exc:
         engine.dispose()
         reason = f"PostgreSQL at 127.0.0.1:5432 cannot be reached: {str(exc.orig).strip()}"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason} (CI is set: the PostgreSQL tests must run)", pytrace=False)
+        if required or os.environ.get("CI"):
+            pytest.fail(f"{reason} (the PostgreSQL tests must run)", pytrace=False)
         print(f"\nSKIPPING PostgreSQL APDB tests: {reason}")
         pytest.skip(reason)
     try:
@@ -56,6 +61,13 @@ def pg_url():
         with engine.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """URL of a fresh PostgreSQL database for this session (dropped afterwards)."""
+    with fresh_pg_database("diapipe_test") as url:
+        yield url
 
 
 def migrated_sqlite(path) -> str:

@@ -11,7 +11,6 @@ import logging
 import sqlite3
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from apdb.__main__ import main as apdb_main
 from apdb.config import ApdbConfig
 from apdb.sql import ApdbSql, _translate
 from core.errors import ApdbError, TransientError
-from tests.apdb.conftest import PG_ADMIN, store_detector
+from tests.apdb.conftest import fresh_pg_database, store_detector
 
 
 def _apdb_file(tmp_path) -> str:
@@ -105,22 +104,8 @@ def test_read_only_sqlite_is_a_clear_apdb_error_not_a_retry(message, expect):
 @pytest.fixture
 def pg_db():
     """A fresh PostgreSQL database; the test fails (never skips) without the server."""
-    engine = sa.create_engine(
-        PG_ADMIN, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5}
-    )
-    name = f"diapipe_lock_{uuid.uuid4().hex[:12]}"
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    except sa.exc.OperationalError as exc:
-        engine.dispose()
-        pytest.fail(f"PostgreSQL at 127.0.0.1:5432 is needed for this test: {exc.orig}")
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with engine.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        engine.dispose()
+    with fresh_pg_database("diapipe_lock", required=True) as url:
+        yield url
 
 
 @pytest.mark.postgresql

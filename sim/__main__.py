@@ -4,7 +4,8 @@ Example::
 
     python -m sim --out /tmp/survey --visits 2 --detectors 4 --sources-per-detector 53 --seed 1
 
-writes ``/tmp/survey/{visit}/visit.json``, per detector ``diaSources.parquet``,
+writes ``/tmp/survey/{visit}/visit.json`` (``{visit}`` the LSSTCam visit number
+``day_obs·10⁵ + seq_num``, e.g. 2025112000001), per detector ``diaSources.parquet``,
 ``difference.fits``, ``science.fits``, ``template.fits``, ``truth.parquet`` and
 ``truth_objects.parquet``, and the survey catalogue ``/tmp/survey/truth/objects.parquet``.
 ``--out`` may be any fsspec URL (``s3://bucket/prefix``).
@@ -38,7 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sim", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="root directory or fsspec URL")
     p.add_argument("--visits", type=int, default=1, help="number of visits to write")
-    p.add_argument("--first-visit", type=int, default=0, help="number of the first visit")
+    p.add_argument(
+        "--first-visit",
+        type=int,
+        default=0,
+        help="index of the first visit to write (0: the survey's first)",
+    )
     p.add_argument("--detectors", type=int, default=189, help="central detectors per visit")
     p.add_argument(
         "--sources-per-detector", type=float, default=53.0, help="≈ DiaSources per detector"
@@ -98,7 +104,7 @@ def _main(argv: list[str] | None) -> int:
         dt = time.perf_counter() - t0
         info = survey.visit_info(visit)
         print(
-            f"visit {visit}: band {info.band}, {len(info.detectors)} detectors, "
+            f"visit {info.visit}: band {info.band}, {len(info.detectors)} detectors, "
             f"{len(paths)} files under {paths[0].rsplit('/', 1)[0]} in {dt:.1f} s"
         )
     return 0

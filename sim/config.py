@@ -7,21 +7,38 @@ the simulator writes.
 Units: angles in degrees unless a field name says ``arcsec``; fluxes in nJy;
 pixel counts in instrumental counts (gain 1 e-/count); times in MJD (TAI) and
 days.
+
+Visit numbers are LSSTCam's (:meth:`SurveyConfig.visit_number`): the ``k``-th
+simulated visit (``k`` = 0, 1, ..., the index every random stream is seeded
+with) is numbered ``day_obs·10⁵ + seq_num`` from its time, as the camera numbers
+its exposures, so the bundles, truth and alerts carry the ids real data does.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import math
 from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from core.bundle import BANDS
+from core.ids import SEQ_NUM_RADIX
 from sim.solarsystem import SolarSystemConfig
 
-__all__ = ["LSSTCAM_DETECTOR_SIZE", "SurveyConfig"]
+__all__ = ["DAY_OBS_ROLLOVER_DAYS", "LSSTCAM_DETECTOR_SIZE", "SurveyConfig"]
 
 #: LSSTCam science CCD size in pixels, (nx, ny).
 LSSTCAM_DETECTOR_SIZE = (4072, 4000)
+
+#: Rubin's observing day (``day_obs``) rolls over at 12:00 TAI: ``day_obs`` is the
+#: date of the exposure's start minus 12 h (obs_lsst ``LsstBaseTranslator._ROLLOVER_TIME
+#: = TimeDelta(12*60*60, scale="tai")``, LSE-400, SITCOMTN-032), so one night in Chile
+#: (UTC−3/−4, about 23:00 to 11:00 UTC) keeps one ``day_obs``. In days.
+DAY_OBS_ROLLOVER_DAYS = 0.5
+
+#: The Modified Julian Date's day 0.
+_MJD_EPOCH = dt.date(1858, 11, 17)
 
 #: Photometric calibration per band at unit transparency (nJy per count, 30 s
 #: exposure, gain 1): roughly LSST's zero points (r: 1 count ≈ 0.5 nJy).
@@ -101,7 +118,11 @@ class SurveyConfig(BaseModel, frozen=True, extra="forbid"):
         description="Survey length in visits; transients peak and moving objects pass within "
         "it. Visits beyond it can still be simulated.",
     )
-    start_mjd: float = Field(61000.0, description="midpointMjdTai of visit 0 (MJD, TAI).")
+    start_mjd: float = Field(
+        61000.0,
+        description="midpointMjdTai of the first visit (MJD, TAI; 61000.0 is 2025-11-20, "
+        "visit 2025112000001).",
+    )
     cadence_days: float = Field(3.0, gt=0, description="Time between consecutive visits (days).")
     exposure_time: float = Field(30.0, gt=0, description="Exposure time (s).")
     bands: tuple[str, ...] = Field(
@@ -272,3 +293,89 @@ class SurveyConfig(BaseModel, frozen=True, extra="forbid"):
         if self.moving_speed_range[0] <= 0:
             raise ValueError("moving_speed_range must be > 0")
         return self
+
+    # --- visit times and numbers ------------------------------------------------
+    def visit_mjd(self, k: int) -> float:
+        """midpointMjdTai of the ``k``-th simulated visit (``k`` = 0 is the first)."""
+        return self.start_mjd + _index(k) * self.cadence_days
+
+    def _night(self, k: int) -> int:
+        """The MJD of the ``k``-th visit's ``day_obs``: its start, minus the 12 h rollover."""
+        start = self.visit_mjd(k) - self.exposure_time / 2 / 86400.0
+        return math.floor(start - DAY_OBS_ROLLOVER_DAYS)
+
+    def day_obs(self, k: int) -> int:
+        """The ``k``-th visit's observing night as YYYYMMDD (Rubin's ``day_obs``, TAI − 12 h)."""
+        date = _MJD_EPOCH + dt.timedelta(days=self._night(k))
+        return (date.year * 100 + date.month) * 100 + date.day
+
+    def _first_from(self, night: int) -> int:
+        """Index of the first visit whose ``day_obs`` night (MJD) is ``night`` or later."""
+        # visits are evenly spaced: solve for the first start past that night's rollover,
+        # then step over the rounding of the estimate
+        start0 = self.start_mjd - self.exposure_time / 2 / 86400.0
+        k = max(0, math.ceil((night + DAY_OBS_ROLLOVER_DAYS - start0) / self.cadence_days))
+        while k > 0 and self._night(k - 1) >= night:
+            k -= 1
+        while self._night(k) < night:
+            k += 1
+        return k
+
+    def seq_num(self, k: int) -> int:
+        """The ``k``-th visit's exposure number within its night (Rubin's ``seq_num``, from 1)."""
+        return _index(k) - self._first_from(self._night(k)) + 1
+
+    def visit_number(self, k: int) -> int:
+        """The LSSTCam visit number of the ``k``-th simulated visit: ``day_obs·10⁵ + seq_num``.
+
+        This is the number every visit leaves the simulator with (``{root}/{visit}/``,
+        ``visit.json``, the FITS ``VISIT`` card, :meth:`sim.survey.Survey.visit_catalog`);
+        ``k`` only seeds the random draws. E.g. ``k = 0`` of the default survey is
+        2025112000001.
+
+        Raises
+        ------
+        ValueError
+            If ``k`` is negative or the night holds more than 99,999 visits (the
+            cadence is too short for ``seq_num < 10⁵``).
+        """
+        seq = self.seq_num(k)
+        if seq >= SEQ_NUM_RADIX:
+            raise ValueError(
+                f"visit {k} is exposure {seq} of night {self.day_obs(k)}: seq_num must be < "
+                f"{SEQ_NUM_RADIX} (cadence_days={self.cadence_days} is too short)"
+            )
+        return self.day_obs(k) * SEQ_NUM_RADIX + seq
+
+    def visit_index(self, visit: int) -> int:
+        """Inverse of :meth:`visit_number`: the index ``k`` of LSSTCam visit number ``visit``.
+
+        Raises
+        ------
+        ValueError
+            If no simulated visit has that number (not of the form day_obs·10⁵ +
+            seq_num, or a night or seq_num this survey's cadence does not reach).
+        """
+        day_obs, seq = divmod(int(visit), SEQ_NUM_RADIX)
+        try:
+            date = dt.date(day_obs // 10_000, day_obs // 100 % 100, day_obs % 100)
+        except ValueError:
+            raise ValueError(
+                f"visit {visit} is not an LSSTCam visit number day_obs·10⁵ + seq_num "
+                f"(day_obs {day_obs} is not a date YYYYMMDD)"
+            ) from None
+        night = (date - _MJD_EPOCH).days
+        k = self._first_from(night) + seq - 1 if seq >= 1 else -1
+        if k < 0 or self._night(k) != night:
+            raise ValueError(
+                f"visit {visit}: this survey (start_mjd={self.start_mjd}, cadence_days="
+                f"{self.cadence_days}) has no exposure {seq} on night {day_obs}"
+            )
+        return k
+
+
+def _index(k: int) -> int:
+    """``k`` as a non-negative int, or ValueError."""
+    if int(k) != k or k < 0:
+        raise ValueError(f"visit index must be a non-negative integer, got {k!r}")
+    return int(k)

@@ -5,6 +5,11 @@ sky observed visit after visit. Every random quantity is drawn from a stream
 seeded by ``(seed, purpose, visit, detector)``, so any visit — and any
 detector of it — can be simulated alone and always comes out the same.
 
+Methods take the visit's index ``k`` (0, 1, ... in time order; the seed of its
+draws). What they write and return carries its LSSTCam visit number
+``day_obs·10⁵ + seq_num`` (:meth:`~sim.config.SurveyConfig.visit_number`):
+``write_visit(root, 0)`` of the default survey writes ``{root}/2025112000001/``.
+
 Two ways to observe a visit:
 
 - :meth:`Survey.write_visit` renders the science, template and difference
@@ -143,7 +148,8 @@ _FLAG_PLANES = {
 class VisitParams:
     """Everything drawn once per visit."""
 
-    visit: int
+    visit: int  # the index k: seeds the draws
+    number: int  # the LSSTCam visit number day_obs·10⁵ + seq_num it is written under
     band: str
     mjd: float
     ra: float
@@ -253,8 +259,9 @@ class Survey:
         psf = Psf(seeing / cfg.pixel_scale_arcsec, cfg.psf_model, cfg.moffat_beta)
         return VisitParams(
             visit=int(visit),
+            number=cfg.visit_number(visit),
             band=band,
-            mjd=cfg.start_mjd + visit * cfg.cadence_days,
+            mjd=cfg.visit_mjd(visit),
             ra=float(ra),
             dec=float(dec),
             rot=rot,
@@ -285,10 +292,10 @@ class Survey:
         return amp * math.cos(angle), amp * math.sin(angle)
 
     def visit_info(self, visit: int) -> VisitInfo:
-        """The ``visit.json`` contents of ``visit``."""
+        """The ``visit.json`` contents of visit ``visit`` (its LSSTCam number in ``visit``)."""
         vp = self.visit_params(visit)
         return VisitInfo(
-            visit=int(visit),
+            visit=vp.number,
             band=vp.band,
             midpointMjdTai=float(vp.mjd),
             exposureTime=float(self.config.exposure_time),
@@ -920,7 +927,7 @@ class Survey:
         h["HIERARCH PHOTCALIB"] = (sc.photcalib, "nJy per count")
         h["PHOTCERR"] = (0.005 * sc.photcalib, "PHOTCALIB 1-sigma error (nJy per count)")
         h["ROTPA"] = (vp.rot, "rotation angle (deg)")
-        h["VISIT"] = vp.visit
+        h["VISIT"] = vp.number
         h["DETECTOR"] = int(detector)
         h["DETNAME"] = self.focal_plane.names[detector]
         h["FILTER"] = vp.band
@@ -951,12 +958,15 @@ class Survey:
     ) -> list[str]:
         """Write the docs/design.md §2 bundle of ``visit`` and its truth under ``root``.
 
+        The bundle goes to ``{root}/{number}/`` with ``number =
+        config.visit_number(visit)``, the LSSTCam visit number.
+
         Parameters
         ----------
         root : str
             Local path or fsspec URL (``s3://bucket/prefix``).
         visit : int
-            Survey visit number (≥ 0).
+            Index of the survey visit (≥ 0; 0 is the first).
         detectors : iterable of int, optional
             Which detectors to write (default: all of the survey's). visit.json
             always lists the survey's detectors.
@@ -970,16 +980,17 @@ class Survey:
             The URLs written, visit.json first.
         """
         dets = self._check_detectors(detectors)
+        number = self.visit_params(visit).number
         written = [
             simio.write_bytes(
-                f"{visit_path(root, visit)}/visit.json",
+                f"{visit_path(root, number)}/visit.json",
                 simio.json_bytes(self.visit_info(visit).to_json_dict()),
             )
         ]
         if self.config.solar_system.write_ephemerides:
             written.append(
                 simio.write_bytes(
-                    f"{visit_path(root, visit)}/{EPHEMERIS_FILE}",
+                    f"{visit_path(root, number)}/{EPHEMERIS_FILE}",
                     simio.parquet_bytes(self.ephemerides(visit)),
                 )
             )
@@ -1006,7 +1017,7 @@ class Survey:
 
     def write_detector(self, root: str, visit: int, detector: int) -> list[str]:
         """Write one detector's files of ``visit`` (not visit.json); returns the URLs."""
-        base = detector_path(root, visit, detector)
+        base = detector_path(root, self.visit_params(visit).number, detector)
         return [
             simio.write_bytes(f"{base}/{name}", data)
             for name, data in self.detector_files(visit, detector).items()
@@ -1064,7 +1075,8 @@ class Survey:
     def visit_catalog(self, visit: int, detectors=None) -> pd.DataFrame:
         """Measured DiaSources of a visit without rendering images (fast path).
 
-        Returns the diaSources.parquet columns plus ``visit``, ``detector``,
+        Returns the diaSources.parquet columns plus ``visit`` (the LSSTCam visit
+        number), ``detector``,
         ``ra``, ``dec`` (deg, from the detector WCS at the measured position),
         ``truthId``, ``kind``, ``trueDiffFlux`` and ``trueScienceFlux`` (nJy),
         ``photoCalib`` (nJy/count), ``band`` and ``midpointMjdTai``.
@@ -1079,7 +1091,7 @@ class Survey:
             n = len(ra)
             parts.append(
                 {
-                    "visit": np.full(n, visit, dtype=np.int64),
+                    "visit": np.full(n, vp.number, dtype=np.int64),
                     "detector": np.full(n, det, dtype=np.int64),
                     "ra": ra,
                     "dec": dec,

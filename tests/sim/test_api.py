@@ -86,10 +86,11 @@ def test_memory_filesystem_url():
     """write_visit goes through fsspec: a memory:// root works like a local path."""
     s = Survey(SurveyConfig(seed=9, n_detectors=1, detector_size=(96, 96), n_visits=5))
     paths = s.write_visit("memory://simtest/root", 2)
-    assert paths[0] == "memory://simtest/root/2/visit.json"
+    v = s.config.visit_number(2)
+    assert paths[0] == f"memory://simtest/root/{v}/visit.json"
     fs = fsspec.filesystem("memory")
-    assert json.loads(fs.cat("/simtest/root/2/visit.json"))["detectors"] == [94]
-    assert fs.exists("/simtest/root/2/94/difference.fits")
+    assert json.loads(fs.cat(f"/simtest/root/{v}/visit.json"))["detectors"] == [94]
+    assert fs.exists(f"/simtest/root/{v}/94/difference.fits")
     fs.rm("/simtest", recursive=True)
 
 
@@ -103,8 +104,9 @@ def test_cli_writes_visits(tmp_path, capsys):
     )  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
-    assert "visit 3:" in text and "visit 4:" in text
-    for visit in (3, 4):
+    # indices 3 and 4 of a survey starting at MJD 61000.0 (2025-11-21 00:00 TAI) every 3 days
+    assert "visit 2025112900001:" in text and "visit 2025120200001:" in text
+    for visit in (2025112900001, 2025120200001):
         info = json.loads((out / str(visit) / "visit.json").read_text())
         assert info["visit"] == visit and len(info["detectors"]) == 2
         for det in info["detectors"]:

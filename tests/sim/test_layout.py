@@ -14,6 +14,7 @@ from astropy.wcs import WCS
 from apdb import sdm
 from core.bundle import BANDS, MASK_PLANES
 from sim.survey import CATALOG_COLUMNS, TRUTH_COLUMNS, TRUTH_OBJECT_COLUMNS
+from tests.sim.conftest import V0, V1
 from tests.sim.fitsread import read_image, read_parquet
 
 FILES = (
@@ -27,7 +28,7 @@ FILES = (
 
 
 def test_visit_json(small_root, small_survey):
-    info = json.loads(open(f"{small_root}/0/visit.json").read())
+    info = json.loads(open(f"{small_root}/{V0}/visit.json").read())
     assert list(info) == [
         "visit",
         "band",
@@ -40,7 +41,7 @@ def test_visit_json(small_root, small_survey):
         "target_name",
         "detectors",
     ]
-    assert info["visit"] == 0
+    assert info["visit"] == V0 == 2025112000001  # LSSTCam day_obs·10⁵ + seq_num
     assert info["band"] in BANDS
     assert info["exposureTime"] == 30.0
     assert info["detectors"] == [91, 93, 94, 95]  # R22_S11 and its nearest neighbours
@@ -52,7 +53,7 @@ def test_visit_json(small_root, small_survey):
 def test_every_detector_has_every_file(small_root, small_survey, name):
     import os
 
-    for visit in (0, 1):
+    for visit in (V0, V1):
         for det in small_survey.detectors:
             assert os.path.getsize(f"{small_root}/{visit}/{det}/{name}") > 0
     assert os.path.exists(f"{small_root}/truth/objects.parquet")
@@ -60,7 +61,7 @@ def test_every_detector_has_every_file(small_root, small_survey, name):
 
 @pytest.mark.parametrize("kind", ["difference", "science", "template"])
 def test_fits_layout(small_root, small_survey, kind):
-    path = f"{small_root}/1/94/{kind}.fits"
+    path = f"{small_root}/{V1}/94/{kind}.fits"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no FITSFixedWarning, no VerifyWarning
         with fits.open(path) as hdul:
@@ -87,7 +88,7 @@ def test_fits_layout(small_root, small_survey, kind):
     assert h["CTYPE1"] == "RA---TAN" and h["CTYPE2"] == "DEC--TAN"
     assert h["BUNIT"] == "count"
     assert h["PHOTCALIB"] > 0 and 0 < h["PHOTCERR"] < h["PHOTCALIB"]
-    assert h["VISIT"] == 1 and h["DETECTOR"] == 94
+    assert h["VISIT"] == V1 and h["DETECTOR"] == 94
     assert h["FILTER"] == h["BAND"] == small_survey.visit_info(1).band
     assert h["ROTPA"] == pytest.approx(small_survey.visit_info(1).rotAngle)
     assert (im["variance"] > 0).all()
@@ -96,7 +97,7 @@ def test_fits_layout(small_root, small_survey, kind):
 
 
 def test_three_images_share_wcs_calibration_and_difference(small_root):
-    base = f"{small_root}/0/93"
+    base = f"{small_root}/{V0}/93"
     d, s, t = (read_image(f"{base}/{k}.fits") for k in ("difference", "science", "template"))
     assert d["photcalib"] == s["photcalib"] == t["photcalib"]
     for key in ("CRPIX1", "CRPIX2", "CRVAL1", "CRVAL2", "CD1_1", "CD1_2", "CD2_1", "CD2_2"):
@@ -114,7 +115,7 @@ def test_wcs_round_trip_and_detector_geometry(small_root, small_survey):
     corners = np.array([[0, 0], [nx - 1, 0], [nx - 1, ny - 1], [0, ny - 1]], float)
     polys = {}
     for det in small_survey.detectors:
-        w = read_image(f"{small_root}/0/{det}/science.fits")["wcs"]
+        w = read_image(f"{small_root}/{V0}/{det}/science.fits")["wcs"]
         ra, dec = w.pixel_to_world_values(corners[:, 0], corners[:, 1])
         x, y = w.world_to_pixel_values(ra, dec)
         np.testing.assert_allclose(np.c_[x, y], corners, atol=1e-6)
@@ -138,7 +139,7 @@ def test_wcs_round_trip_and_detector_geometry(small_root, small_survey):
 
 
 def test_catalog_columns_and_dtypes(small_root):
-    cat = read_parquet(f"{small_root}/0/94/diaSources.parquet")
+    cat = read_parquet(f"{small_root}/{V0}/94/diaSources.parquet")
     assert {c: str(t) for c, t in cat.dtypes.items()} == CATALOG_COLUMNS
     assert "diaSourceId" not in cat.columns
     apdb_columns = {c.name for c in sdm.columns("DiaSource")}
@@ -164,8 +165,8 @@ def test_catalog_columns_and_dtypes(small_root):
 
 
 def test_truth_files_columns(small_root):
-    truth = read_parquet(f"{small_root}/0/94/truth.parquet")
-    objs = read_parquet(f"{small_root}/0/94/truth_objects.parquet")
+    truth = read_parquet(f"{small_root}/{V0}/94/truth.parquet")
+    objs = read_parquet(f"{small_root}/{V0}/94/truth_objects.parquet")
     for df, spec in ((truth, TRUTH_COLUMNS), (objs, TRUTH_OBJECT_COLUMNS)):
         assert list(df.columns) == list(spec)
         for col, dtype in spec.items():
@@ -189,7 +190,7 @@ def test_truth_files_columns(small_root):
 
 
 def test_wcs_headers_parse_without_warnings(small_root):
-    h = fits.getheader(f"{small_root}/0/91/difference.fits", "IMAGE")
+    h = fits.getheader(f"{small_root}/{V0}/91/difference.fits", "IMAGE")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         w = WCS(h)
@@ -200,11 +201,11 @@ def test_bundle_reader_accepts_every_detector(small_root, small_survey):
     """The pipeline's own reader (core.bundle) validates what the simulator writes."""
     from core.bundle import read_detector_bundle, read_visit_info
 
-    info = read_visit_info(small_root, 1)
+    info = read_visit_info(small_root, V1)
     assert info == small_survey.visit_info(1)
     for det in small_survey.detectors:
-        b = read_detector_bundle(small_root, 1, det)
-        cat = read_parquet(f"{small_root}/1/{det}/diaSources.parquet")
+        b = read_detector_bundle(small_root, V1, det)
+        cat = read_parquet(f"{small_root}/{V1}/{det}/diaSources.parquet")
         assert len(b.sources) == len(cat)
         assert b.difference.photo_calib == b.science.photo_calib == b.template.photo_calib
         ra, dec = b.difference.wcs.pixel_to_world_values(3.0, 4.0)

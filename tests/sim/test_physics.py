@@ -41,7 +41,7 @@ def _pulls(root, survey, image_kind, flux_col, movers_only):
     pulls = []
     for visit in (2, 3):
         for det in survey.detectors:
-            base = f"{root}/{visit}/{det}"
+            base = f"{root}/{survey.config.visit_number(visit)}/{det}"
             im = read_image(f"{base}/{image_kind}.fits")
             objs = read_parquet(f"{base}/truth_objects.parquet")
             truth = read_parquet(f"{base}/truth.parquet")
@@ -91,7 +91,7 @@ def test_measured_positions_scatter_within_errors(phys_root):
     """Detected true objects lie within their measured errors of the truth."""
     root, survey = phys_root
     frames = []
-    for visit in (2, 3):
+    for visit in (PHYS.visit_number(2), PHYS.visit_number(3)):
         for det in survey.detectors:
             cat = read_parquet(f"{root}/{visit}/{det}/diaSources.parquet")
             truth = read_parquet(f"{root}/{visit}/{det}/truth.parquet")
@@ -112,7 +112,7 @@ def test_measured_psf_flux_tracks_true_difference_flux(phys_root):
     """psfInstFlux of real detections scatters around the true difference flux."""
     root, survey = phys_root
     pulls = []
-    for visit in (2, 3):
+    for visit in (PHYS.visit_number(2), PHYS.visit_number(3)):
         for det in survey.detectors:
             cat = read_parquet(f"{root}/{visit}/{det}/diaSources.parquet")
             truth = read_parquet(f"{root}/{visit}/{det}/truth.parquet")

@@ -193,7 +193,7 @@ def test_written_visit_links_detections_to_bodies(tmp_path, survey):
         found += len(mov)
         if found and visit > 6:
             survey.write_visit(root, visit)
-            eph = pd.read_parquet(f"{root}/{visit}/ephemerides.parquet")
+            eph = pd.read_parquet(f"{root}/{SSO.visit_number(visit)}/ephemerides.parquet")
             pd.testing.assert_frame_equal(eph, survey.ephemerides(visit))
             truth = pd.read_parquet(f"{root}/truth/solarsystem.parquet")
             pd.testing.assert_frame_equal(truth, ss.truth())

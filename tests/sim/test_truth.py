@@ -8,15 +8,17 @@ import pytest
 
 from sim.config import SurveyConfig
 from sim.survey import Survey
+from tests.sim.conftest import V0, V1
 from tests.sim.fitsread import read_image, read_parquet
 
 
 def _joined(root, survey, visits=(0, 1)):
     frames = []
     for visit in visits:
+        number = survey.config.visit_number(visit)
         for det in survey.detectors:
-            cat = read_parquet(f"{root}/{visit}/{det}/diaSources.parquet")
-            truth = read_parquet(f"{root}/{visit}/{det}/truth.parquet")
+            cat = read_parquet(f"{root}/{number}/{det}/diaSources.parquet")
+            truth = read_parquet(f"{root}/{number}/{det}/truth.parquet")
             assert len(cat) == len(truth)
             assert (truth["row"].to_numpy() == np.arange(len(truth))).all()
             df = pd.concat([cat, truth], axis=1)
@@ -46,7 +48,7 @@ def test_truth_rows_align_with_catalog(small_root, small_survey):
 
 
 def test_truth_objects_mark_detections(small_root, small_survey):
-    for visit in (0, 1):
+    for visit in (V0, V1):
         for det in small_survey.detectors:
             objs = read_parquet(f"{small_root}/{visit}/{det}/truth_objects.parquet")
             truth = read_parquet(f"{small_root}/{visit}/{det}/truth.parquet")
@@ -79,7 +81,7 @@ def test_flags_follow_mask_pixels(small_root, small_survey):
     from core.bundle import MASK_PLANES
 
     checked = 0
-    for visit in (0, 1):
+    for visit in (V0, V1):
         for det in small_survey.detectors:
             cat = read_parquet(f"{small_root}/{visit}/{det}/diaSources.parquet")
             mask = read_image(f"{small_root}/{visit}/{det}/difference.fits")["mask"]
@@ -149,7 +151,7 @@ def test_image_path_counts_match_fast_path(small_root, small_survey):
     m = small_survey.config.sources_per_detector
     rows = [
         len(read_parquet(f"{small_root}/{v}/{d}/diaSources.parquet"))
-        for v in (0, 1)
+        for v in (V0, V1)
         for d in small_survey.detectors
     ]
     fast = [len(small_survey.visit_catalog(v)) / 4 for v in (0, 1)]
@@ -175,6 +177,7 @@ def test_visit_catalog_columns(small_survey):
         "band",
     ):
         assert col in cat.columns
+    assert (cat["visit"] == V1).all()  # the LSSTCam visit number, as visit.json's
     assert set(cat["detector"]) <= set(small_survey.detectors)
     # positions on the sky agree with the detector WCS
     g = cat[cat["detector"] == 94]

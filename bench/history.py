@@ -61,7 +61,7 @@ from tasks.summarise import SummaryConfig, summarise
 __all__ = ["HistorySpec", "Prepared", "fresh_apdb", "prepare"]
 
 #: Bump when the build changes what it writes (invalidates every cache).
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 _FLAG_COLUMNS = (
     "isDipole",
@@ -119,8 +119,13 @@ class HistorySpec:
 
     @property
     def visit(self) -> int:
-        """The timed visit (the one after the history)."""
+        """Index of the timed visit in the survey (the one after the history)."""
         return self.prior_visits
+
+    @property
+    def visit_number(self) -> int:
+        """LSSTCam visit number (day_obs·10⁵ + seq_num) of the timed visit: its bundle directory."""
+        return self.survey_config().visit_number(self.visit)
 
     def survey_config(self):
         from sim.config import SurveyConfig
@@ -146,7 +151,7 @@ class Prepared:
     spec: HistorySpec
     directory: Path
     bundle_root: str
-    visit: int
+    visit: int  # LSSTCam visit number of the timed visit
     stats: dict
 
 
@@ -293,7 +298,8 @@ def forced_sources(
     """Synthetic DiaForcedSources of ``objects`` (one per covering prior visit).
 
     Object ``i`` (truth object ``truth_id[i]``, fixed on the sky) gets a
-    forced measurement at every visit ``v >= start_visit[i]`` in ``visits``
+    forced measurement at every visit of ``visits`` (survey indices) whose LSSTCam
+    number is ``>= start_visit[i]`` (a visit number, as the DiaSources carry)
     that puts it on a detector: flux = truth light curve (difference image:
     science − template; science image) plus Gaussian noise with the
     simulator's analytic PSF-photometry σ for that visit's seeing and sky.
@@ -312,7 +318,7 @@ def forced_sources(
     parts = []
     for v in visits:
         vp = survey.visit_params(v)
-        live = np.flatnonzero(start_visit <= v)
+        live = np.flatnonzero(start_visit <= vp.number)
         if live.size == 0:
             continue
         xi, eta = survey.sky.positions(vp.mjd)
@@ -335,7 +341,7 @@ def forced_sources(
         starts = np.r_[0, np.flatnonzero(det[1:] != det[:-1]) + 1]
         lengths = np.diff(np.r_[starts, n])
         row = np.arange(n) - np.repeat(starts, lengths)
-        ccd = np.array([packer.ccd_visit_id(v, d) for d in det[starts]], dtype=np.int64)
+        ccd = np.array([packer.ccd_visit_id(vp.number, d) for d in det[starts]], dtype=np.int64)
         fid = (np.repeat(ccd, lengths) << np.int64(packer.counter_bits)) | row
         parts.append(
             pd.DataFrame(
@@ -344,7 +350,7 @@ def forced_sources(
                     "diaObjectId": obj_ids[live],
                     "ra": ra[live],
                     "dec": dec[live],
-                    "visit": np.full(n, v, np.int64),
+                    "visit": np.full(n, vp.number, np.int64),
                     "detector": det.astype(np.int16),
                     "psfFlux": (diff + sig_diff * rng.standard_normal(n)).astype(np.float32),
                     "psfFluxErr": sig_diff.astype(np.float32),
@@ -374,8 +380,9 @@ def build_frames(spec: HistorySpec, workers: int = 2, log=print) -> dict[str, pd
     src = pd.concat([dia_sources(c, packer, scale) for c in cats], ignore_index=True)
     truth = np.concatenate([c["truthId"].to_numpy(np.int64) for c in cats])
     kind = np.concatenate([c["kind"].to_numpy(object) for c in cats]).astype(str)
+    numbers = [survey.config.visit_number(k) for k in range(spec.prior_visits)]
     markers = pd.DataFrame(
-        [(v, d) for v in range(spec.prior_visits) for d in survey.detectors],
+        [(v, d) for v in numbers for d in survey.detectors],
         columns=["visit", "detector"],
     )
     del cats
@@ -545,7 +552,7 @@ def prepare(
     if not done.exists():
         from sim.survey import Survey
 
-        log(f"simulating visit {spec.visit} ({spec.n_detectors} detectors) into {bundles}")
+        log(f"simulating visit {spec.visit_number} ({spec.n_detectors} detectors) into {bundles}")
         t0 = time.perf_counter()
         survey = Survey(spec.survey_config().model_copy(update={"workers": workers}))
         survey.write_visit(str(bundles), spec.visit)
@@ -605,7 +612,7 @@ def prepare(
     stats = {**stats, f"load_{backend}_s": float(marker.read_text())}
     stats["frames_s"] = float((frames_dir / "done").read_text())
     stats["bundle_s"] = float(done.read_text())
-    return Prepared(spec, directory, str(bundles), spec.visit, stats)
+    return Prepared(spec, directory, str(bundles), spec.visit_number, stats)
 
 
 def _pg_available() -> bool:

@@ -195,10 +195,11 @@ def run(
     static_forced = []
     counts = {"n_matched": 0, "n_new": 0, "n_rejected": 0, "n_nan_dropped": 0, "n_forced": 0}
     truth_parts = []
-    for v in range(visits):
+    numbers = [survey.config.visit_number(k) for k in range(visits)]  # day_obs·10⁵ + seq_num
+    for k, v in enumerate(numbers):
         t = time.perf_counter()
         if not fsspec_exists(f"{detector_path(root, v, dets[-1])}/difference.fits"):
-            survey.write_visit(root, v, dets)  # a kept --root is reused as is
+            survey.write_visit(root, k, dets)  # a kept --root is reused as is
         t_sim += time.perf_counter() - t
         truth_parts.append(load_truth(root, [v], dets, packer, objects=True))
         truth_objects = truth_parts[-1]
@@ -252,7 +253,7 @@ def run(
     truth_objects = pd.concat(truth_parts, ignore_index=True)
     t_pipe = time.perf_counter() - t0 - t_sim
 
-    truth = load_truth(root, range(visits), dets, packer)
+    truth = load_truth(root, numbers, dets, packer)
     stored = apdb._all("sources")
     assoc_score = score_association(stored, truth)
     # pipeline forced sources: DiaObject → the true object most of its sources come from

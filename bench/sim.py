@@ -59,8 +59,9 @@ def main(argv: list[str]) -> dict:
             t0, c0 = time.perf_counter(), time.process_time()
             paths = survey.write_visit(str(out), visit)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            number = cfg.visit_number(visit)  # the directory: day_obs·10⁵ + seq_num
             rows = sum(
-                pq.read_metadata(f"{out}/{visit}/{d}/diaSources.parquet").num_rows
+                pq.read_metadata(f"{out}/{number}/{d}/diaSources.parquet").num_rows
                 for d in survey.detectors
             )
             writes.append(
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> dict:
                     "wall_s": wall,
                     "cpu_s": cpu,
                     "files": len(paths),
-                    "bytes": _du(out / str(visit)),
+                    "bytes": _du(out / str(number)),
                     "sources_per_detector": rows / len(survey.detectors),
                 }
             )

@@ -570,7 +570,12 @@ def _parser() -> argparse.ArgumentParser:
         "(3 visits x 4 detectors) under ./run/ and process it on SQLite and local files.",
     )
     p.add_argument("--root", help="bundle root (local path or s3://); default: simulate one")
-    p.add_argument("--visit", type=int, action="append", help="visit(s) to process (repeatable)")
+    p.add_argument(
+        "--visit",
+        type=int,
+        action="append",
+        help="visit(s) to process (repeatable), LSSTCam numbers day_obs·10⁵ + seq_num",
+    )
     p.add_argument("--detectors", type=_detector_list, help="comma-separated detector subset")
     p.add_argument("--workdir", default="run", help="where simulated bundles, APDB and alerts go")
     p.add_argument("--apdb", help="APDB URL (default: SQLite file in --workdir)")
@@ -639,10 +644,16 @@ def _main(argv: list[str] | None) -> int:
                 sources_per_detector=args.sim_sources,
             )
         )
-        visits = visits or list(range(args.sim_visits))
+        # the survey's visits k = 0, 1, ... carry LSSTCam numbers day_obs·10⁵ + seq_num
+        try:
+            indices = [survey.config.visit_index(v) for v in visits or ()]
+        except ValueError as exc:
+            _parser().error(f"--visit: {exc}")
+        indices = indices or list(range(args.sim_visits))
+        visits = [survey.config.visit_number(k) for k in indices]
         print(f"simulating {len(visits)} visit(s) x {args.sim_detectors} detectors into {root}")
-        for v in visits:
-            survey.write_visit(root, v)
+        for k in indices:
+            survey.write_visit(root, k)
     elif not visits:
         _parser().error("--visit is required with --root")
 

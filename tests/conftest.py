@@ -17,6 +17,9 @@ import pytest
 from flows.config import PipelineConfig
 
 N_DETECTORS = 4
+#: The LSSTCam visit numbers (day_obs·10⁵ + seq_num) of a default-cadence simulated survey's
+#: first three visits (MJD 61000.0 + 3 k): the visit directories of :func:`survey_root`.
+V0, V1, V2 = 2025112000001, 2025112300001, 2025112600001
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +36,7 @@ def prefect_harness():
 
 @pytest.fixture(scope="session")
 def survey_root(tmp_path_factory) -> str:
-    """Two simulated visits of 4 small detectors (256 px), written once per session."""
+    """Three simulated visits (V0, V1, V2) of 4 small detectors (256 px), written once."""
     from sim.config import SurveyConfig
     from sim.survey import Survey
 
@@ -49,6 +52,7 @@ def survey_root(tmp_path_factory) -> str:
     )
     for visit in range(3):
         survey.write_visit(str(root), visit)
+    assert [survey.config.visit_number(k) for k in range(3)] == [V0, V1, V2]
     return str(root)
 
 

@@ -24,7 +24,7 @@ from apdb import sdm
 from core.errors import AlertError
 from flows.visit import run_visit_plain
 from tests.alerts.conftest import make_alert_inputs
-from tests.conftest import make_config
+from tests.conftest import V0, V1, V2, make_config
 
 # hypothesis is imported at collection, as by the other test modules: imported
 # later (pytest's summary does it), trio's hypothesis hook warns under
@@ -48,7 +48,7 @@ def _non_finite(value, path: str, out: list[str]) -> None:
 def survey_run(survey_root, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("finite")
     config = make_config(tmp)
-    for visit in range(3):
+    for visit in (V0, V1, V2):
         result = run_visit_plain(survey_root, visit, config)
         assert not result["failed"], result["failed"]
     return tmp

@@ -29,11 +29,10 @@ from tasks.summarise import SummaryConfig, summarise
 def visit_alerts(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("sim"))
     survey = Survey(SurveyConfig(seed=4, n_detectors=1, detector_size=(512, 512), n_visits=3))
-    visit = 0
-    survey.write_visit(root, visit)
-    info = survey.visit_info(visit)
+    survey.write_visit(root, 0)
+    info = survey.visit_info(0)
     detector = info.detectors[0]
-    bundle = read_detector_bundle(root, visit, detector)
+    bundle = read_detector_bundle(root, info.visit, detector)
     sources = calibrate(
         bundle.sources,
         bundle,

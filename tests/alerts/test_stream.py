@@ -344,7 +344,7 @@ def _files(folder: Path) -> dict[int, tuple[bytes, str]]:
 @pytest.mark.usefixtures("prefect_harness")
 def test_night_manifest_reconciles_and_replays(survey_root, broker, tmp_path, capsys):
     from flows.visit import run_visit
-    from tests.conftest import make_config
+    from tests.conftest import V0, V1, make_config
 
     config = make_config(tmp_path, cache=False)
     config = config.model_copy(
@@ -354,7 +354,7 @@ def test_night_manifest_reconciles_and_replays(survey_root, broker, tmp_path, ca
         }
     )
     broker.create_topic("alerts-night", partitions=2)
-    for visit in (0, 1):
+    for visit in (V0, V1):
         state, result = run_visit(survey_root, visit, config)
         assert state.name == "Completed", getattr(state, "message", state)
         assert result["manifest"]

@@ -6,7 +6,7 @@ import pytest
 
 from core.bundle import read_visit_info
 from flows import detector as D
-from tests.conftest import make_config
+from tests.conftest import V0, make_config
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def _reads(monkeypatch) -> list[int]:
 
 
 def test_bundles_are_read_once_while_they_fit_the_budget(survey_root, tmp_path, monkeypatch):
-    info = read_visit_info(survey_root, 0)
+    info = read_visit_info(survey_root, V0)
     dets = list(info.detectors)
     config = make_config(tmp_path, bundle_cache_mb=1024)
     calls = _reads(monkeypatch)
@@ -40,7 +40,7 @@ def test_bundles_are_read_once_while_they_fit_the_budget(survey_root, tmp_path, 
 
 
 def test_a_small_budget_keeps_only_what_fits(survey_root, tmp_path, monkeypatch):
-    info = read_visit_info(survey_root, 0)
+    info = read_visit_info(survey_root, V0)
     dets = list(info.detectors)
     one = D.bundle_nbytes(D.get_bundle(survey_root, info, dets[0], make_config(tmp_path)))
     D.forget_bundles()
@@ -59,7 +59,7 @@ def test_a_small_budget_keeps_only_what_fits(survey_root, tmp_path, monkeypatch)
 
 
 def test_forget_drops_only_the_finished_group(survey_root, tmp_path, monkeypatch):
-    info = read_visit_info(survey_root, 0)
+    info = read_visit_info(survey_root, V0)
     dets = list(info.detectors)
     config = make_config(tmp_path, bundle_cache_mb=1024)
     for d in dets:

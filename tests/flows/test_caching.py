@@ -14,7 +14,7 @@ from core.errors import InputError
 from flows import detector as D
 from flows import stages as S
 from flows.visit import run_visit, run_visit_plain
-from tests.conftest import make_config
+from tests.conftest import V0, V1, V2, make_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -29,6 +29,7 @@ def field_root(tmp_path_factory) -> str:
     survey = Survey(SurveyConfig(seed=5, n_detectors=2, n_visits=3, sources_per_detector=80))
     for visit in range(3):
         survey.write_visit(str(root), visit)
+    assert [survey.config.visit_number(k) for k in range(3)] == [V0, V1, V2]
     return str(root)
 
 
@@ -73,15 +74,15 @@ def _operator_sequence(root: str, work: Path, *, later_visit: bool = True, **orc
     config = make_config(work, **orchestration)
     db = work / "apdb.sqlite3"
     ApdbSql.create(ApdbConfig(url=str(db))).close()
-    assert run_visit(root, 0, config)[0].name == "Completed"
+    assert run_visit(root, V0, config)[0].name == "Completed"
     _fail_sources(db, True)
-    state, result = run_visit(root, 1, config)
+    state, result = run_visit(root, V1, config)
     assert state.name == "Partial" and len(result["failed"]) == 2, result["failed"]
     assert all("injected" in e for e in result["failed"].values()), result["failed"]
     _fail_sources(db, False)
     if later_visit:
-        assert run_visit(root, 2, config)[0].name == "Completed"
-    return run_visit(root, 1, config)
+        assert run_visit(root, V2, config)[0].name == "Completed"
+    return run_visit(root, V1, config)
 
 
 def test_rerun_after_a_later_visit_does_what_an_uncached_run_does(field_root, tmp_path):
@@ -122,15 +123,15 @@ def test_rerun_after_a_failed_store_stores_what_an_uncached_run_stores(field_roo
     assert len(default["objects"]) == len(expected["objects"]), "no duplicate DiaObject"
     assert default == expected
     # Visit 1's alerts are out after the first re-run, one per stored DiaSource.
-    files = sorted(p.name for p in (tmp_path / "default" / "alerts").glob("1_*.avro"))
-    assert files == sorted(f"1_{d}.avro" for d in result["detectors"])
+    files = sorted(p.name for p in (tmp_path / "default" / "alerts").glob(f"{V1}_*.avro"))
+    assert files == sorted(f"{V1}_{d}.avro" for d in result["detectors"])
     assert result["alerts"] == control["alerts"] > 0
-    assert result["alerts"] == sum(1 for s in default["sources"] if s[2] == 1)
+    assert result["alerts"] == sum(1 for s in default["sources"] if s[2] == V1)
     assert sum(row.get("associate_matched", 0) for row in control["table"]) > 0, "a real re-run"
 
 
 def test_a_failed_detector_is_not_served_from_the_cache(survey_root, tmp_path, monkeypatch):
-    info = read_visit_info(survey_root, 0)
+    info = read_visit_info(survey_root, V0)
     bad = info.detectors[0]
     real = D.calibrate_detector
 
@@ -141,12 +142,12 @@ def test_a_failed_detector_is_not_served_from_the_cache(survey_root, tmp_path, m
 
     config = make_config(tmp_path)
     monkeypatch.setattr(D, "calibrate_detector", flaky)
-    state, result = run_visit(survey_root, 0, config)
+    state, result = run_visit(survey_root, V0, config)
     assert state.name == "Partial" and set(result["failed"]) == {bad}
     monkeypatch.setattr(D, "calibrate_detector", real)  # the cause is fixed
-    state, result = run_visit(survey_root, 0, config)
+    state, result = run_visit(survey_root, V0, config)
     assert state.name == "Completed", state.message
-    assert (tmp_path / "alerts" / f"0_{bad}.avro").exists()
+    assert (tmp_path / "alerts" / f"{V0}_{bad}.avro").exists()
 
 
 def test_a_config_change_between_runs_is_honoured(field_root, tmp_path):
@@ -158,16 +159,16 @@ def test_a_config_change_between_runs_is_honoured(field_root, tmp_path):
         config = make_config(work)
         db = work / "apdb.sqlite3"
         ApdbSql.create(ApdbConfig(url=str(db))).close()
-        run_visit(field_root, 0, config)
+        run_visit(field_root, V0, config)
         _fail_sources(db, True)
-        run_visit(field_root, 1, config)
+        run_visit(field_root, V1, config)
         _fail_sources(db, False)
         changed = config.model_copy(
             update={
                 "association": config.association.model_copy(update={"max_distance_arcsec": radius})
             }
         )
-        state, result = run_visit(field_root, 1, changed)
+        state, result = run_visit(field_root, V1, changed)
         assert state.name == "Completed", state.message
         results[name] = sum(row.get("associate_matched", 0) for row in result["table"])
         # What an uncached run with that radius finds on the same APDB state.
@@ -182,18 +183,18 @@ def test_a_config_change_between_runs_is_honoured(field_root, tmp_path):
 def _matched_uncached(root: str, work: Path, radius: float) -> int:
     work.mkdir()
     config = make_config(work, cache=False)
-    run_visit_plain(root, 0, config)
+    run_visit_plain(root, V0, config)
     changed = config.model_copy(
         update={
             "association": config.association.model_copy(update={"max_distance_arcsec": radius})
         }
     )
-    result = run_visit_plain(root, 1, changed)
+    result = run_visit_plain(root, V1, changed)
     return sum(row.get("associate_matched", 0) for row in result["table"])
 
 
 def test_the_code_version_is_in_the_key(survey_root, tmp_path, monkeypatch):
-    info = read_visit_info(survey_root, 0)
+    info = read_visit_info(survey_root, V0)
     config = make_config(tmp_path)
     ctx = S.StageContext(survey_root, info, config, 61000.0)
     calibrate = next(s for s in S.PIPELINE if s.name == "calibrate")
@@ -208,9 +209,9 @@ def test_the_code_version_is_in_the_key(survey_root, tmp_path, monkeypatch):
 
 def test_result_storage_after_a_default_run_is_within_a_tenth_of_the_alerts(survey_root, tmp_path):
     config = make_config(tmp_path)
-    state, result = run_visit(survey_root, 0, config)
+    state, result = run_visit(survey_root, V0, config)
     assert state.name == "Completed", state.message
-    alert_bytes = sum(p.stat().st_size for p in (tmp_path / "alerts").glob("0_*.avro"))
+    alert_bytes = sum(p.stat().st_size for p in (tmp_path / "alerts").glob(f"{V0}_*.avro"))
     stored = [p for p in (tmp_path / "results").rglob("*") if p.is_file()]
     assert stored, "the default run caches its calibrate results"
     assert sum(p.stat().st_size for p in stored) <= 0.10 * alert_bytes
@@ -221,7 +222,7 @@ def test_expired_cache_entries_are_deleted(survey_root, tmp_path):
     import time
 
     config = make_config(tmp_path, cache_expiration_hours=1.0)
-    info = read_visit_info(survey_root, 0)
+    info = read_visit_info(survey_root, V0)
     calibrate = next(s for s in S.PIPELINE if s.name == "calibrate")
     S.run_group(
         calibrate, S.StageContext(survey_root, info, config, 61000.0), [info.detectors[0]], {}
@@ -235,11 +236,11 @@ def test_expired_cache_entries_are_deleted(survey_root, tmp_path):
 
 
 def test_a_detector_listed_twice_is_refused(survey_root, tmp_path):
-    det = read_visit_info(survey_root, 0).detectors[0]
+    det = read_visit_info(survey_root, V0).detectors[0]
     config = make_config(tmp_path, cache=False)
-    state, result = run_visit(survey_root, 0, config, detectors=[det, det])
+    state, result = run_visit(survey_root, V0, config, detectors=[det, det])
     assert isinstance(result, InputError), result
     assert f"detectors [{det}] are listed more than once" in str(result)
     assert not (tmp_path / "alerts").exists() or not list((tmp_path / "alerts").glob("*.avro"))
     with pytest.raises(InputError, match="listed more than once"):
-        run_visit_plain(survey_root, 0, config, detectors=[det, det])
+        run_visit_plain(survey_root, V0, config, detectors=[det, det])

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import make_config
+from tests.conftest import V0, make_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -45,7 +45,7 @@ def test_served_deployment_runs_through_the_api(survey_root, tmp_path):
                     "process-visit/test-visit",
                     parameters={
                         "bundle_root": survey_root,
-                        "visit": 0,
+                        "visit": V0,
                         "detectors": None,
                         "config": config.model_dump(mode="json"),
                     },
@@ -57,7 +57,7 @@ def test_served_deployment_runs_through_the_api(survey_root, tmp_path):
                 time.sleep(1)
         assert flow_run.state.is_completed(), flow_run.state
         assert flow_run.state.name == "Completed"
-        assert list((tmp_path / "alerts").glob("0_*.avro")), "the served run wrote alerts"
+        assert list((tmp_path / "alerts").glob(f"{V0}_*.avro")), "the served run wrote alerts"
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -20,7 +20,7 @@ from astropy.io import fits
 from apdb import make_apdb
 from core.errors import InputError
 from flows.visit import run_visit
-from tests.conftest import make_config
+from tests.conftest import V0, make_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -328,12 +328,12 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def corpus(survey_root, tmp_path_factory):
-    """Visit 0 with one detector per case, each a mutated copy of one valid detector."""
-    src_visit = Path(survey_root) / "0"
+    """Visit V0 with one detector per case, each a mutated copy of one valid detector."""
+    src_visit = Path(survey_root) / str(V0)
     info = json.loads((src_visit / "visit.json").read_text())
     template = src_visit / str(info["detectors"][0])
     root = tmp_path_factory.mktemp("corpus")
-    vdir = root / "0"
+    vdir = root / str(V0)
     vdir.mkdir()
     detectors = []
     for i, (_, mutate, _, _) in enumerate(CASES):
@@ -351,14 +351,14 @@ def test_corpus_has_at_least_30_malformed_bundles():
 
 def test_each_bad_detector_fails_alone_and_names_file_and_cause(corpus, tmp_path):
     config = make_config(tmp_path, cache=False, detectors_per_task=6)
-    state, result = run_visit(corpus, 0, config)
+    state, result = run_visit(corpus, V0, config)
     assert state.name == "Partial"
     apdb = make_apdb(config.apdb)
-    stored = apdb.done_detectors(0)
+    stored = apdb.done_detectors(V0)
     problems = []
     for i, (name, _, expect, pattern) in enumerate(CASES):
         det = 100 + i
-        alert_file = tmp_path / "alerts" / f"0_{det}.avro"
+        alert_file = tmp_path / "alerts" / f"{V0}_{det}.avro"
         if expect == FAIL:
             error = result["failed"].get(det)
             if error is None or not re.search(pattern, error):
@@ -375,11 +375,11 @@ def test_each_bad_detector_fails_alone_and_names_file_and_cause(corpus, tmp_path
 
 def test_bad_visit_json_fails_the_visit_with_a_clear_error(corpus, tmp_path):
     root = tmp_path / "bundles"
-    (root / "0").mkdir(parents=True)
-    info = json.loads((Path(corpus) / "0" / "visit.json").read_text())
+    (root / str(V0)).mkdir(parents=True)
+    info = json.loads((Path(corpus) / str(V0) / "visit.json").read_text())
     del info["band"]
-    (root / "0" / "visit.json").write_text(json.dumps(info))
-    state, result = run_visit(str(root), 0, make_config(tmp_path))
+    (root / str(V0) / "visit.json").write_text(json.dumps(info))
+    state, result = run_visit(str(root), V0, make_config(tmp_path))
     assert state.is_failed()
     assert re.search(r"visit\.json: missing field\(s\) band", str(result))
 
@@ -405,12 +405,12 @@ def test_images_not_on_the_difference_image_grid_are_refused(
 ):
     from core.bundle import read_detector_bundle
 
-    info = json.loads((Path(survey_root) / "0" / "visit.json").read_text())
+    info = json.loads((Path(survey_root) / str(V0) / "visit.json").read_text())
     det = info["detectors"][0]
-    shutil.copytree(Path(survey_root) / "0", tmp_path / "0")
-    mutate(tmp_path / "0" / str(det))
+    shutil.copytree(Path(survey_root) / str(V0), tmp_path / str(V0))
+    mutate(tmp_path / str(V0) / str(det))
     if pattern is None:
-        assert read_detector_bundle(str(tmp_path), 0, det).template is not None
+        assert read_detector_bundle(str(tmp_path), V0, det).template is not None
         return
     with pytest.raises(InputError, match=pattern):
-        read_detector_bundle(str(tmp_path), 0, det)
+        read_detector_bundle(str(tmp_path), V0, det)

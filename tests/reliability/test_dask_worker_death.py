@@ -21,7 +21,7 @@ import pytest
 
 from alerts.store import read_alert_batch
 from flows.visit import run_visit
-from tests.conftest import make_config
+from tests.conftest import V1, make_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -51,7 +51,7 @@ def test_killed_dask_workers_lose_and_duplicate_nothing(survey_root, tmp_path):
     outcome: dict = {}
 
     def visit():
-        outcome["state"], outcome["result"] = run_visit(survey_root, 1, config)
+        outcome["state"], outcome["result"] = run_visit(survey_root, V1, config)
 
     receipts = tmp_path / "alerts" / "receipts"
     runner = threading.Thread(target=visit)
@@ -61,7 +61,7 @@ def test_killed_dask_workers_lose_and_duplicate_nothing(survey_root, tmp_path):
     while runner.is_alive() and time.monotonic() < deadline:
         # The worst moment: a detector committed to the APDB, its alerts not yet out.
         n_stored = _markers(db) if db.exists() else 0
-        n_produced = len(list(receipts.glob("1_*.json"))) if receipts.exists() else 0
+        n_produced = len(list(receipts.glob(f"{V1}_*.json"))) if receipts.exists() else 0
         workers = _worker_processes()
         if n_stored > n_produced and workers:
             killed_at = (n_stored, n_produced)
@@ -78,11 +78,13 @@ def test_killed_dask_workers_lose_and_duplicate_nothing(survey_root, tmp_path):
     assert len(result["succeeded"]) == 4 and not result["failed"]
     assert _markers(db) == 4
     with sqlite3.connect(db) as conn:
-        stored = [r[0] for r in conn.execute('SELECT "diaSourceId" FROM "DiaSource" WHERE visit=1')]
+        stored = [
+            r[0] for r in conn.execute(f'SELECT "diaSourceId" FROM "DiaSource" WHERE visit={V1}')
+        ]
         n_sources = dict(conn.execute('SELECT "diaObjectId", "nDiaSources" FROM "DiaObjectLast"'))
     alerts = [
         a
-        for f in sorted((tmp_path / "alerts").glob("1_*.avro"))
+        for f in sorted((tmp_path / "alerts").glob(f"{V1}_*.avro"))
         for a in read_alert_batch(str(f)).records()
     ]
     alerted = [a["diaSourceId"] for a in alerts]

@@ -17,7 +17,7 @@ from apdb import make_apdb
 from apdb.config import ApdbConfig
 from apdb.sql import ApdbSql
 from flows.visit import run_visit
-from tests.conftest import make_config
+from tests.conftest import V0, V1, make_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -86,7 +86,7 @@ def test_connection_killed_mid_store_is_retried_never_partial(survey_root, tmp_p
     thread.start()
     config = _config(tmp_path, pg_url, detectors_per_task=1, max_workers=1, retry_backoff_s=0.2)
     try:
-        state, result = run_visit(survey_root, 0, config)
+        state, result = run_visit(survey_root, V0, config)
     finally:
         stop.set()
         thread.join(timeout=5)
@@ -97,7 +97,7 @@ def test_connection_killed_mid_store_is_retried_never_partial(survey_root, tmp_p
     assert len(ids) == len(set(ids)), "no DiaSource stored twice"
     assert sorted(ids) == sorted(_alert_ids(tmp_path / "alerts")), "stored == alerted"
     apdb = make_apdb(pg_url)
-    summary = apdb.visit_summary(0)
+    summary = apdb.visit_summary(V0)
     assert int(summary["nDiaSources"].sum()) == len(ids), "markers agree with the rows"
 
 
@@ -112,23 +112,23 @@ def test_failure_inside_the_transaction_leaves_nothing(survey_root, tmp_path):
             "BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
         )
     config = _config(tmp_path, url)
-    state, result = run_visit(survey_root, 1, config)
+    state, result = run_visit(survey_root, V1, config)
     failing = sorted(d for d, e in result["failed"].items() if "injected fault" in e)
     assert failing, result["failed"]
     assert state.name == "Partial"
     apdb = make_apdb(url)
-    assert not (apdb.done_detectors(1) & set(failing)), "no marker for a failed store"
+    assert not (apdb.done_detectors(V1) & set(failing)), "no marker for a failed store"
     stored = _source_ids(url)
     assert len(stored) == sum(
         row.get("store_sources", 0) for row in result["table"] if row["detector"] not in failing
     ), "no row of a failed detector"
     for det in failing:
-        assert not (tmp_path / "alerts" / f"1_{det}.avro").exists(), "no alert for unstored data"
+        assert not (tmp_path / "alerts" / f"{V1}_{det}.avro").exists(), "no alert for unstored data"
 
     with engine.begin() as conn:
         conn.exec_driver_sql("DROP TRIGGER fail_sources")
     engine.dispose()
-    state2, result2 = run_visit(survey_root, 1, config)
+    state2, result2 = run_visit(survey_root, V1, config)
     assert state2.name == "Completed", state2.message
     assert sorted(result2["skipped"]) == sorted(set(result["detectors"]) - set(failing))
     ids = _source_ids(url)
@@ -141,7 +141,7 @@ def test_database_down_at_start_fails_clearly_and_sends_nothing(survey_root, tmp
     config = _config(tmp_path, url).model_copy(
         update={"apdb": ApdbConfig(url=url, connect_timeout_s=2)}
     )
-    state, result = run_visit(survey_root, 0, config)
+    state, result = run_visit(survey_root, V0, config)
     assert state.is_failed()
     assert "127.0.0.1:1" in str(result) and "nowhere" in str(result)
     assert not (tmp_path / "alerts").exists() or not list((tmp_path / "alerts").rglob("*.avro"))
@@ -149,11 +149,11 @@ def test_database_down_at_start_fails_clearly_and_sends_nothing(survey_root, tmp
 
 def test_rerun_of_a_finished_visit_adds_nothing(survey_root, tmp_path):
     config = _config(tmp_path, str(tmp_path / "apdb.sqlite3"))
-    state, first = run_visit(survey_root, 0, config)
+    state, first = run_visit(survey_root, V0, config)
     assert state.name == "Completed"
     counts = make_apdb(config.apdb).row_counts()
     files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "alerts").glob("*.avro")}
-    state, again = run_visit(survey_root, 0, config)
+    state, again = run_visit(survey_root, V0, config)
     assert state.name == "Completed"
     assert again["alerts"] == 0 and sorted(again["skipped"]) == sorted(first["detectors"])
     assert make_apdb(config.apdb).row_counts() == counts, "0 new rows"

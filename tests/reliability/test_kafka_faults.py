@@ -27,7 +27,7 @@ from flows.visit import run_visit
 from tests.alerts.conftest import make_alert_inputs
 from tests.alerts.kafka_util import consume_all, source_id
 from tests.alerts.test_kafka_broker import Broker, _free_port, _tansu_binary
-from tests.conftest import make_config
+from tests.conftest import V0, make_config
 
 pytestmark = pytest.mark.kafka
 
@@ -68,7 +68,7 @@ def test_broker_down_for_the_whole_visit_then_replay(survey_root, tmp_path, caps
             ),
         }
     )
-    state, result = run_visit(survey_root, 0, config)
+    state, result = run_visit(survey_root, V0, config)
     assert state.name == "Completed", getattr(state, "message", state)
     assert not result["failed"]
     files = _alert_files(tmp_path / "alerts")
@@ -83,7 +83,7 @@ def test_broker_down_for_the_whole_visit_then_replay(survey_root, tmp_path, caps
             letters[sid] = p
     assert dead.count() == len(files), "every alert of the visit is a dead letter"
     assert letters == files, "dead letters hold the same bytes as the alert files"
-    receipts = sorted((tmp_path / "alerts" / "receipts").glob("0_*.json"))
+    receipts = sorted((tmp_path / "alerts" / "receipts").glob(f"{V0}_*.json"))
     assert len(receipts) == len(result["detectors"]), "each detector finished (nothing pending)"
 
     broker = Broker(_tansu_binary(), port, tmp_path / "tansu.log")

@@ -20,6 +20,7 @@ import pytest
 from alerts.store import _read_long, read_alert_batch
 from tests.alerts.kafka_util import consume_all
 from tests.alerts.test_kafka_broker import Broker, _free_port, _tansu_binary
+from tests.conftest import V0
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.kafka]
 
@@ -49,7 +50,7 @@ def test_sigkill_mid_visit_then_rerun(survey_root, tmp_path):
             "--root",
             survey_root,
             "--visit",
-            "0",
+            str(V0),
             "--workdir",
             str(work),
             "--kafka",
@@ -84,7 +85,7 @@ def test_sigkill_mid_visit_then_rerun(survey_root, tmp_path):
         assert markers == 4
         assert len(ids) == len(set(ids)), "each DiaSource stored once"
 
-        files = sorted((work / "alerts").glob("0_*.avro"))
+        files = sorted((work / "alerts").glob(f"{V0}_*.avro"))
         payloads = {}
         for f in files:
             batch = read_alert_batch(str(f))

@@ -28,8 +28,8 @@ from alerts.store import AlertStoreConfig, read_alert_batch, write_alerts
 from core.errors import TransientError
 from flows.visit import run_visit
 from tests.alerts.conftest import make_alert_inputs
+from tests.conftest import V0, make_config
 from tests.conftest import free_port as _free_port
-from tests.conftest import make_config
 
 pytestmark = pytest.mark.s3
 BUCKET = "faults"
@@ -279,14 +279,14 @@ def test_flow_retries_a_write_cut_by_a_restart(s3server, endpoint, survey_root, 
     )
     during: list[list[str]] = []
     endpoint.cut_next_put(
-        "/visit/alerts/0_",
+        f"/visit/alerts/{V0}_",
         outage_s=2.5,
         on_cut=lambda: during.append(
             [p for p in _objects(direct, "visit/alerts") if p.endswith(".avro")]
         ),
     )
     t0 = time.monotonic()
-    state, result = run_visit(survey_root, 0, config)
+    state, result = run_visit(survey_root, V0, config)
     assert endpoint.cuts == 1, "an upload was cut"
     assert state.name == "Completed", getattr(state, "message", state)
     assert not result["failed"]
@@ -297,7 +297,7 @@ def test_flow_retries_a_write_cut_by_a_restart(s3server, endpoint, survey_root, 
 
     names = _objects(direct, "visit/alerts")
     top = [p for p in names if p.count("/") == 3]  # directly under the alert location
-    files = [p for p in top if re.fullmatch(r".*/0_\d+\.avro", p)]
+    files = [p for p in top if re.fullmatch(rf".*/{V0}_\d+\.avro", p)]
     receipts = [p for p in names if "/receipts/" in p]
     assert len(receipts) == len(result["detectors"])
     assert top == files, "only final alert files under the alert location"

@@ -10,7 +10,7 @@ import pytest
 from apdb.config import ApdbConfig
 from apdb.sql import ApdbSql
 from flows.visit import run_visit
-from tests.conftest import free_port, make_config
+from tests.conftest import V0, free_port, make_config
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.postgresql, pytest.mark.s3]
 
@@ -67,7 +67,7 @@ def test_no_secret_in_logs_artifacts_or_alerts(
         }
     )
     caplog.set_level(logging.DEBUG)
-    state, result = run_visit(survey_root, 0, config, detectors=None)
+    state, result = run_visit(survey_root, V0, config, detectors=None)
     assert state.name == "Completed", state.message
     assert result["alerts"] > 0
 
@@ -75,7 +75,7 @@ def test_no_secret_in_logs_artifacts_or_alerts(
     leaked_param = config.model_copy(
         update={"kafka": config.kafka.model_copy(update={"sasl_password": KAFKA_PARAM_PASSWORD})}
     )
-    state2, _ = run_visit(survey_root, 0, leaked_param)
+    state2, _ = run_visit(survey_root, V0, leaked_param)
 
     async def stored():
         async with get_client() as client:
@@ -169,7 +169,7 @@ def test_no_url_shape_shows_the_password_anywhere(survey_root, tmp_path, caplog,
     codes = {}
     with temporary_settings({PREFECT_LOGGING_TO_API_ENABLED: True}):
         for name, url, _ in shapes:
-            argv = ["--root", survey_root, "--visit", "0", "--apdb", url]
+            argv = ["--root", survey_root, "--visit", str(V0), "--apdb", url]
             codes[name] = main([*argv, "--workdir", str(tmp_path / name.replace(" ", "_"))])
         APILogHandler().flush()
     out, err = capfd.readouterr()

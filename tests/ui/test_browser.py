@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_config
+from tests.conftest import V0, make_config
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -179,7 +179,7 @@ def test_run_form_submits_a_visit_that_completes(tmp_path):
         # the deployment's default bundle_root points nowhere: only the form can make it work
         defaults = {
             "bundle_root": str(tmp_path / "not-here"),
-            "visit": 0,
+            "visit": V0,
             "config": make_config(tmp_path / "work", cache=False).model_dump(mode="json"),
         }
         with open(serve_log, "wb") as log:
@@ -247,7 +247,7 @@ def test_run_form_submits_a_visit_that_completes(tmp_path):
         assert run["state"]["type"] == "COMPLETED", (run["state"], serve_log.read_text()[-3000:])
         assert run["state"]["name"] == "Completed"  # not "Partial": both detectors succeeded
         alerts = sorted(p.name for p in (tmp_path / "work" / "alerts").glob("*.avro"))
-        assert len(alerts) == 2 and all(a.startswith("0_") for a in alerts), alerts
+        assert len(alerts) == 2 and all(a.startswith(f"{V0}_") for a in alerts), alerts
 
         driver.get(f"{ui}/runs/flow-run/{run['id']}")
         wait.until(ec.presence_of_element_located((By.XPATH, f"//*[contains(., '{RUN_NAME}')]")))

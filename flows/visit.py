@@ -636,21 +636,20 @@ def _main(argv: list[str] | None) -> int:
         from sim.survey import Survey
 
         root = str(work / "bundles")
-        survey = Survey(
-            SurveyConfig(
-                seed=args.seed,
-                n_detectors=args.sim_detectors,
-                n_visits=args.sim_visits,
-                sources_per_detector=args.sim_sources,
-            )
+        sim_config = SurveyConfig(
+            seed=args.seed,
+            n_detectors=args.sim_detectors,
+            n_visits=args.sim_visits,
+            sources_per_detector=args.sim_sources,
         )
         # the survey's visits k = 0, 1, ... carry LSSTCam numbers day_obs·10⁵ + seq_num
         try:
-            indices = [survey.config.visit_index(v) for v in visits or ()]
+            indices = [sim_config.visit_index(v) for v in visits or ()]
         except ValueError as exc:
             _parser().error(f"--visit: {exc}")
         indices = indices or list(range(args.sim_visits))
-        visits = [survey.config.visit_number(k) for k in indices]
+        visits = [sim_config.visit_number(k) for k in indices]
+        survey = Survey(sim_config)
         print(f"simulating {len(visits)} visit(s) x {args.sim_detectors} detectors into {root}")
         for k in indices:
             survey.write_visit(root, k)

@@ -135,6 +135,25 @@ def test_visit_cli_mistakes_are_argparse_errors(argv, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    ("visit", "message"),
+    [
+        ("2", "visit 2 is not an LSSTCam visit number day_obs·10⁵ + seq_num"),
+        ("2025112100001", "has no exposure 1 on night 20251121"),
+    ],
+    ids=["small counter", "night without a visit"],
+)
+def test_visit_cli_simulation_takes_lsstcam_visit_numbers(visit, message, tmp_path, capsys):
+    """Without --root, --visit names one of the simulated visits by its LSSTCam number."""
+    with pytest.raises(SystemExit) as info:
+        visit_main(["--visit", visit, "--workdir", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "python -m flows.visit: error: --visit:" in err and message in err, err
+    _one_error_line(err)
+    assert not (tmp_path / "bundles").exists(), "refused before simulating anything"
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--detectors", "0"], "n_detectors: Input should be greater than or equal to 1"),

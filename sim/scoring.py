@@ -62,7 +62,9 @@ def load_truth(
     root : str
         Bundle root written by :meth:`sim.survey.Survey.write_visit`.
     visits, detectors : iterable of int
-        Which detector folders to read (missing folders are skipped).
+        Which detector folders to read (missing folders are skipped): visits by
+        their LSSTCam visit number, the folder name
+        (:meth:`sim.config.SurveyConfig.visit_number`).
     id_packer : IdPacker
         The packer the pipeline ran with; adds ``diaSourceId`` to source truth.
     objects : bool

@@ -29,7 +29,6 @@ import os
 import sqlite3
 from collections.abc import Callable
 
-import psycopg
 import sqlalchemy as sa
 
 from apdb import sql as apdb_sql
@@ -190,10 +189,10 @@ def migrate(config: ApdbConfig | str, *, lock_timeout_s: float = 5.0) -> Plan:
                     dbapi.execute(
                         'LOCK TABLE "metadata", "DiaForcedSource" IN SHARE ROW EXCLUSIVE MODE'
                     )
-            except psycopg.errors.UndefinedTable as exc:
+            except apdb_sql.psycopg_errors("UndefinedTable") as exc:
                 dbapi.rollback()
                 raise ApdbError(f"APDB {url}: not an APDB ({exc}); nothing changed") from exc
-            except (psycopg.errors.LockNotAvailable, psycopg.OperationalError) as exc:
+            except apdb_sql.psycopg_errors("LockNotAvailable", "OperationalError") as exc:
                 dbapi.rollback()
                 raise ApdbError(
                     f"APDB {url}: locked by another connection (waited {lock_timeout_s} s): "

@@ -76,12 +76,12 @@ import json
 import logging
 import os
 import sqlite3
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import hpgeom
 import numpy as np
 import pandas as pd
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
@@ -549,11 +549,25 @@ def _ids_array(object_ids: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
 _SCHEMA_WORDS = ("no such table", "no such column", "has no column", "syntax error")
 
 
+def psycopg_errors(*names: str) -> tuple[type[BaseException], ...]:
+    """The classes ``psycopg.errors.<name>``, or ``()`` while psycopg is not loaded.
+
+    psycopg is the PostgreSQL driver: SQLAlchemy's dialect imports it when a
+    PostgreSQL URL is opened, and no psycopg error can exist before that, so
+    the error mapping needs no import of its own and a SQLite-only process
+    never loads the driver. ``isinstance(exc, ())`` is false.
+    """
+    pg = sys.modules.get("psycopg")
+    if pg is None:
+        return ()
+    return tuple(getattr(pg.errors, name) for name in names)
+
+
 def _pg_timeout(orig: BaseException, what: str, url: str) -> TransientError | None:
     """A TransientError (and a warning) for a PostgreSQL lock or statement timeout."""
-    if isinstance(orig, psycopg.errors.LockNotAvailable):
+    if isinstance(orig, psycopg_errors("LockNotAvailable")):
         kind = "a lock held by another session (lock_timeout_ms)"
-    elif isinstance(orig, psycopg.errors.QueryCanceled):
+    elif isinstance(orig, psycopg_errors("QueryCanceled")):
         kind = "the statement to finish (statement_timeout_ms, or cancelled)"
     else:
         return None
@@ -596,12 +610,12 @@ def _translate(exc: BaseException, what: str, url: str) -> BaseException | None:
         if mapped is not None:
             return mapped
         if exc.connection_invalidated or isinstance(
-            orig, (sqlite3.OperationalError, psycopg.OperationalError)
+            orig, (sqlite3.OperationalError, *psycopg_errors("OperationalError"))
         ):
             if not any(w in str(orig).lower() for w in _SCHEMA_WORDS):
                 return TransientError(f"APDB {url}: {what}: {orig}")
         return ApdbError(f"APDB {url}: {what}: {orig}")
-    if isinstance(exc, (sqlite3.Error, psycopg.Error)):
+    if isinstance(exc, (sqlite3.Error, *psycopg_errors("Error"))):
         mapped = _pg_timeout(exc, what, url) or _sqlite_readonly(exc, what, url)
         if mapped is not None:
             return mapped
@@ -611,14 +625,10 @@ def _translate(exc: BaseException, what: str, url: str) -> BaseException | None:
         return TransientError(f"APDB {url}: {what}: {exc}")
     if isinstance(
         exc,
-        (
-            psycopg.OperationalError,
-            psycopg.errors.SerializationFailure,
-            psycopg.errors.DeadlockDetected,
-        ),
+        psycopg_errors("OperationalError", "SerializationFailure", "DeadlockDetected"),
     ):
         return TransientError(f"APDB {url}: {what}: {exc}")
-    if isinstance(exc, (sqlite3.Error, psycopg.Error)):
+    if isinstance(exc, (sqlite3.Error, *psycopg_errors("Error"))):
         return ApdbError(f"APDB {url}: {what}: {exc}")
     return None
 
@@ -645,13 +655,12 @@ class _AlreadyStored(Exception):
     pass
 
 
-#: What a database raises when an aggregated value would pass its size limit
-#: (SQLITE_TOOBIG; PostgreSQL's 1 GB string buffer).
-_TOO_BIG = (
-    sqlite3.DataError,
-    psycopg.errors.ProgramLimitExceeded,
-    psycopg.errors.OutOfMemory,
-)
+def _too_big() -> tuple[type[BaseException], ...]:
+    """What a database raises when an aggregated value would pass its size limit.
+
+    SQLITE_TOOBIG; PostgreSQL's 1 GB string buffer.
+    """
+    return (sqlite3.DataError, *psycopg_errors("ProgramLimitExceeded", "OutOfMemory"))
 
 
 # --------------------------------------------------------------------------- backend
@@ -1049,7 +1058,7 @@ class ApdbSql(Apdb):
                 else:  # binary results: the bytea as is, not hex text
                     cur.execute(sql, params, binary=True)
                 row = cur.fetchone()
-            except _TOO_BIG as exc:
+            except _too_big() as exc:
                 _LOG.info("%s: %s; reading the rows one by one", what, exc)
                 return None
         n = int(row[0])
@@ -1311,7 +1320,7 @@ class ApdbSql(Apdb):
             return StoreResult(visit, detector, already_stored=True)
         except ApdbError as exc:
             cause = exc.__cause__
-            unique = isinstance(cause, psycopg.errors.UniqueViolation) or (
+            unique = isinstance(cause, psycopg_errors("UniqueViolation")) or (
                 isinstance(cause, sqlite3.IntegrityError) and "UNIQUE constraint" in str(cause)
             )
             if unique:  # not any integrity error: a trigger's RAISE(ABORT) is one too

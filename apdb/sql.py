@@ -77,6 +77,7 @@ import logging
 import os
 import sqlite3
 import sys
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 
 import hpgeom
@@ -666,6 +667,48 @@ def _too_big() -> tuple[type[BaseException], ...]:
 # --------------------------------------------------------------------------- backend
 
 
+def _sqlite_read_only_url(path: str, config: ApdbConfig) -> sa.URL:
+    """The URL that opens the SQLite file ``path`` for reading only.
+
+    ``mode=ro`` first. A WAL-mode file opened so still needs its ``-shm``
+    file: where SQLite cannot create it (a read-only directory) the open
+    fails, and the file is opened ``immutable=1`` instead (no locks, no
+    ``-shm``), which reads everything committed only when no ``-wal`` file
+    holds transactions not yet copied into the main file: with one, the open
+    is refused.
+
+    Raises
+    ------
+    ApdbError
+        The directory is read-only and a non-empty ``-wal`` file lies beside
+        the database.
+    """
+    uri = "file:" + urllib.parse.quote(path)
+    query = {"mode": "ro"}
+    try:
+        probe = sqlite3.connect(
+            f"{uri}?mode=ro", uri=True, timeout=config.sqlite_busy_timeout_ms / 1000.0
+        )
+        try:
+            probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            probe.close()
+    except sqlite3.OperationalError as exc:
+        if "unable to open" in str(exc).lower():
+            wal = path + "-wal"
+            if os.path.exists(wal) and os.path.getsize(wal) > 0:
+                raise ApdbError(
+                    f"APDB {config.safe_url()}: cannot read it read-only: its directory is "
+                    f"read-only, so SQLite cannot make the -shm file, and {wal} holds "
+                    f"transactions not yet checkpointed into the database; copy the database "
+                    f"with its -wal file to a writable directory, or checkpoint it where it is "
+                    f"written (PRAGMA wal_checkpoint(TRUNCATE))"
+                ) from exc
+            query["immutable"] = "1"
+        # any other error: the engine's first connection reports it, mapped
+    return sa.URL.create("sqlite", database=uri, query={**query, "uri": "true"})
+
+
 class ApdbSql(Apdb):
     """The APDB on SQLite or PostgreSQL (see the module docstring for the layout).
 
@@ -680,6 +723,15 @@ class ApdbSql(Apdb):
     repair : bool
         Create APDB tables that are missing from an existing APDB (what
         :meth:`create` does) instead of refusing it.
+    read_only : bool
+        Open for reading only, as the inspection commands do: a SQLite file is
+        opened with SQLite's read-only URI mode (``mode=ro``; where SQLite
+        cannot make the ``-shm`` file beside it, e.g. in a read-only
+        directory, and no ``-wal`` file holds uncheckpointed transactions, as
+        ``immutable=1``), a PostgreSQL session with
+        ``default_transaction_read_only``. Nothing is created, repaired or
+        migrated and the journal mode is left as it is; ``auto_create`` and
+        ``repair`` do not apply. Every write fails.
 
     Raises
     ------
@@ -694,20 +746,28 @@ class ApdbSql(Apdb):
         The server cannot be reached.
     """
 
-    def __init__(self, config: ApdbConfig, *, repair: bool = False):
+    def __init__(self, config: ApdbConfig, *, repair: bool = False, read_only: bool = False):
+        if read_only:
+            config = config.model_copy(update={"auto_create": False})
+            repair = False
         self.config = config
+        self.read_only = read_only
         self._url = config.safe_url()
         url = config.sqlalchemy_url()
+        self._sqlite_path = (
+            url.database
+            if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+            else None
+        )
         if (
             not config.auto_create
-            and url.get_backend_name() == "sqlite"
-            and url.database not in (None, "", ":memory:")
-            and not os.path.exists(url.database)
+            and self._sqlite_path is not None
+            and not os.path.exists(self._sqlite_path)
         ):
             raise ApdbError(
                 f"APDB {self._url}: no such SQLite file; create it with: python -m apdb create URL"
             )
-        self._engine = self._make_engine(config)
+        self._engine = self._make_engine(config, read_only=read_only)
         self.dialect = self._engine.dialect.name
         self._ph = "?" if self.dialect == "sqlite" else "%s"
         self._last_names = [c.name for c in sdm.columns("DiaObjectLast")]
@@ -756,10 +816,13 @@ class ApdbSql(Apdb):
         return cls(config.model_copy(update={"auto_create": True}), repair=True)
 
     @staticmethod
-    def _make_engine(config: ApdbConfig) -> sa.Engine:
+    def _make_engine(config: ApdbConfig, *, read_only: bool = False) -> sa.Engine:
         url = config.sqlalchemy_url()
         if url.get_backend_name() == "sqlite":
             memory = url.database in (None, "", ":memory:")
+            read_only = read_only and not memory
+            if read_only:
+                url = _sqlite_read_only_url(url.database, config)
             kwargs: dict = {
                 "connect_args": {
                     "check_same_thread": False,
@@ -780,10 +843,13 @@ class ApdbSql(Apdb):
                 dbapi_conn.isolation_level = None
                 cur = dbapi_conn.cursor()
                 cur.execute(f"PRAGMA busy_timeout = {busy}")
-                cur.execute("PRAGMA page_size = 8192")  # only before the first table
+                if not read_only:
+                    cur.execute("PRAGMA page_size = 8192")  # only before the first table
                 cur.execute("PRAGMA cache_size = -32768")
                 cur.execute("PRAGMA temp_store = MEMORY")
-                if not memory:
+                if read_only:  # the journal mode is the file's; changing it is a write
+                    cur.execute("PRAGMA mmap_size = 268435456")
+                elif not memory:
                     cur.execute("PRAGMA journal_mode = WAL")
                     cur.execute("PRAGMA synchronous = NORMAL")
                     cur.execute("PRAGMA mmap_size = 268435456")
@@ -807,6 +873,8 @@ class ApdbSql(Apdb):
             with dbapi_conn.cursor() as cur:
                 cur.execute(f"SET lock_timeout = {lock_ms}")
                 cur.execute(f"SET statement_timeout = {statement_ms}")
+                if read_only:
+                    cur.execute("SET default_transaction_read_only = on")
             dbapi_conn.commit()
 
         return engine
@@ -1189,8 +1257,8 @@ class ApdbSql(Apdb):
     def size_bytes(self) -> int:
         """Bytes on disk: the SQLite file with its WAL, or the PostgreSQL database."""
         if self.dialect == "sqlite":
-            path = self._engine.url.database
-            if not path or path == ":memory:":
+            path = self._sqlite_path
+            if path is None:
                 return 0
             return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
         with self._connection("size") as conn:

@@ -146,9 +146,12 @@ def plan(config: ApdbConfig | str) -> Plan:
         with apdb_sql._mapped_errors("plan migration", config.safe_url()):
             proxy = engine.raw_connection()
             try:
-                return _plan_on(proxy.driver_connection, engine, config.safe_url())
+                dbapi = apdb_sql.driver_connection(proxy)
+                try:
+                    return _plan_on(dbapi, engine, config.safe_url())
+                finally:
+                    dbapi.rollback()
             finally:
-                proxy.driver_connection.rollback()
                 proxy.close()
     finally:
         engine.dispose()
@@ -179,7 +182,7 @@ def migrate(config: ApdbConfig | str, *, lock_timeout_s: float = 5.0) -> Plan:
                 f"nothing changed"
             ) from exc
         try:
-            dbapi = proxy.driver_connection
+            dbapi = apdb_sql.driver_connection(proxy)
             try:
                 if engine.dialect.name == "sqlite":
                     dbapi.execute(f"PRAGMA busy_timeout = {int(lock_timeout_s * 1000)}")

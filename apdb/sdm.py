@@ -230,7 +230,9 @@ def _frame_plan(table: str) -> tuple[pd.Index, tuple, tuple]:
 
 
 #: nullable pandas dtypes → their masked array class
-_EXTENSION = {
+_EXTENSION: dict[
+    str, tuple[type[pd.arrays.IntegerArray] | type[pd.arrays.BooleanArray], type[np.generic]]
+] = {
     "Int64": (pd.arrays.IntegerArray, np.int64),
     "Int32": (pd.arrays.IntegerArray, np.int32),
     "Int16": (pd.arrays.IntegerArray, np.int16),

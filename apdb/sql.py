@@ -78,7 +78,8 @@ import os
 import sqlite3
 import sys
 import urllib.parse
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import hpgeom
 import numpy as np
@@ -270,7 +271,7 @@ def _frame(rows: Sequence[tuple], names: Sequence[str], dtypes: dict[str, str]) 
             data[name] = np.array(values, dtype=dtype)
         elif dtype in _NULLABLE_INT or dtype == "boolean":
             arr = np.array(values, dtype=object)
-            mask = np.equal(arr, None)
+            mask = np.equal(arr, np.array(None, dtype=object))
             if mask.any():
                 arr[mask] = 0
             if dtype == "boolean":
@@ -325,7 +326,7 @@ class _Packing:
         digest = hashlib.sha1(repr((fields, self.text)).encode()).hexdigest()[:16]
         self.signature = f"{self.dtype.itemsize}:{digest}"
 
-    def pack(self, arrays: dict[str, object], n: int) -> list[bytes]:
+    def pack(self, arrays: Mapping[str, Any], n: int) -> list[bytes]:
         """One ``bytes`` payload per row from the converted column arrays."""
         rec = np.zeros(n, dtype=self.dtype)
         for col in self.columns:
@@ -656,6 +657,14 @@ class _AlreadyStored(Exception):
     pass
 
 
+def driver_connection(proxy: Any) -> Any:
+    """The DB-API connection inside a pooled SQLAlchemy connection (open, never None)."""
+    conn = proxy.driver_connection
+    if conn is None:  # only after the pool has invalidated and closed it
+        raise TransientError("APDB: the pooled database connection was closed")
+    return conn
+
+
 def _too_big() -> tuple[type[BaseException], ...]:
     """What a database raises when an aggregated value would pass its size limit.
 
@@ -819,10 +828,11 @@ class ApdbSql(Apdb):
     def _make_engine(config: ApdbConfig, *, read_only: bool = False) -> sa.Engine:
         url = config.sqlalchemy_url()
         if url.get_backend_name() == "sqlite":
-            memory = url.database in (None, "", ":memory:")
+            path = url.database
+            memory = path in (None, "", ":memory:")
             read_only = read_only and not memory
-            if read_only:
-                url = _sqlite_read_only_url(url.database, config)
+            if read_only and path is not None:
+                url = _sqlite_read_only_url(path, config)
             kwargs: dict = {
                 "connect_args": {
                     "check_same_thread": False,
@@ -885,7 +895,7 @@ class ApdbSql(Apdb):
         with _mapped_errors(what, self._url):
             proxy = self._engine.raw_connection()
             try:
-                conn = proxy.driver_connection
+                conn = driver_connection(proxy)
                 if write and self.dialect == "sqlite":
                     conn.execute("BEGIN IMMEDIATE")
                 try:

@@ -57,7 +57,7 @@ from core.bundle import MASK_PLANES, DetectorBundle, Exposure
 from core.errors import InputError
 from core.frames import column_to_numpy, column_values, frame_from_columns
 from core.ids import IdPacker
-from tasks.calibrate import float_column, require_columns
+from tasks.calibrate import require_columns, required_float_column
 
 __all__ = [
     "ForcedConfig",
@@ -496,10 +496,10 @@ def forced_photometry(
     require_columns(objects, ["diaObjectId", "ra", "dec", "nDiaSources"], "DiaObject")
     if not config.do_run or len(objects) == 0:
         return ForcedResult(sdm.empty_frame("DiaForcedSource"), np.zeros(0, dtype=bool))
-    nsrc = float_column(objects, "nDiaSources", table="DiaObject")
+    nsrc = required_float_column(objects, "nDiaSources", table="DiaObject")
     nsrc[np.isnan(nsrc)] = 0.0
-    ra = float_column(objects, "ra", table="DiaObject")
-    dec = float_column(objects, "dec", table="DiaObject")
+    ra = required_float_column(objects, "ra", table="DiaObject")
+    dec = required_float_column(objects, "dec", table="DiaObject")
     eligible = (nsrc >= config.min_dia_sources) & np.isfinite(ra) & np.isfinite(dec)
     n_inel = int((~eligible).sum())
     sel = np.flatnonzero(eligible)
@@ -524,11 +524,6 @@ def forced_photometry(
     n_off = int((~on).sum())
     sel, x, y = sel[on], x[on], y[on]
     fp, steps = config.footprint_fraction, config.subpixel_steps
-    opts = {
-        "bad_mask_planes": config.bad_mask_planes,
-        "footprint_fraction": fp,
-        "subpixel_steps": steps,
-    }
     sci = bundle.science
     if sci.shape == diff.shape and np.array_equal(sci.psf, diff.psf):
         # the usual case: one PSF image for both, so one kernel gather and one footprint
@@ -537,8 +532,22 @@ def forced_photometry(
         sci_flux, sci_err = _sums(sci, ix, iy, h, table, krow, config.bad_mask_planes)
         edge = _edge(ix, iy, h, diff.shape)
     else:
-        psf_flux, psf_err, edge_d = measure_psf_flux(diff, x, y, **opts)
-        sci_flux, sci_err, edge_s = measure_psf_flux(sci, x, y, **opts)
+        psf_flux, psf_err, edge_d = measure_psf_flux(
+            diff,
+            x,
+            y,
+            bad_mask_planes=config.bad_mask_planes,
+            footprint_fraction=fp,
+            subpixel_steps=steps,
+        )
+        sci_flux, sci_err, edge_s = measure_psf_flux(
+            sci,
+            x,
+            y,
+            bad_mask_planes=config.bad_mask_planes,
+            footprint_fraction=fp,
+            subpixel_steps=steps,
+        )
         edge = edge_d | edge_s
     n = sel.size
     v = bundle.visit

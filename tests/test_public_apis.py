@@ -44,6 +44,10 @@ PRIVATE_NAMES = frozenset(
 )
 
 
+#: generic names a class of this project may give its own attributes (``self._data``)
+OWN_ATTRIBUTE_NAMES = frozenset({"_data", "_mask", "_values"})
+
+
 def modules(root: Path) -> list[Path]:
     """Every ``.py`` file under ``root`` outside ``tests/`` and hidden or build folders."""
     out = []
@@ -73,7 +77,9 @@ def private_uses(path: Path) -> list[str]:
             elif name.split(".")[-1] in PRIVATE_NAMES and name.startswith("pandas"):
                 what = f"imports {name}"
         if isinstance(node, ast.Attribute) and node.attr in PRIVATE_NAMES:
-            what = f".{node.attr}"
+            own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if not (own and node.attr in OWN_ATTRIBUTE_NAMES):
+                what = f".{node.attr}"
         elif isinstance(node, ast.Constant) and node.value in PRIVATE_NAMES:
             what = f"the string {node.value!r}"
         if what:
@@ -113,6 +119,7 @@ def test_the_check_passes_public_uses(tmp_path):
     path = tmp_path / "mod.py"
     path.write_text(
         "import pandas as pd\nfrom pandas.api.extensions import ExtensionArray\n"
+        "class Own:\n    def __init__(self, data):\n        self._data = data\n"
         "df = pd.DataFrame({'a': [1]}, copy=False)\nv = df['a'].to_numpy(copy=False)\n"
         "m = pd.arrays.IntegerArray(v, v == 0)\n"
     )

@@ -35,7 +35,7 @@ BACKENDS = (
 )
 
 
-def loaded_after(code: str, tmp_path: Path) -> list[str]:
+def loaded_after(code: str) -> list[str]:
     """The modules of :data:`BACKENDS` loaded after running ``code`` in a new interpreter."""
     script = textwrap.dedent(code) + textwrap.dedent(
         f"""
@@ -56,13 +56,13 @@ def loaded_after(code: str, tmp_path: Path) -> list[str]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_importing_the_product_loads_no_backend(tmp_path):
+def test_importing_the_product_loads_no_backend():
     code = """
         import flows.visit, flows.detector, flows.stages
         import apdb, apdb.sql, apdb.migrate, apdb.__main__
         import alerts.store, alerts.packet, alerts.cutouts, alerts.__main__
     """
-    assert loaded_after(code, tmp_path) == []
+    assert loaded_after(code) == []
 
 
 def test_a_sqlite_apdb_loads_no_backend(tmp_path):
@@ -78,10 +78,10 @@ def test_a_sqlite_apdb_loads_no_backend(tmp_path):
         for argv in (["info"], ["visits"], ["visit", "1"], ["cone", "10", "10", "1"]):
             assert main([argv[0], {str(db)!r}, *argv[1:]]) == 0
     """
-    assert loaded_after(code, tmp_path) == []
+    assert loaded_after(code) == []
 
 
-def test_error_mapping_without_the_postgresql_driver(tmp_path):
+def test_error_mapping_without_the_postgresql_driver():
     code = """
         import sqlite3
         from apdb.sql import _translate, psycopg_errors
@@ -91,7 +91,7 @@ def test_error_mapping_without_the_postgresql_driver(tmp_path):
         mapped = _translate(sqlite3.OperationalError("database is locked"), "store", "a.db")
         assert isinstance(mapped, TransientError), mapped
     """
-    assert loaded_after(code, tmp_path) == []
+    assert loaded_after(code) == []
 
 
 def test_error_mapping_recognises_psycopg_errors_once_loaded():

@@ -257,3 +257,25 @@ def test_ready_event_runs_the_visit_through_the_prefect_yaml_trigger(survey_root
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.mark.parametrize("path", ["prefect.yaml", "deployments/production.yaml"])
+def test_deployment_triggers_parse_and_fill_real_parameters(path):
+    """Every trigger is a valid Prefect deployment trigger on an event the watcher sends."""
+    import importlib
+
+    import yaml
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    doc = yaml.safe_load((REPO / path).read_text())
+    triggered = [d for d in doc["deployments"] if d.get("triggers")]
+    assert triggered, f"{path}: no event-driven deployment"
+    for dep in triggered:
+        file, func = dep["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(file.removesuffix(".py").replace("/", ".")), func)
+        for raw in dep["triggers"]:
+            trigger = DeploymentEventTrigger(**raw)
+            assert trigger.expect == {READY_EVENT}
+            assert set(trigger.parameters) <= set(flow.parameters.properties)
+            assert trigger.parameters["visit"] == "{{ event.payload.visit }}"
+            assert trigger.parameters["bundle_root"] == "{{ event.payload.bundle_root }}"

@@ -267,6 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.interval > 0:
         _parser().error(f"--interval must be > 0, got {args.interval}")
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        # without it Prefect would start a private temporary server that no trigger watches
+        print(
+            "python -m flows.watch: error: PREFECT_API_URL is not set: point it at the "
+            "Prefect server whose deployments the events should trigger",
+            file=sys.stderr,
+        )
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         watcher = Watcher(args.root, args.state)

@@ -279,3 +279,12 @@ def test_deployment_triggers_parse_and_fill_real_parameters(path):
             assert set(trigger.parameters) <= set(flow.parameters.properties)
             assert trigger.parameters["visit"] == "{{ event.payload.visit }}"
             assert trigger.parameters["bundle_root"] == "{{ event.payload.bundle_root }}"
+
+
+def test_watcher_command_needs_a_server_address(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile that sets it
+    cmd = [sys.executable, "-m", "flows.watch", str(tmp_path), "--once"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 2
+    assert "error: PREFECT_API_URL is not set" in run.stderr

@@ -9,6 +9,11 @@ through fsspec)::
     {root}/{visit}/{detector}/science.fits
     {root}/{visit}/{detector}/template.fits
 
+Beside it an upstream system may put the next-visit message
+``{root}/{visit}/next-visit.json`` (:mod:`core.nextvisit`) before the bundle
+and the completion marker ``{root}/{visit}/complete.json``
+(:mod:`core.completion`) after it; reading a bundle needs neither.
+
 Each FITS file is a multi-extension file: an empty primary HDU, then image
 HDUs named ``IMAGE`` (float32 counts), ``MASK`` (int32 bit planes, header keys
 ``MP_<PLANE> = bit``), ``VARIANCE`` (float32 counts²) and ``PSF`` (a kernel

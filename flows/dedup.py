@@ -42,9 +42,13 @@ closes the merged-away objects' versions.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import sqlite3
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from urllib.parse import quote
 
 import hpgeom
 import numpy as np
@@ -324,7 +328,30 @@ def _candidates(current: pd.DataFrame, dedup: DedupConfig) -> set[int]:
 
 
 def _open_apdb(config: ApdbConfig) -> Apdb:
-    """The APDB to de-duplicate; never created: a URL that holds no APDB is an error."""
+    """The APDB to de-duplicate; never created: a URL that holds no APDB is an error.
+
+    A SQLite file is first looked at read-only: opening it for writing switches
+    it to WAL mode, which would change a file that is not an APDB.
+    """
+    url = config.sqlalchemy_url()
+    path = url.database
+    if url.get_backend_name() == "sqlite" and path not in (None, "", ":memory:"):
+        if not os.path.exists(path):
+            raise ApdbError(f"APDB {config.safe_url()}: no such SQLite file")
+        try:
+            with contextlib.closing(
+                sqlite3.connect(f"file:{quote(os.path.abspath(path))}?mode=ro", uri=True)
+            ) as conn:
+                found = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'metadata'"
+                ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise ApdbError(f"APDB {config.safe_url()}: not a SQLite database: {exc}") from exc
+        if found is None:
+            raise ApdbError(
+                f"APDB {config.safe_url()}: no APDB tables (no 'metadata' table); nothing "
+                f"to de-duplicate"
+            )
     return make_apdb(config.model_copy(update={"auto_create": False}))
 
 

@@ -1,7 +1,8 @@
 """An APDB with injected splits and ground truth, for the de-duplication tests.
 
 True objects sit at random in a 0.3° cone; each is detected in a random subset
-of 24 visits (one detector). A third of them are split, as alert production
+of 24 visits (one detector; each visit with probability ``p_detect``, and at
+least two). A third of them are split, as alert production
 splits an object: their detections are shared between two or three DiaObject
 IDs, never two of one visit, each piece with its own small offset (up to 0.5″,
 so pieces lie within ~1″ of each other). One in ten has a distinct true
@@ -55,13 +56,15 @@ def _offset(ra, dec, dra_arcsec, ddec_arcsec):
     )
 
 
-def build(n_true: int = 1200, seed: int = 7, split_fraction: float = 1 / 3) -> Case:
+def build(
+    n_true: int = 1200, seed: int = 7, split_fraction: float = 1 / 3, p_detect: float = 0.7
+) -> Case:
     rng = np.random.default_rng(seed)
     r = FIELD_DEG * np.sqrt(rng.uniform(0, 1, n_true))
     phi = rng.uniform(0, 2 * np.pi, n_true)
     ra = RA0 + r * np.cos(phi) / np.cos(np.radians(DEC0))
     dec = DEC0 + r * np.sin(phi)
-    detected = rng.uniform(size=(n_true, N_VISITS)) < 0.7
+    detected = rng.uniform(size=(n_true, N_VISITS)) < p_detect
     # close distinct neighbours, detected in the same visits as their primary
     n_pairs = n_true // 10
     prim = rng.choice(n_true, n_pairs, replace=False)
@@ -70,7 +73,9 @@ def build(n_true: int = 1200, seed: int = 7, split_fraction: float = 1 / 3) -> C
     pra, pdec = _offset(ra[prim], dec[prim], sep * np.cos(ang), sep * np.sin(ang))
     ra, dec = np.concatenate([ra, pra]), np.concatenate([dec, pdec])
     detected = np.concatenate([detected, detected[prim]])
-    detected[:, :2] |= True  # everyone is seen at least twice
+    # everyone is seen at least twice, in visits of their own
+    two = np.argsort(rng.uniform(size=detected.shape), axis=1)[:, :2]
+    detected[np.arange(len(detected))[:, None], two] = True
     n_all = len(ra)
     flux = rng.uniform(500, 5000, n_all)
     # splits: pieces over the detections (never two pieces in one visit)
@@ -86,7 +91,7 @@ def build(n_true: int = 1200, seed: int = 7, split_fraction: float = 1 / 3) -> C
     next_src = 1
     for t in range(n_all):
         visits = np.flatnonzero(detected[t])
-        pieces = max(split[t], 1)
+        pieces = min(max(split[t], 1), visits.size)
         if pieces == 1:
             label = np.zeros(visits.size, dtype=int)
         elif rng.uniform() < 0.5:  # a time split: later detections went to new objects

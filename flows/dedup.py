@@ -232,7 +232,8 @@ def dedup_region(
     if len(objects) < 2:
         return result
     expected = objects[["diaObjectId", "validityStartMjdTai"]].copy()
-    current = objects[["diaObjectId", "ra", "dec", "firstDiaSourceMjdTai"]].copy()
+    kept_cols = ["diaObjectId", "ra", "dec", "raErr", "decErr", "firstDiaSourceMjdTai"]
+    current = objects[kept_cols].copy()
     sources = sdm.empty_frame("DiaSource")
     origin = np.empty(0, dtype=np.int64)  # diaObjectId of each row of sources as stored
     loaded: set[int] = set()
@@ -265,8 +266,8 @@ def dedup_region(
         kept = np.unique(groups["survivorId"].to_numpy())
         new = _summaries(apdb, objects, sources, None, kept, summary, time_mjd)
         current = current[~current["diaObjectId"].isin(list(step))].set_index("diaObjectId")
-        pos = new.set_index("diaObjectId")[["ra", "dec", "firstDiaSourceMjdTai"]]
-        current.loc[pos.index, ["ra", "dec", "firstDiaSourceMjdTai"]] = pos
+        pos = new.set_index("diaObjectId")[kept_cols[1:]]
+        current.loc[pos.index, kept_cols[1:]] = pos
         current = current.reset_index()
     if not target:
         return result

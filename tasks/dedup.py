@@ -11,7 +11,12 @@ same visit are two objects, however close; they are never merged.
 :func:`find_groups` forms the groups (pure, no I/O): DiaObjects closer than
 ``max_distance_arcsec`` are joined pair by pair, closest pair first (ties by
 ID), into groups in which every two members are within the distance of each
-other (complete linkage) and no two share a visit. Each group merges into its
+other (complete linkage) and no two share a visit. With ``max_sigma`` a pair
+must also agree within its errors: the separation at most ``max_sigma`` times
+``sqrt(σ₁² + σ₂²)``, σ each object's per-axis position error (the mean of
+``raErr²`` and ``decErr²``, plus ``astrometric_floor_arcsec`` in quadrature).
+Pieces of one object scatter by their errors; two distinct objects an
+arcsecond apart, each measured to 0.05″, are twenty standard deviations apart. Each group merges into its
 oldest member: the smallest first-detection time (the earliest
 ``midpointMjdTai`` of its DiaSources; ``firstDiaSourceMjdTai`` when it has
 none), then the smallest ``diaObjectId``. Rubin's ``ap_association``
@@ -47,6 +52,24 @@ class DedupConfig(BaseModel, frozen=True, extra="forbid"):
         description=(
             "DiaObjects closer than this (arcsec) that never shared a visit are merged. "
             "Rubin: DeduplicateDiaObjectsConfig.maxClusteringDistance (1.5)."
+        ),
+    )
+    max_sigma: float | None = Field(
+        5.0,
+        gt=0,
+        description=(
+            "Also require the separation to be within this many standard deviations of "
+            "the two positions' combined error (raErr, decErr and the floor below): pieces "
+            "of one object agree within their errors, two objects an arcsecond apart with "
+            "0.05 arcsec errors do not. None: position only, as Rubin's ap_association."
+        ),
+    )
+    astrometric_floor_arcsec: float = Field(
+        0.05,
+        ge=0,
+        description=(
+            "Per-axis error (arcsec) added in quadrature to each DiaObject's raErr/decErr "
+            "in the max_sigma test: astrometric systematics that do not average down."
         ),
     )
     region_order: int = Field(
@@ -103,6 +126,28 @@ def _separation_arcsec(u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return np.degrees(2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))) * 3600.0
 
 
+def _sigma2(objects: pd.DataFrame, config: DedupConfig) -> np.ndarray:
+    """Per-axis position variance (arcsec²) of each object: its errors plus the floor.
+
+    ``raErr``/``decErr`` (deg; ``raErr`` on α·cos δ) missing or null count as
+    zero, leaving the floor alone.
+    """
+    var = np.zeros(len(objects))
+    for name in ("raErr", "decErr"):
+        if name in objects.columns:
+            err = objects[name].to_numpy(dtype=np.float64, na_value=np.nan) * 3600.0
+            var += np.where(np.isfinite(err), err * err, 0.0) / 2.0
+    return var + config.astrometric_floor_arcsec**2
+
+
+def _close(sep: np.ndarray, var_sum: np.ndarray, config: DedupConfig) -> np.ndarray:
+    """Pairs within the distance and, with ``max_sigma``, consistent within their errors."""
+    ok = sep < config.max_distance_arcsec
+    if config.max_sigma is not None:
+        ok &= sep <= config.max_sigma * np.sqrt(var_sum)
+    return ok
+
+
 def find_groups(objects: pd.DataFrame, sources: pd.DataFrame, config: DedupConfig) -> pd.DataFrame:
     """The merges to make among ``objects``: each merged-away object and its survivor.
 
@@ -110,7 +155,7 @@ def find_groups(objects: pd.DataFrame, sources: pd.DataFrame, config: DedupConfi
     ----------
     objects : pandas.DataFrame
         Current DiaObjects: ``diaObjectId``, ``ra``, ``dec`` (deg), optionally
-        ``firstDiaSourceMjdTai``. IDs must be unique.
+        ``raErr``, ``decErr`` (deg) and ``firstDiaSourceMjdTai``. IDs must be unique.
     sources : pandas.DataFrame
         DiaSources of (at least) every object that has a neighbour within the
         distance: ``diaObjectId``, ``visit``, ``midpointMjdTai``. Rows of other
@@ -149,13 +194,14 @@ def find_groups(objects: pd.DataFrame, sources: pd.DataFrame, config: DedupConfi
     if not (np.isfinite(ra).all() and np.isfinite(dec).all()):
         raise InputError("DiaObject: ra/dec must be finite for de-duplication")
     u = _unit(ra, dec)
+    sigma2 = _sigma2(objects, config)
     chord = 2.0 * np.sin(np.radians(config.max_distance_arcsec / 3600.0) / 2.0)
     pairs = cKDTree(u).query_pairs(chord, output_type="ndarray")
     if len(pairs) == 0:
         return empty
     i, j = pairs[:, 0], pairs[:, 1]
     sep = _separation_arcsec(u[i], u[j])
-    keep = sep < config.max_distance_arcsec
+    keep = _close(sep, sigma2[i] + sigma2[j], config)
     i, j, sep = i[keep], j[keep], sep[keep]
     if i.size == 0:
         return empty
@@ -187,7 +233,7 @@ def find_groups(objects: pd.DataFrame, sources: pd.DataFrame, config: DedupConfi
         if not va.isdisjoint(vb):
             continue
         cross = _separation_arcsec(u[a][:, None, :], u[b][None, :, :])
-        if cross.max() >= config.max_distance_arcsec:
+        if not _close(cross, sigma2[a][:, None] + sigma2[b][None, :], config).all():
             continue
         merged = a + b
         union = va | vb

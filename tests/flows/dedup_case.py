@@ -4,8 +4,8 @@ True objects sit at random in a 0.3° cone; each is detected in a random subset
 of 24 visits (one detector; each visit with probability ``p_detect``, and at
 least two). A third of them are split, as alert production
 splits an object: their detections are shared between two or three DiaObject
-IDs, never two of one visit, each piece with its own small offset (up to 0.5″,
-so pieces lie within ~1″ of each other). One in ten has a distinct true
+IDs, never two of one visit. Each detection scatters about the true position by
+its object's astrometric error (0.05–0.4″ per axis, quoted in raErr/decErr). One in ten has a distinct true
 neighbour 0.3–1.4″ away detected in the same visits: a close pair that shared
 visits, which must never merge. Every DiaObject has forced photometry in every
 visit from its first detection on, so the pieces of a split overlap there (a tenth of those measurements missing).
@@ -78,6 +78,7 @@ def build(
     detected[np.arange(len(detected))[:, None], two] = True
     n_all = len(ra)
     flux = rng.uniform(500, 5000, n_all)
+    sigma = rng.uniform(0.05, 0.4, n_all)  # per-axis astrometric error of a detection (″)
     # splits: pieces over the detections (never two pieces in one visit)
     split = np.zeros(n_all, dtype=int)
     eligible = np.setdiff1d(np.arange(n_true), prim)
@@ -101,7 +102,6 @@ def build(
             label = rng.integers(0, pieces, visits.size)
             label[:pieces] = np.arange(pieces)
         piece_ids = [next(next_id) for _ in range(pieces)]
-        off = rng.normal(0, 0.25, (pieces, 2))
         for p, oid in enumerate(piece_ids):
             truth[oid] = t
             v = visits[label == p]
@@ -109,8 +109,8 @@ def build(
             sra, sdec = _offset(
                 np.full(n, ra[t]),
                 np.full(n, dec[t]),
-                off[p, 0] + rng.normal(0, 0.05, n),
-                off[p, 1] + rng.normal(0, 0.05, n),
+                rng.normal(0, sigma[t], n),
+                rng.normal(0, sigma[t], n),
             )
             src_rows.append(
                 pd.DataFrame(
@@ -121,6 +121,7 @@ def build(
                         "midpointMjdTai": MJD0 + v,
                         "ra": sra,
                         "dec": sdec,
+                        "err": np.full(n, sigma[t] / 3600.0),
                         "psfFlux": flux[t] + rng.normal(0, 50, n),
                         "band": [BANDS[k % 3] for k in v],
                     }
@@ -137,8 +138,8 @@ def build(
         psfFlux=s["psfFlux"].to_numpy(np.float32),
         psfFluxErr=np.full(len(s), 50.0, np.float32),
         band=s["band"].to_numpy(object),
-        raErr=np.full(len(s), 1e-5, np.float32),
-        decErr=np.full(len(s), 1e-5, np.float32),
+        raErr=s["err"].to_numpy(np.float32),
+        decErr=s["err"].to_numpy(np.float32),
     )
     first = sources.groupby("diaObjectId")["midpointMjdTai"].min()
     first.index = first.index.astype(np.int64)

@@ -12,13 +12,16 @@ from tasks.dedup import GROUP_COLUMNS, DedupConfig, find_groups, first_detection
 ARCSEC = 1 / 3600.0
 
 
-def _objects(ids, offsets_arcsec, ra0=150.0, dec0=0.0):
+def _objects(ids, offsets_arcsec, ra0=150.0, dec0=0.0, err_arcsec=0.3):
+    """Objects along a line of RA; position errors large enough not to matter by default."""
     off = np.asarray(offsets_arcsec, dtype=float)
     return pd.DataFrame(
         {
             "diaObjectId": np.asarray(ids, dtype=np.int64),
             "ra": (ra0 + off * ARCSEC) % 360.0,
             "dec": np.full(len(ids), dec0),
+            "raErr": np.full(len(ids), err_arcsec * ARCSEC, dtype=np.float32),
+            "decErr": np.full(len(ids), err_arcsec * ARCSEC, dtype=np.float32),
         }
     )
 
@@ -53,6 +56,21 @@ def test_beyond_the_distance_nothing_merges():
     assert _pairs(find_groups(objects, _sources({1: [1], 2: [2]}), wider)) == [(2, 1)]
 
 
+def test_positions_that_disagree_beyond_their_errors_do_not_merge():
+    sources = _sources({1: [1], 2: [2]})
+    # 1.0" apart, each measured to 0.02" (+0.05" floor): ~13 sigma, two objects
+    sharp = _objects([1, 2], [0.0, 1.0], err_arcsec=0.02)
+    assert len(find_groups(sharp, sources, DedupConfig())) == 0
+    assert _pairs(find_groups(sharp, sources, DedupConfig(max_sigma=None))) == [(2, 1)]
+    # the same separation with 0.3" errors is 2.3 sigma: one object
+    assert _pairs(find_groups(_objects([1, 2], [0.0, 1.0]), sources, DedupConfig())) == [(2, 1)]
+    # no errors at all: the floor alone (0.05" per axis) decides
+    bare = sharp.drop(columns=["raErr", "decErr"])
+    assert len(find_groups(bare, sources, DedupConfig())) == 0
+    close = _objects([1, 2], [0.0, 0.3]).drop(columns=["raErr", "decErr"])
+    assert _pairs(find_groups(close, sources, DedupConfig())) == [(2, 1)]
+
+
 def test_equal_first_detection_keeps_the_smallest_id():
     objects = _objects([20, 10], [0.0, 0.5])
     sources = pd.DataFrame(
@@ -85,6 +103,8 @@ def test_result_does_not_depend_on_row_order():
             "diaObjectId": np.arange(1, n + 1, dtype=np.int64),
             "ra": 10.0 + rng.uniform(0, 60, n) * ARCSEC,
             "dec": rng.uniform(0, 60, n) * ARCSEC,
+            "raErr": np.full(n, 0.3 * ARCSEC),
+            "decErr": np.full(n, 0.3 * ARCSEC),
         }
     )
     visits = {int(i): rng.choice(50, 3, replace=False).tolist() for i in objects["diaObjectId"]}

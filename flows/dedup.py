@@ -497,8 +497,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m flows.dedup",
         description="Merge DiaObjects split by alert production: pairs closer than "
-        "--max-distance that never shared a visit, into the oldest ID, one transaction "
-        "per sky region.",
+        "--max-distance that agree within their position errors and never shared a visit, "
+        "into the oldest ID, one transaction per sky region.",
     )
     p.add_argument("url", help="APDB URL (SQLite path or URL, PostgreSQL URL)")
     p.add_argument("--dry-run", action="store_true", help="count what would merge; write nothing")
@@ -507,6 +507,18 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=DedupConfig().max_distance_arcsec,
         help="merge distance (arcsec)",
+    )
+    p.add_argument(
+        "--max-sigma",
+        type=float,
+        default=DedupConfig().max_sigma,
+        help="merge only pairs whose separation is within this many standard deviations "
+        "of their position errors",
+    )
+    p.add_argument(
+        "--position-only",
+        action="store_true",
+        help="no --max-sigma test: merge on distance alone (as Rubin's ap_association)",
     )
     p.add_argument(
         "--region-order",
@@ -530,7 +542,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = PipelineConfig.model_validate({"apdb": {"url": args.url}})
-        dedup = DedupConfig(max_distance_arcsec=args.max_distance, region_order=args.region_order)
+        dedup = DedupConfig(
+            max_distance_arcsec=args.max_distance,
+            max_sigma=None if args.position_only else args.max_sigma,
+            region_order=args.region_order,
+        )
         if args.no_prefect:
             result, _ = run_dedup(config, dedup, time_mjd=args.time_mjd, dry_run=args.dry_run)
         else:

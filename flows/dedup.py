@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import sqlite3
 import sys
@@ -385,8 +386,14 @@ def dedup_region_task(
     dry_run: bool,
 ) -> RegionResult:
     """One region's de-duplication (one transaction), retried on a TransientError."""
-    with _open_apdb(apdb_config) as apdb:
-        return dedup_region(apdb, pixel, dedup, summary, time_mjd=time_mjd, dry_run=dry_run)
+    apdb = _region_apdb(apdb_config)
+    return dedup_region(apdb, pixel, dedup, summary, time_mjd=time_mjd, dry_run=dry_run)
+
+
+@functools.lru_cache(maxsize=4)
+def _region_apdb(config: ApdbConfig) -> Apdb:
+    """One APDB client per process for the region tasks (opened once, not per region)."""
+    return _open_apdb(config)
 
 
 def run_dedup(

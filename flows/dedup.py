@@ -58,6 +58,7 @@ from astropy.time import Time
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from scipy.spatial import cKDTree
 
 from apdb import Apdb, Circle, make_apdb, sdm
 from apdb.config import ApdbConfig
@@ -318,8 +319,6 @@ def _with_separation(merges: pd.DataFrame, first_pass: pd.DataFrame | None) -> p
 
 def _candidates(current: pd.DataFrame, dedup: DedupConfig) -> set[int]:
     """IDs of the objects with another object within the distance (whose visits are needed)."""
-    from scipy.spatial import cKDTree
-
     if len(current) < 2:
         return set()
     u = _unit(current["ra"].to_numpy(dtype=float), current["dec"].to_numpy(dtype=float))

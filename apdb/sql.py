@@ -91,7 +91,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from apdb import sdm
 from apdb.config import ApdbConfig
-from apdb.interface import Apdb, BulkLoadResult, StoreResult
+from apdb.interface import Apdb, BulkLoadResult, MergeResult, StoreResult
 from apdb.region import Region
 from core.errors import ApdbError, InputError, SchemaVersionError, TransientError
 
@@ -1589,6 +1589,219 @@ class ApdbSql(Apdb):
                 copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
+
+    # ------------------------------------------------------------------ de-duplication
+
+    def object_pixels(self, order: int) -> np.ndarray:
+        """HEALPix nest pixels at ``order`` holding a current DiaObject (from ``pixelId``)."""
+        order = int(order)
+        if not 0 <= order <= self.order:
+            raise InputError(
+                f"object_pixels: order must be within [0, {self.order}] (the database's "
+                f"HEALPix order), got {order}"
+            )
+        factor = 4 ** (self.order - order)
+        with self._connection("object pixels") as conn:
+            cur = conn.cursor()
+            cur.execute(f"SELECT DISTINCT {_q(PIXEL_COLUMN)} / {factor} FROM {_q(LAST_TABLE)}")
+            pixels = np.array([int(r[0]) for r in cur.fetchall()], dtype=np.int64)
+        return np.sort(pixels)
+
+    def merge_objects(
+        self,
+        merges: pd.DataFrame,
+        survivors: pd.DataFrame,
+        *,
+        time_mjd: float,
+        expected: pd.DataFrame,
+    ) -> MergeResult:
+        """Merge DiaObjects into survivors in one transaction (see :meth:`Apdb.merge_objects`).
+
+        The rows moved are read inside the transaction, their ``diaObjectId``
+        changed, and written back through the store path (SDM columns and
+        packed payload together), so the payloads stay in step with the columns.
+        The current versions are checked against ``expected`` under the write
+        lock (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on
+        PostgreSQL) before anything changes.
+        """
+        for column in ("diaObjectId", "survivorId"):
+            if column not in merges.columns:
+                raise InputError(f"merge_objects: merges lacks column {column!r}")
+        for column in ("diaObjectId", "validityStartMjdTai"):
+            if column not in expected.columns:
+                raise InputError(f"merge_objects: expected lacks column {column!r}")
+        removed = _ids_array(merges["diaObjectId"], "merge_objects merges")
+        if removed.size != len(merges):
+            raise InputError("merge_objects: a diaObjectId is merged away more than once")
+        if removed.size == 0:
+            return MergeResult(0, 0, 0, 0, 0)
+        target = dict(
+            zip(
+                merges["diaObjectId"].to_numpy(dtype=np.int64).tolist(),
+                merges["survivorId"].to_numpy(dtype=np.int64).tolist(),
+                strict=True,
+            )
+        )
+        kept = np.unique(np.fromiter(target.values(), dtype=np.int64))
+        both = np.intersect1d(kept, removed)
+        if both.size:
+            raise InputError(
+                f"merge_objects: DiaObject {int(both[0])} is both a survivor and merged away"
+            )
+        time_mjd = float(time_mjd)
+        if not np.isfinite(time_mjd):
+            raise InputError(f"merge_objects: time_mjd must be finite, got {time_mjd}")
+        nan_none = self.dialect != "sqlite"
+        objs = _Columns(
+            survivors,
+            "DiaObject",
+            overrides={"validityStartMjdTai": time_mjd, "validityEndMjdTai": float("nan")},
+            nan_to_none=nan_none,
+        )
+        ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
+        _check_positions(ids, ra, dec)
+        _unique(ids, "merge_objects survivors.diaObjectId")
+        if not np.array_equal(np.sort(ids.astype(np.int64)), kept):
+            raise InputError(
+                "merge_objects: survivors must hold exactly one row per survivorId of merges"
+            )
+        involved = np.concatenate([kept, removed])
+        want = dict(
+            zip(
+                expected["diaObjectId"].to_numpy(dtype=np.int64).tolist(),
+                expected["validityStartMjdTai"].to_numpy(dtype=np.float64).tolist(),
+                strict=True,
+            )
+        )
+        missing = [int(i) for i in involved if int(i) not in want]
+        if missing:
+            raise InputError(f"merge_objects: expected lacks DiaObject {missing[0]}")
+        latest = max(want[int(i)] for i in involved)
+        if not time_mjd > latest:
+            raise InputError(
+                f"merge_objects: time_mjd {time_mjd} must be later than the validity start "
+                f"{latest} of the current versions merged"
+            )
+        pixels = hpgeom.angle_to_pixel(hpgeom.order_to_nside(self.order), ra, dec)
+        obj_rows = objs.rows()
+        last_rows = objs.rows(
+            pixels.tolist(),
+            self._packing["DiaObject"].pack(objs.arrays, objs.n),
+            names=objs.subset(self._last_names),
+        )
+        cond_all, param_all = self._id_filter(involved)
+        cond_removed, param_removed = self._id_filter(removed)
+        cond_kept, param_kept = self._id_filter(kept)
+        lock = "" if self.dialect == "sqlite" else " FOR UPDATE"
+        with self._connection(f"merge {removed.size} DiaObjects", write=True) as conn:
+            cur = conn.cursor()
+            cur.execute(
+                f'SELECT "diaObjectId", "validityStartMjdTai" FROM {_q(LAST_TABLE)} '
+                f'WHERE "diaObjectId" {cond_all}{lock}',
+                [param_all],
+            )
+            have = {int(i): float(t) for i, t in cur.fetchall()}
+            changed = [int(i) for i in involved if have.get(int(i)) != want[int(i)]]
+            if changed:
+                i = changed[0]
+                now = "no longer current" if i not in have else f"at version {have[i]}"
+                raise ApdbError(
+                    f"APDB {self._url}: merge_objects: DiaObject {i} is {now}, not at the "
+                    f"version {want[i]} read ({len(changed)} object(s) changed since the "
+                    f"merge was computed); nothing was merged"
+                )
+            sources = self._read_rows(
+                cur, "DiaSource", f'"diaObjectId" {cond_removed}', param_removed
+            )
+            sources["diaObjectId"] = pd.array(
+                [target[int(i)] for i in sources["diaObjectId"].to_numpy(dtype=np.int64)],
+                dtype="Int64",
+            )
+            forced = self._read_rows(
+                cur, "DiaForcedSource", f'"diaObjectId" {cond_removed}', param_removed
+            )
+            cur.execute(
+                f'SELECT "diaObjectId", "visit", "detector" FROM "DiaForcedSource" '
+                f'WHERE "diaObjectId" {cond_kept}',
+                [param_kept],
+            )
+            taken = pd.DataFrame(cur.fetchall(), columns=["diaObjectId", "visit", "detector"])
+            n_forced_read = len(forced)
+            forced = _reassign_forced(forced, target, taken)
+            srcs = _Columns(sources, "DiaSource", nan_to_none=nan_none)
+            fsrcs = _Columns(forced, "DiaForcedSource", nan_to_none=nan_none)
+            cur.execute(
+                f'DELETE FROM "DiaSource" WHERE "diaObjectId" {cond_removed}', [param_removed]
+            )
+            cur.execute(
+                f'DELETE FROM "DiaForcedSource" WHERE "diaObjectId" {cond_removed}', [param_removed]
+            )
+            self._insert(
+                cur,
+                "DiaSource",
+                [*srcs.names, PAYLOAD_COLUMN],
+                srcs.rows(self._packing["DiaSource"].pack(srcs.arrays, srcs.n)),
+            )
+            self._insert(
+                cur,
+                "DiaForcedSource",
+                [*fsrcs.names, PAYLOAD_COLUMN],
+                fsrcs.rows(self._packing["DiaForcedSource"].pack(fsrcs.arrays, fsrcs.n)),
+            )
+            cur.execute(
+                f'UPDATE "DiaObject" SET "validityEndMjdTai" = {self._ph} '
+                f'WHERE "diaObjectId" {cond_removed} AND "validityEndMjdTai" IS NULL',
+                [time_mjd, param_removed],
+            )
+            cur.execute(
+                f'DELETE FROM {_q(LAST_TABLE)} WHERE "diaObjectId" {cond_removed}', [param_removed]
+            )
+            self._write_objects(cur, ids, time_mjd, objs, obj_rows, last_rows)
+        return MergeResult(
+            n_survivors=int(kept.size),
+            n_merged=int(removed.size),
+            n_sources=srcs.n,
+            n_forced_sources=fsrcs.n,
+            n_forced_dropped=n_forced_read - fsrcs.n,
+        )
+
+    def _read_rows(self, cur, table: str, where: str, param) -> pd.DataFrame:
+        """Rows of a packed table read on an open cursor (inside a write transaction)."""
+        packing = self._packing[table]
+        cols = ", ".join(_q(c) for c in [PAYLOAD_COLUMN, *packing.text])
+        cur.execute(f"SELECT {cols} FROM {_q(table)} WHERE {where}", [param])
+        rows = cur.fetchall()
+        columns = list(zip(*rows, strict=True)) or [()] * (1 + len(packing.text))
+        return packing.unpack(
+            b"".join(bytes(b) for b in columns[0]),
+            len(rows),
+            dict(zip(packing.text, columns[1:], strict=True)),
+        )
+
+
+def _reassign_forced(forced: pd.DataFrame, target: dict, taken: pd.DataFrame) -> pd.DataFrame:
+    """Forced rows of merged-away objects moved to their survivor, one per (visit, detector).
+
+    A row is dropped when the survivor already has one for its (visit,
+    detector) (``taken``) or when another merged-away object of the same
+    survivor has one with a smaller ``diaForcedSourceId``.
+    """
+    if len(forced) == 0:
+        return forced
+    forced = forced.assign(
+        diaObjectId=np.array(
+            [target[int(i)] for i in forced["diaObjectId"].to_numpy(dtype=np.int64)],
+            dtype=np.int64,
+        )
+    )
+    forced = forced.sort_values("diaForcedSourceId", kind="stable")
+    forced = forced.drop_duplicates(["diaObjectId", "visit", "detector"], keep="first")
+    key = ["diaObjectId", "visit", "detector"]
+    if len(taken):
+        taken = taken.astype("int64").drop_duplicates()
+        hit = forced[key].astype("int64").merge(taken, on=key, how="left", indicator=True)
+        forced = forced[(hit["_merge"] == "left_only").to_numpy()]
+    return forced.reset_index(drop=True)
 
 
 _MARKER_COLUMNS = (

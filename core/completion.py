@@ -147,9 +147,9 @@ def check_complete(root: str, visit: int, storage_options: dict | None = None) -
             return None
     if "visit.json" not in files:
         raise InputError(f"{url}: does not list visit.json")
-    info = read_visit_info(root, visit)
-    need = [f"{d}/{n}" for d in info.detectors for n in ("diaSources.parquet",)]
-    need += [f"{d}/{k}.fits" for d in info.detectors for k in IMAGE_KINDS]
+    visit_info = read_visit_info(root, visit)
+    need = [f"{d}/{n}" for d in visit_info.detectors for n in ("diaSources.parquet",)]
+    need += [f"{d}/{k}.fits" for d in visit_info.detectors for k in IMAGE_KINDS]
     unlisted = [n for n in need if n not in files]
     if unlisted:
         raise InputError(

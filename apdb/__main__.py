@@ -9,6 +9,9 @@ migrate URL [--dry-run]
     one, in one transaction; ``--dry-run`` prints the plan and changes nothing.
 info URL
     Schema and layout versions, HEALPix order, row counts, size on disk.
+    This and the commands below only read: a SQLite file is opened read-only
+    (it may be in a read-only file or directory) and nothing is created,
+    repaired or migrated.
 visits URL
     Every stored visit: detectors and rows written.
 visit URL VISIT
@@ -34,10 +37,11 @@ from apdb.region import Circle
 from core.errors import PipelineError, one_line
 
 
-def _open(url: str, **kwargs):
+def _open(url: str):
+    """The APDB at ``url`` for the inspection commands: read-only, never created or changed."""
     from apdb.sql import ApdbSql
 
-    return ApdbSql(ApdbConfig(url=url, auto_create=False, **kwargs))
+    return ApdbSql(ApdbConfig(url=url, auto_create=False), read_only=True)
 
 
 def _cmd_create(args) -> None:

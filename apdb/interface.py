@@ -12,7 +12,7 @@ import pandas as pd
 from apdb.config import ApdbConfig
 from apdb.region import Region
 
-__all__ = ["Apdb", "BulkLoadResult", "StoreResult"]
+__all__ = ["Apdb", "BulkLoadResult", "MergeResult", "StoreResult"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,32 @@ class BulkLoadResult:
     n_sources: int
     n_forced_sources: int
     n_markers: int
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :meth:`Apdb.merge_objects` wrote.
+
+    Attributes
+    ----------
+    n_survivors : int
+        DiaObjects kept, each with a new version.
+    n_merged : int
+        DiaObjects merged away: their open version closed, gone from the latest table.
+    n_sources : int
+        DiaSources reassigned to a survivor.
+    n_forced_sources : int
+        DiaForcedSources reassigned to a survivor.
+    n_forced_dropped : int
+        DiaForcedSources of merged-away objects deleted because their survivor
+        already has forced photometry of the same (visit, detector).
+    """
+
+    n_survivors: int
+    n_merged: int
+    n_sources: int
+    n_forced_sources: int
+    n_forced_dropped: int
 
 
 class Apdb(ABC):
@@ -181,6 +207,72 @@ class Apdb(ABC):
             checked before anything is written.
         core.errors.ApdbError
             A marker or a row is already stored; nothing is written.
+        """
+
+    @abstractmethod
+    def object_pixels(self, order: int) -> np.ndarray:
+        """HEALPix nest pixels at ``order`` that hold the position of a current DiaObject.
+
+        Parameters
+        ----------
+        order : int
+            HEALPix order, at most the database's ``config:healpix_order``.
+
+        Returns
+        -------
+        numpy.ndarray
+            Sorted unique int64 pixel numbers (empty for an empty database).
+        """
+
+    @abstractmethod
+    def merge_objects(
+        self,
+        merges: pd.DataFrame,
+        survivors: pd.DataFrame,
+        *,
+        time_mjd: float,
+        expected: pd.DataFrame,
+    ) -> MergeResult:
+        """Merge DiaObjects into survivors in one transaction (daytime de-duplication).
+
+        The DiaSources of every merged-away object are reassigned to its
+        survivor (``diaObjectId`` updated, as Rubin's
+        ``reassignDiaSourcesToDiaObjects``); its DiaForcedSources are
+        reassigned too, except those of a (visit, detector) where the survivor
+        (or an earlier merged-away object of the same survivor, by
+        ``diaForcedSourceId``) already has one, which are deleted; its open
+        version is closed at ``time_mjd`` (Rubin's ``setValidityEnd``) and it
+        leaves the latest-version table. Each survivor gets the new version
+        given in ``survivors``, closing its previous one.
+
+        Parameters
+        ----------
+        merges : pandas.DataFrame
+            ``diaObjectId`` (merged away) and ``survivorId``; one row per
+            merged-away object, never a survivor itself.
+        survivors : pandas.DataFrame
+            The new version of each survivor (SDM ``DiaObject`` columns, one row
+            per ``survivorId``); ``validityStartMjdTai`` is set to ``time_mjd``.
+        time_mjd : float
+            Validity end of the closed versions and start of the new ones (MJD TAI).
+        expected : pandas.DataFrame
+            ``diaObjectId``, ``validityStartMjdTai`` of the current version of
+            every object involved, as read before the merge was computed.
+
+        Returns
+        -------
+        MergeResult
+
+        Raises
+        ------
+        core.errors.InputError
+            Malformed frames, a survivor that is also merged away, or
+            ``time_mjd`` not later than a current version's validity start;
+            nothing is written.
+        core.errors.ApdbError
+            An object involved is no longer current or has a newer version than
+            ``expected`` (a store or another merge ran in between); nothing is
+            written.
         """
 
     @abstractmethod

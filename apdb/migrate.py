@@ -29,7 +29,6 @@ import os
 import sqlite3
 from collections.abc import Callable
 
-import psycopg
 import sqlalchemy as sa
 
 from apdb import sql as apdb_sql
@@ -147,9 +146,12 @@ def plan(config: ApdbConfig | str) -> Plan:
         with apdb_sql._mapped_errors("plan migration", config.safe_url()):
             proxy = engine.raw_connection()
             try:
-                return _plan_on(proxy.driver_connection, engine, config.safe_url())
+                dbapi = apdb_sql.driver_connection(proxy)
+                try:
+                    return _plan_on(dbapi, engine, config.safe_url())
+                finally:
+                    dbapi.rollback()
             finally:
-                proxy.driver_connection.rollback()
                 proxy.close()
     finally:
         engine.dispose()
@@ -180,7 +182,7 @@ def migrate(config: ApdbConfig | str, *, lock_timeout_s: float = 5.0) -> Plan:
                 f"nothing changed"
             ) from exc
         try:
-            dbapi = proxy.driver_connection
+            dbapi = apdb_sql.driver_connection(proxy)
             try:
                 if engine.dialect.name == "sqlite":
                     dbapi.execute(f"PRAGMA busy_timeout = {int(lock_timeout_s * 1000)}")
@@ -190,10 +192,10 @@ def migrate(config: ApdbConfig | str, *, lock_timeout_s: float = 5.0) -> Plan:
                     dbapi.execute(
                         'LOCK TABLE "metadata", "DiaForcedSource" IN SHARE ROW EXCLUSIVE MODE'
                     )
-            except psycopg.errors.UndefinedTable as exc:
+            except apdb_sql.psycopg_errors("UndefinedTable") as exc:
                 dbapi.rollback()
                 raise ApdbError(f"APDB {url}: not an APDB ({exc}); nothing changed") from exc
-            except (psycopg.errors.LockNotAvailable, psycopg.OperationalError) as exc:
+            except apdb_sql.psycopg_errors("LockNotAvailable", "OperationalError") as exc:
                 dbapi.rollback()
                 raise ApdbError(
                     f"APDB {url}: locked by another connection (waited {lock_timeout_s} s): "

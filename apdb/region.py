@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 
 import hpgeom
 import numpy as np
+import numpy.typing as npt
 
 from core.errors import InputError
 
@@ -22,7 +23,7 @@ __all__ = ["Circle", "Polygon", "Region", "unit_vectors"]
 MAX_ORDER = 29
 
 
-def unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+def unit_vectors(ra: npt.ArrayLike, dec: npt.ArrayLike) -> np.ndarray:
     """Cartesian unit vectors, shape ``(n, 3)``, of positions in degrees."""
     ra_r = np.radians(np.asarray(ra, dtype=np.float64))
     dec_r = np.radians(np.asarray(dec, dtype=np.float64))
@@ -30,7 +31,9 @@ def unit_vectors(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
     return np.stack([cos_dec * np.cos(ra_r), cos_dec * np.sin(ra_r), np.sin(dec_r)], axis=-1)
 
 
-def _check_positions(ra: np.ndarray, dec: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+def _check_positions(
+    ra: npt.ArrayLike, dec: npt.ArrayLike, what: str
+) -> tuple[np.ndarray, np.ndarray]:
     ra = np.atleast_1d(np.asarray(ra, dtype=np.float64))
     dec = np.atleast_1d(np.asarray(dec, dtype=np.float64))
     if ra.shape != dec.shape:

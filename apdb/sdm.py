@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from core.errors import InputError
-from core.frames import frame_from_blocks, masked_array
+from core.frames import frame_from_columns
 
 __all__ = [
     "Column",
@@ -202,41 +202,37 @@ def conform(df: pd.DataFrame, table: str, *, extra: str = "drop") -> pd.DataFram
 
 @functools.cache
 def _frame_plan(table: str) -> tuple[pd.Index, tuple, tuple]:
-    """Column index, numpy blocks and nullable (extension) columns of ``table``'s frames.
+    """Column index, numpy groups and nullable (extension) columns of ``table``'s frames.
 
-    The columns with a numpy dtype are grouped into one 2-D block per dtype
-    (as pandas' own consolidation would): (dtype, column positions, names,
-    nullable flags). Each nullable integer or boolean column is a block of its
-    own; they are listed per dtype: (number of them, ((dtype, ((block number
-    in schema order, name, nullable, position as a slice), ...)), ...)).
+    The columns with a numpy dtype are grouped per dtype: (dtype, column
+    positions, names, nullable flags). The nullable integer and boolean
+    columns are listed per dtype: (dtype, ((name, nullable, position), ...)).
     """
     cols = columns(table)
     groups: dict[str, list[tuple[int, Column]]] = {}
-    extension: dict[str, list[tuple[int, str, bool, slice]]] = {}
-    k = 0  # where the column's block goes among the extension blocks (schema order)
+    extension: dict[str, list[tuple[str, bool, int]]] = {}
     for pos, col in enumerate(cols):
         if col.dtype in _EXTENSION:
-            extension.setdefault(col.dtype, []).append(
-                (k, col.name, col.nullable, slice(pos, pos + 1))
-            )
-            k += 1
+            extension.setdefault(col.dtype, []).append((col.name, col.nullable, pos))
         else:
             groups.setdefault(col.dtype, []).append((pos, col))
     blocks = tuple(
         (
             dt,
-            np.asarray([pos for pos, _ in members], dtype=np.intp),
+            tuple(pos for pos, _ in members),
             tuple(c.name for _, c in members),
             tuple(c.nullable for _, c in members),
         )
         for dt, members in groups.items()
     )
     ext = tuple((dt, tuple(members)) for dt, members in extension.items())
-    return pd.Index([c.name for c in cols]), blocks, (k, ext)
+    return pd.Index([c.name for c in cols]), blocks, ext
 
 
 #: nullable pandas dtypes → their masked array class
-_EXTENSION = {
+_EXTENSION: dict[
+    str, tuple[type[pd.arrays.IntegerArray] | type[pd.arrays.BooleanArray], type[np.generic]]
+] = {
     "Int64": (pd.arrays.IntegerArray, np.int64),
     "Int32": (pd.arrays.IntegerArray, np.int32),
     "Int16": (pd.arrays.IntegerArray, np.int16),
@@ -256,7 +252,7 @@ def _masked(v, dt: str, n: int):
         and (v.dtype == np_dt or (v.dtype.kind in "iu" and dt != "boolean"))
         and np.can_cast(v.dtype, np_dt, casting="safe")
     ):
-        return masked_array(cls, v.astype(np_dt, copy=True), np.zeros(v.size, dtype=bool))
+        return cls(v.astype(np_dt, copy=True), np.zeros(v.size, dtype=bool))
     return pd.array(v, dtype=dt)
 
 
@@ -299,31 +295,30 @@ def frame(data: dict, table: str, n: int) -> pd.DataFrame:
     table's columns in schema order and dtype, missing nullable columns null —
     for callers that hold plain arrays of ``n`` rows. It avoids conform's
     per-column pandas round trips: the columns of each numpy dtype are written
-    into one 2-D block and the frame is assembled from its blocks
-    (:func:`core.frames.frame_from_blocks`), without pandas' per-column
-    inference (≈ 0.19 ms for the 103-column DiaSource table, against ≈ 5 ms
-    column by column); the all-null nullable columns share two allocations
-    per dtype. Columns not in the table are ignored.
+    into one 2-D array whose rows become the frame's columns without a further
+    copy (:func:`core.frames.frame_from_columns`); the all-null nullable
+    columns share two allocations per dtype. Columns not in the table are
+    ignored.
 
     Raises
     ------
     InputError
         A non-nullable column is missing or holds NaN, or a value cannot be cast.
     """
-    names, groups, (n_ext, ext_plan) = _frame_plan(table)
-    blocks = [
-        (_numpy_block(data, table, n, dt, group_names, nullable), pos)
-        for dt, pos, group_names, nullable in groups
-    ]
-    extension: list = [None] * n_ext
+    names, groups, ext_plan = _frame_plan(table)
+    out: list = [None] * len(names)
+    for dt, pos, group_names, nullable in groups:
+        block = _numpy_block(data, table, n, dt, group_names, nullable)
+        for r, p in enumerate(pos):
+            out[p] = block[r]
     for dt, members in ext_plan:
         nulls = []
-        for k, name, nullable, pos in members:
+        for name, nullable, pos in members:
             v = data.get(name)
             if v is None:
                 if not nullable:
                     raise InputError(f"{table}: required column {name!r} is missing")
-                nulls.append((k, pos))
+                nulls.append(pos)
                 continue
             try:
                 arr = _masked(v, dt, n)
@@ -331,22 +326,11 @@ def frame(data: dict, table: str, n: int) -> pd.DataFrame:
                 raise InputError(f"{table}.{name}: cannot convert to {dt}: {exc}") from exc
             if len(arr) != n:
                 raise InputError(f"{table}.{name}: {len(arr)} values for {n} rows")
-            extension[k] = (arr, pos)
+            out[pos] = arr
         if nulls:  # all-null columns: rows of one data and one mask array
             cls, np_dt = _EXTENSION[dt]
             values = np.zeros((len(nulls), n), dtype=np_dt)
             mask = np.ones((len(nulls), n), dtype=bool)
-            for r, (k, pos) in enumerate(nulls):
-                extension[k] = (masked_array(cls, values[r], mask[r]), pos)
-    index = pd.RangeIndex(n)
-    out = frame_from_blocks(blocks + extension, index, names)
-    if out is not None:
-        return out
-    # pandas < 2.3: the public constructor
-    cols = {}
-    for block, pos in blocks:
-        for r, p in enumerate(pos):
-            cols[names[p]] = pd.Series(block[r], dtype=block.dtype, index=index, copy=False)
-    for arr, pos in extension:
-        cols[names[pos.start]] = pd.Series(arr, index=index, copy=False)
-    return pd.DataFrame({c: cols[c] for c in names}, index=index, copy=False)
+            for r, p in enumerate(nulls):
+                out[p] = cls(values[r], mask[r])
+    return frame_from_columns(dict(zip(names, out, strict=True)), pd.RangeIndex(n))

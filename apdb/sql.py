@@ -76,12 +76,14 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator, Sequence
+import sys
+import urllib.parse
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import hpgeom
 import numpy as np
 import pandas as pd
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import StaticPool
@@ -89,7 +91,7 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from apdb import sdm
 from apdb.config import ApdbConfig
-from apdb.interface import Apdb, BulkLoadResult, StoreResult
+from apdb.interface import Apdb, BulkLoadResult, MergeResult, StoreResult
 from apdb.region import Region
 from core.errors import ApdbError, InputError, SchemaVersionError, TransientError
 
@@ -269,7 +271,7 @@ def _frame(rows: Sequence[tuple], names: Sequence[str], dtypes: dict[str, str]) 
             data[name] = np.array(values, dtype=dtype)
         elif dtype in _NULLABLE_INT or dtype == "boolean":
             arr = np.array(values, dtype=object)
-            mask = np.equal(arr, None)
+            mask = np.equal(arr, np.array(None, dtype=object))
             if mask.any():
                 arr[mask] = 0
             if dtype == "boolean":
@@ -324,7 +326,7 @@ class _Packing:
         digest = hashlib.sha1(repr((fields, self.text)).encode()).hexdigest()[:16]
         self.signature = f"{self.dtype.itemsize}:{digest}"
 
-    def pack(self, arrays: dict[str, object], n: int) -> list[bytes]:
+    def pack(self, arrays: Mapping[str, Any], n: int) -> list[bytes]:
         """One ``bytes`` payload per row from the converted column arrays."""
         rec = np.zeros(n, dtype=self.dtype)
         for col in self.columns:
@@ -549,11 +551,25 @@ def _ids_array(object_ids: Iterable[int] | np.ndarray, what: str) -> np.ndarray:
 _SCHEMA_WORDS = ("no such table", "no such column", "has no column", "syntax error")
 
 
+def psycopg_errors(*names: str) -> tuple[type[BaseException], ...]:
+    """The classes ``psycopg.errors.<name>``, or ``()`` while psycopg is not loaded.
+
+    psycopg is the PostgreSQL driver: SQLAlchemy's dialect imports it when a
+    PostgreSQL URL is opened, and no psycopg error can exist before that, so
+    the error mapping needs no import of its own and a SQLite-only process
+    never loads the driver. ``isinstance(exc, ())`` is false.
+    """
+    pg = sys.modules.get("psycopg")
+    if pg is None:
+        return ()
+    return tuple(getattr(pg.errors, name) for name in names)
+
+
 def _pg_timeout(orig: BaseException, what: str, url: str) -> TransientError | None:
     """A TransientError (and a warning) for a PostgreSQL lock or statement timeout."""
-    if isinstance(orig, psycopg.errors.LockNotAvailable):
+    if isinstance(orig, psycopg_errors("LockNotAvailable")):
         kind = "a lock held by another session (lock_timeout_ms)"
-    elif isinstance(orig, psycopg.errors.QueryCanceled):
+    elif isinstance(orig, psycopg_errors("QueryCanceled")):
         kind = "the statement to finish (statement_timeout_ms, or cancelled)"
     else:
         return None
@@ -596,12 +612,12 @@ def _translate(exc: BaseException, what: str, url: str) -> BaseException | None:
         if mapped is not None:
             return mapped
         if exc.connection_invalidated or isinstance(
-            orig, (sqlite3.OperationalError, psycopg.OperationalError)
+            orig, (sqlite3.OperationalError, *psycopg_errors("OperationalError"))
         ):
             if not any(w in str(orig).lower() for w in _SCHEMA_WORDS):
                 return TransientError(f"APDB {url}: {what}: {orig}")
         return ApdbError(f"APDB {url}: {what}: {orig}")
-    if isinstance(exc, (sqlite3.Error, psycopg.Error)):
+    if isinstance(exc, (sqlite3.Error, *psycopg_errors("Error"))):
         mapped = _pg_timeout(exc, what, url) or _sqlite_readonly(exc, what, url)
         if mapped is not None:
             return mapped
@@ -611,14 +627,10 @@ def _translate(exc: BaseException, what: str, url: str) -> BaseException | None:
         return TransientError(f"APDB {url}: {what}: {exc}")
     if isinstance(
         exc,
-        (
-            psycopg.OperationalError,
-            psycopg.errors.SerializationFailure,
-            psycopg.errors.DeadlockDetected,
-        ),
+        psycopg_errors("OperationalError", "SerializationFailure", "DeadlockDetected"),
     ):
         return TransientError(f"APDB {url}: {what}: {exc}")
-    if isinstance(exc, (sqlite3.Error, psycopg.Error)):
+    if isinstance(exc, (sqlite3.Error, *psycopg_errors("Error"))):
         return ApdbError(f"APDB {url}: {what}: {exc}")
     return None
 
@@ -645,16 +657,65 @@ class _AlreadyStored(Exception):
     pass
 
 
-#: What a database raises when an aggregated value would pass its size limit
-#: (SQLITE_TOOBIG; PostgreSQL's 1 GB string buffer).
-_TOO_BIG = (
-    sqlite3.DataError,
-    psycopg.errors.ProgramLimitExceeded,
-    psycopg.errors.OutOfMemory,
-)
+def driver_connection(proxy: Any) -> Any:
+    """The DB-API connection inside a pooled SQLAlchemy connection (open, never None)."""
+    conn = proxy.driver_connection
+    if conn is None:  # only after the pool has invalidated and closed it
+        raise TransientError("APDB: the pooled database connection was closed")
+    return conn
+
+
+def _too_big() -> tuple[type[BaseException], ...]:
+    """What a database raises when an aggregated value would pass its size limit.
+
+    SQLITE_TOOBIG; PostgreSQL's 1 GB string buffer.
+    """
+    return (sqlite3.DataError, *psycopg_errors("ProgramLimitExceeded", "OutOfMemory"))
 
 
 # --------------------------------------------------------------------------- backend
+
+
+def _sqlite_read_only_url(path: str, config: ApdbConfig) -> sa.URL:
+    """The URL that opens the SQLite file ``path`` for reading only.
+
+    ``mode=ro`` first. A WAL-mode file opened so still needs its ``-shm``
+    file: where SQLite cannot create it (a read-only directory) the open
+    fails, and the file is opened ``immutable=1`` instead (no locks, no
+    ``-shm``), which reads everything committed only when no ``-wal`` file
+    holds transactions not yet copied into the main file: with one, the open
+    is refused.
+
+    Raises
+    ------
+    ApdbError
+        The directory is read-only and a non-empty ``-wal`` file lies beside
+        the database.
+    """
+    uri = "file:" + urllib.parse.quote(path)
+    query = {"mode": "ro"}
+    try:
+        probe = sqlite3.connect(
+            f"{uri}?mode=ro", uri=True, timeout=config.sqlite_busy_timeout_ms / 1000.0
+        )
+        try:
+            probe.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        finally:
+            probe.close()
+    except sqlite3.OperationalError as exc:
+        if "unable to open" in str(exc).lower():
+            wal = path + "-wal"
+            if os.path.exists(wal) and os.path.getsize(wal) > 0:
+                raise ApdbError(
+                    f"APDB {config.safe_url()}: cannot read it read-only: its directory is "
+                    f"read-only, so SQLite cannot make the -shm file, and {wal} holds "
+                    f"transactions not yet checkpointed into the database; copy the database "
+                    f"with its -wal file to a writable directory, or checkpoint it where it is "
+                    f"written (PRAGMA wal_checkpoint(TRUNCATE))"
+                ) from exc
+            query["immutable"] = "1"
+        # any other error: the engine's first connection reports it, mapped
+    return sa.URL.create("sqlite", database=uri, query={**query, "uri": "true"})
 
 
 class ApdbSql(Apdb):
@@ -671,6 +732,15 @@ class ApdbSql(Apdb):
     repair : bool
         Create APDB tables that are missing from an existing APDB (what
         :meth:`create` does) instead of refusing it.
+    read_only : bool
+        Open for reading only, as the inspection commands do: a SQLite file is
+        opened with SQLite's read-only URI mode (``mode=ro``; where SQLite
+        cannot make the ``-shm`` file beside it, e.g. in a read-only
+        directory, and no ``-wal`` file holds uncheckpointed transactions, as
+        ``immutable=1``), a PostgreSQL session with
+        ``default_transaction_read_only``. Nothing is created, repaired or
+        migrated and the journal mode is left as it is; ``auto_create`` and
+        ``repair`` do not apply. Every write fails.
 
     Raises
     ------
@@ -685,20 +755,28 @@ class ApdbSql(Apdb):
         The server cannot be reached.
     """
 
-    def __init__(self, config: ApdbConfig, *, repair: bool = False):
+    def __init__(self, config: ApdbConfig, *, repair: bool = False, read_only: bool = False):
+        if read_only:
+            config = config.model_copy(update={"auto_create": False})
+            repair = False
         self.config = config
+        self.read_only = read_only
         self._url = config.safe_url()
         url = config.sqlalchemy_url()
+        self._sqlite_path = (
+            url.database
+            if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+            else None
+        )
         if (
             not config.auto_create
-            and url.get_backend_name() == "sqlite"
-            and url.database not in (None, "", ":memory:")
-            and not os.path.exists(url.database)
+            and self._sqlite_path is not None
+            and not os.path.exists(self._sqlite_path)
         ):
             raise ApdbError(
                 f"APDB {self._url}: no such SQLite file; create it with: python -m apdb create URL"
             )
-        self._engine = self._make_engine(config)
+        self._engine = self._make_engine(config, read_only=read_only)
         self.dialect = self._engine.dialect.name
         self._ph = "?" if self.dialect == "sqlite" else "%s"
         self._last_names = [c.name for c in sdm.columns("DiaObjectLast")]
@@ -747,10 +825,14 @@ class ApdbSql(Apdb):
         return cls(config.model_copy(update={"auto_create": True}), repair=True)
 
     @staticmethod
-    def _make_engine(config: ApdbConfig) -> sa.Engine:
+    def _make_engine(config: ApdbConfig, *, read_only: bool = False) -> sa.Engine:
         url = config.sqlalchemy_url()
         if url.get_backend_name() == "sqlite":
-            memory = url.database in (None, "", ":memory:")
+            path = url.database
+            memory = path in (None, "", ":memory:")
+            read_only = read_only and not memory
+            if read_only and path is not None:
+                url = _sqlite_read_only_url(path, config)
             kwargs: dict = {
                 "connect_args": {
                     "check_same_thread": False,
@@ -771,10 +853,13 @@ class ApdbSql(Apdb):
                 dbapi_conn.isolation_level = None
                 cur = dbapi_conn.cursor()
                 cur.execute(f"PRAGMA busy_timeout = {busy}")
-                cur.execute("PRAGMA page_size = 8192")  # only before the first table
+                if not read_only:
+                    cur.execute("PRAGMA page_size = 8192")  # only before the first table
                 cur.execute("PRAGMA cache_size = -32768")
                 cur.execute("PRAGMA temp_store = MEMORY")
-                if not memory:
+                if read_only:  # the journal mode is the file's; changing it is a write
+                    cur.execute("PRAGMA mmap_size = 268435456")
+                elif not memory:
                     cur.execute("PRAGMA journal_mode = WAL")
                     cur.execute("PRAGMA synchronous = NORMAL")
                     cur.execute("PRAGMA mmap_size = 268435456")
@@ -798,6 +883,8 @@ class ApdbSql(Apdb):
             with dbapi_conn.cursor() as cur:
                 cur.execute(f"SET lock_timeout = {lock_ms}")
                 cur.execute(f"SET statement_timeout = {statement_ms}")
+                if read_only:
+                    cur.execute("SET default_transaction_read_only = on")
             dbapi_conn.commit()
 
         return engine
@@ -808,7 +895,7 @@ class ApdbSql(Apdb):
         with _mapped_errors(what, self._url):
             proxy = self._engine.raw_connection()
             try:
-                conn = proxy.driver_connection
+                conn = driver_connection(proxy)
                 if write and self.dialect == "sqlite":
                     conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -1049,7 +1136,7 @@ class ApdbSql(Apdb):
                 else:  # binary results: the bytea as is, not hex text
                     cur.execute(sql, params, binary=True)
                 row = cur.fetchone()
-            except _TOO_BIG as exc:
+            except _too_big() as exc:
                 _LOG.info("%s: %s; reading the rows one by one", what, exc)
                 return None
         n = int(row[0])
@@ -1180,8 +1267,8 @@ class ApdbSql(Apdb):
     def size_bytes(self) -> int:
         """Bytes on disk: the SQLite file with its WAL, or the PostgreSQL database."""
         if self.dialect == "sqlite":
-            path = self._engine.url.database
-            if not path or path == ":memory:":
+            path = self._sqlite_path
+            if path is None:
                 return 0
             return sum(os.path.getsize(p) for p in (path, path + "-wal") if os.path.exists(p))
         with self._connection("size") as conn:
@@ -1311,7 +1398,7 @@ class ApdbSql(Apdb):
             return StoreResult(visit, detector, already_stored=True)
         except ApdbError as exc:
             cause = exc.__cause__
-            unique = isinstance(cause, psycopg.errors.UniqueViolation) or (
+            unique = isinstance(cause, psycopg_errors("UniqueViolation")) or (
                 isinstance(cause, sqlite3.IntegrityError) and "UNIQUE constraint" in str(cause)
             )
             if unique:  # not any integrity error: a trigger's RAISE(ABORT) is one too
@@ -1502,6 +1589,219 @@ class ApdbSql(Apdb):
                 copy.set_types(types)
                 for row in rows:
                     copy.write_row(row)
+
+    # ------------------------------------------------------------------ de-duplication
+
+    def object_pixels(self, order: int) -> np.ndarray:
+        """HEALPix nest pixels at ``order`` holding a current DiaObject (from ``pixelId``)."""
+        order = int(order)
+        if not 0 <= order <= self.order:
+            raise InputError(
+                f"object_pixels: order must be within [0, {self.order}] (the database's "
+                f"HEALPix order), got {order}"
+            )
+        factor = 4 ** (self.order - order)
+        with self._connection("object pixels") as conn:
+            cur = conn.cursor()
+            cur.execute(f"SELECT DISTINCT {_q(PIXEL_COLUMN)} / {factor} FROM {_q(LAST_TABLE)}")
+            pixels = np.array([int(r[0]) for r in cur.fetchall()], dtype=np.int64)
+        return np.sort(pixels)
+
+    def merge_objects(
+        self,
+        merges: pd.DataFrame,
+        survivors: pd.DataFrame,
+        *,
+        time_mjd: float,
+        expected: pd.DataFrame,
+    ) -> MergeResult:
+        """Merge DiaObjects into survivors in one transaction (see :meth:`Apdb.merge_objects`).
+
+        The rows moved are read inside the transaction, their ``diaObjectId``
+        changed, and written back through the store path (SDM columns and
+        packed payload together), so the payloads stay in step with the columns.
+        The current versions are checked against ``expected`` under the write
+        lock (``BEGIN IMMEDIATE`` on SQLite, ``SELECT ... FOR UPDATE`` on
+        PostgreSQL) before anything changes.
+        """
+        for column in ("diaObjectId", "survivorId"):
+            if column not in merges.columns:
+                raise InputError(f"merge_objects: merges lacks column {column!r}")
+        for column in ("diaObjectId", "validityStartMjdTai"):
+            if column not in expected.columns:
+                raise InputError(f"merge_objects: expected lacks column {column!r}")
+        removed = _ids_array(merges["diaObjectId"], "merge_objects merges")
+        if removed.size != len(merges):
+            raise InputError("merge_objects: a diaObjectId is merged away more than once")
+        if removed.size == 0:
+            return MergeResult(0, 0, 0, 0, 0)
+        target = dict(
+            zip(
+                merges["diaObjectId"].to_numpy(dtype=np.int64).tolist(),
+                merges["survivorId"].to_numpy(dtype=np.int64).tolist(),
+                strict=True,
+            )
+        )
+        kept = np.unique(np.fromiter(target.values(), dtype=np.int64))
+        both = np.intersect1d(kept, removed)
+        if both.size:
+            raise InputError(
+                f"merge_objects: DiaObject {int(both[0])} is both a survivor and merged away"
+            )
+        time_mjd = float(time_mjd)
+        if not np.isfinite(time_mjd):
+            raise InputError(f"merge_objects: time_mjd must be finite, got {time_mjd}")
+        nan_none = self.dialect != "sqlite"
+        objs = _Columns(
+            survivors,
+            "DiaObject",
+            overrides={"validityStartMjdTai": time_mjd, "validityEndMjdTai": float("nan")},
+            nan_to_none=nan_none,
+        )
+        ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
+        _check_positions(ids, ra, dec)
+        _unique(ids, "merge_objects survivors.diaObjectId")
+        if not np.array_equal(np.sort(ids.astype(np.int64)), kept):
+            raise InputError(
+                "merge_objects: survivors must hold exactly one row per survivorId of merges"
+            )
+        involved = np.concatenate([kept, removed])
+        want = dict(
+            zip(
+                expected["diaObjectId"].to_numpy(dtype=np.int64).tolist(),
+                expected["validityStartMjdTai"].to_numpy(dtype=np.float64).tolist(),
+                strict=True,
+            )
+        )
+        missing = [int(i) for i in involved if int(i) not in want]
+        if missing:
+            raise InputError(f"merge_objects: expected lacks DiaObject {missing[0]}")
+        latest = max(want[int(i)] for i in involved)
+        if not time_mjd > latest:
+            raise InputError(
+                f"merge_objects: time_mjd {time_mjd} must be later than the validity start "
+                f"{latest} of the current versions merged"
+            )
+        pixels = hpgeom.angle_to_pixel(hpgeom.order_to_nside(self.order), ra, dec)
+        obj_rows = objs.rows()
+        last_rows = objs.rows(
+            pixels.tolist(),
+            self._packing["DiaObject"].pack(objs.arrays, objs.n),
+            names=objs.subset(self._last_names),
+        )
+        cond_all, param_all = self._id_filter(involved)
+        cond_removed, param_removed = self._id_filter(removed)
+        cond_kept, param_kept = self._id_filter(kept)
+        lock = "" if self.dialect == "sqlite" else " FOR UPDATE"
+        with self._connection(f"merge {removed.size} DiaObjects", write=True) as conn:
+            cur = conn.cursor()
+            cur.execute(
+                f'SELECT "diaObjectId", "validityStartMjdTai" FROM {_q(LAST_TABLE)} '
+                f'WHERE "diaObjectId" {cond_all}{lock}',
+                [param_all],
+            )
+            have = {int(i): float(t) for i, t in cur.fetchall()}
+            changed = [int(i) for i in involved if have.get(int(i)) != want[int(i)]]
+            if changed:
+                i = changed[0]
+                now = "no longer current" if i not in have else f"at version {have[i]}"
+                raise ApdbError(
+                    f"APDB {self._url}: merge_objects: DiaObject {i} is {now}, not at the "
+                    f"version {want[i]} read ({len(changed)} object(s) changed since the "
+                    f"merge was computed); nothing was merged"
+                )
+            sources = self._read_rows(
+                cur, "DiaSource", f'"diaObjectId" {cond_removed}', param_removed
+            )
+            sources["diaObjectId"] = pd.array(
+                [target[int(i)] for i in sources["diaObjectId"].to_numpy(dtype=np.int64)],
+                dtype="Int64",
+            )
+            forced = self._read_rows(
+                cur, "DiaForcedSource", f'"diaObjectId" {cond_removed}', param_removed
+            )
+            cur.execute(
+                f'SELECT "diaObjectId", "visit", "detector" FROM "DiaForcedSource" '
+                f'WHERE "diaObjectId" {cond_kept}',
+                [param_kept],
+            )
+            taken = pd.DataFrame(cur.fetchall(), columns=["diaObjectId", "visit", "detector"])
+            n_forced_read = len(forced)
+            forced = _reassign_forced(forced, target, taken)
+            srcs = _Columns(sources, "DiaSource", nan_to_none=nan_none)
+            fsrcs = _Columns(forced, "DiaForcedSource", nan_to_none=nan_none)
+            cur.execute(
+                f'DELETE FROM "DiaSource" WHERE "diaObjectId" {cond_removed}', [param_removed]
+            )
+            cur.execute(
+                f'DELETE FROM "DiaForcedSource" WHERE "diaObjectId" {cond_removed}', [param_removed]
+            )
+            self._insert(
+                cur,
+                "DiaSource",
+                [*srcs.names, PAYLOAD_COLUMN],
+                srcs.rows(self._packing["DiaSource"].pack(srcs.arrays, srcs.n)),
+            )
+            self._insert(
+                cur,
+                "DiaForcedSource",
+                [*fsrcs.names, PAYLOAD_COLUMN],
+                fsrcs.rows(self._packing["DiaForcedSource"].pack(fsrcs.arrays, fsrcs.n)),
+            )
+            cur.execute(
+                f'UPDATE "DiaObject" SET "validityEndMjdTai" = {self._ph} '
+                f'WHERE "diaObjectId" {cond_removed} AND "validityEndMjdTai" IS NULL',
+                [time_mjd, param_removed],
+            )
+            cur.execute(
+                f'DELETE FROM {_q(LAST_TABLE)} WHERE "diaObjectId" {cond_removed}', [param_removed]
+            )
+            self._write_objects(cur, ids, time_mjd, objs, obj_rows, last_rows)
+        return MergeResult(
+            n_survivors=int(kept.size),
+            n_merged=int(removed.size),
+            n_sources=srcs.n,
+            n_forced_sources=fsrcs.n,
+            n_forced_dropped=n_forced_read - fsrcs.n,
+        )
+
+    def _read_rows(self, cur, table: str, where: str, param) -> pd.DataFrame:
+        """Rows of a packed table read on an open cursor (inside a write transaction)."""
+        packing = self._packing[table]
+        cols = ", ".join(_q(c) for c in [PAYLOAD_COLUMN, *packing.text])
+        cur.execute(f"SELECT {cols} FROM {_q(table)} WHERE {where}", [param])
+        rows = cur.fetchall()
+        columns = list(zip(*rows, strict=True)) or [()] * (1 + len(packing.text))
+        return packing.unpack(
+            b"".join(bytes(b) for b in columns[0]),
+            len(rows),
+            dict(zip(packing.text, columns[1:], strict=True)),
+        )
+
+
+def _reassign_forced(forced: pd.DataFrame, target: dict, taken: pd.DataFrame) -> pd.DataFrame:
+    """Forced rows of merged-away objects moved to their survivor, one per (visit, detector).
+
+    A row is dropped when the survivor already has one for its (visit,
+    detector) (``taken``) or when another merged-away object of the same
+    survivor has one with a smaller ``diaForcedSourceId``.
+    """
+    if len(forced) == 0:
+        return forced
+    forced = forced.assign(
+        diaObjectId=np.array(
+            [target[int(i)] for i in forced["diaObjectId"].to_numpy(dtype=np.int64)],
+            dtype=np.int64,
+        )
+    )
+    forced = forced.sort_values("diaForcedSourceId", kind="stable")
+    forced = forced.drop_duplicates(["diaObjectId", "visit", "detector"], keep="first")
+    key = ["diaObjectId", "visit", "detector"]
+    if len(taken):
+        taken = taken.astype("int64").drop_duplicates()
+        hit = forced[key].astype("int64").merge(taken, on=key, how="left", indicator=True)
+        forced = forced[(hit["_merge"] == "left_only").to_numpy()]
+    return forced.reset_index(drop=True)
 
 
 _MARKER_COLUMNS = (

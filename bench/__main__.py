@@ -26,9 +26,9 @@ import bench
 
 
 def scenarios() -> list[str]:
-    """Names of the scenario modules in this package."""
+    """Names of the scenarios: the modules of this package, ``_`` written as ``-``."""
     return sorted(
-        m.name
+        m.name.replace("_", "-")
         for m in pkgutil.iter_modules(bench.__path__)
         if not m.name.startswith("_") and m.name not in ("common",)
     )
@@ -63,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("scenario", choices=scenarios())
     parser.add_argument("--json", type=Path, help="write all figures (with 'headline') here")
     args, rest = parser.parse_known_args(argv)
-    module = importlib.import_module(f"bench.{args.scenario}")
+    module = importlib.import_module(f"bench.{args.scenario.replace('-', '_')}")
     result = module.main(rest)
     if "headline" not in result:
-        raise SystemExit(f"bench.{args.scenario}.main() returned no 'headline'")
+        raise SystemExit(f"bench {args.scenario}: main() returned no 'headline'")
     result = {"scenario": args.scenario, "machine": machine(), **result}
     print("headline:", json.dumps(result["headline"], default=float))
     if args.json:

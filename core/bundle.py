@@ -9,6 +9,11 @@ through fsspec)::
     {root}/{visit}/{detector}/science.fits
     {root}/{visit}/{detector}/template.fits
 
+Beside it an upstream system may put the next-visit message
+``{root}/{visit}/next-visit.json`` (:mod:`core.nextvisit`) before the bundle
+and the completion marker ``{root}/{visit}/complete.json``
+(:mod:`core.completion`) after it; reading a bundle needs neither.
+
 Each FITS file is a multi-extension file: an empty primary HDU, then image
 HDUs named ``IMAGE`` (float32 counts), ``MASK`` (int32 bit planes, header keys
 ``MP_<PLANE> = bit``), ``VARIANCE`` (float32 counts²) and ``PSF`` (a kernel
@@ -146,7 +151,7 @@ class Exposure:
     @property
     def shape(self) -> tuple[int, int]:
         """(ny, nx)."""
-        return self.image.shape  # type: ignore[return-value]
+        return self.image.shape
 
 
 @dataclass(frozen=True, eq=False)
@@ -306,7 +311,7 @@ def read_visit_info(root: str, visit: int) -> VisitInfo:
                 f"{path}: field {key!r} must be {'/'.join(t.__name__ for t in types)}, "
                 f"got {value!r}"
             )
-        if float in types and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise InputError(f"{path}: field {key!r} must be finite, got {value!r}")
     if data["band"] not in BANDS:
         raise InputError(f"{path}: band must be one of {''.join(BANDS)}, got {data['band']!r}")
@@ -450,7 +455,7 @@ def _parse_mef(raw: bytes) -> dict[str, tuple[dict, np.ndarray | None, str]]:
     out: dict[str, tuple[dict, np.ndarray | None, str]] = {}
     pos, first = 0, True
     while pos < len(raw):
-        cards: dict[str, object] = {}
+        cards: dict[str, str | int | float | bool] = {}
         wcs_cards: list[str] = []
         ended = False
         while not ended:
@@ -482,15 +487,16 @@ def _parse_mef(raw: bytes) -> dict[str, tuple[dict, np.ndarray | None, str]]:
             raise _NotSimple
         naxis = int(cards.get("NAXIS", 0))
         bitpix = cards.get("BITPIX")
-        if bitpix not in _BITPIX:
+        if not isinstance(bitpix, int | float) or bitpix not in _BITPIX:
             raise ValueError(f"BITPIX {bitpix!r} is not a FITS image type")
+        bits = int(bitpix)
         shape = tuple(int(cards[f"NAXIS{i}"]) for i in range(naxis, 0, -1))
         count = int(np.prod(shape)) if naxis else 0
-        nbytes = count * abs(bitpix) // 8
+        nbytes = count * abs(bits) // 8
         if pos + nbytes > len(raw):
             raise ValueError(f"truncated data: {nbytes} bytes expected at byte {pos}")
         data = (
-            np.frombuffer(raw, _BITPIX[bitpix], count, offset=pos).reshape(shape) if count else None
+            np.frombuffer(raw, _BITPIX[bits], count, offset=pos).reshape(shape) if count else None
         )
         pos += -(-nbytes // 2880) * 2880
         name = str(cards.get("EXTNAME", "PRIMARY" if first else f"HDU{len(out)}")).strip().upper()
@@ -499,12 +505,22 @@ def _parse_mef(raw: bytes) -> dict[str, tuple[dict, np.ndarray | None, str]]:
     return out
 
 
+def _shaped_like(image: np.ndarray, arr: np.ndarray | None, name: str, path: str) -> np.ndarray:
+    """``arr``, an HDU that must have ``image``'s shape."""
+    if arr is None or arr.shape != image.shape:
+        raise InputError(
+            f"{path}: {name} shape {None if arr is None else arr.shape} "
+            f"differs from IMAGE {image.shape}"
+        )
+    return arr
+
+
 def _parse_with_astropy(raw: bytes, path: str) -> dict[str, tuple[dict, np.ndarray | None, str]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AstropyWarning)
             hdus = fits.open(io.BytesIO(raw), memmap=False, lazy_load_hdus=False)
-            out = {}
+            out: dict[str, tuple[dict, np.ndarray | None, str]] = {}
             for h in hdus:
                 cards = {k: v for k, v in h.header.items() if k}
                 text = "".join(str(c) for c in h.header.cards if c.keyword.startswith(_WCS_KEYS))
@@ -549,12 +565,8 @@ def read_exposure(
         raise InputError(
             f"{path}: IMAGE must be a 2-d array, got {None if image is None else image.shape}"
         )
-    for name, arr in (("MASK", mask), ("VARIANCE", variance)):
-        if arr is None or arr.shape != image.shape:
-            raise InputError(
-                f"{path}: {name} shape {None if arr is None else arr.shape} "
-                f"differs from IMAGE {image.shape}"
-            )
+    mask = _shaped_like(image, mask, "MASK", path)
+    variance = _shaped_like(image, variance, "VARIANCE", path)
     if image.dtype.kind != "f":
         raise InputError(f"{path}: IMAGE must be floating point, got {image.dtype}")
     if variance.dtype.kind != "f":

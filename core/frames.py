@@ -1,25 +1,25 @@
-"""Fast column reads from pandas DataFrames for the science stages.
+"""Column reads, row selection and frame assembly for the science stages' pandas frames.
 
-The stages read some seventy columns per detector. ``df[name].to_numpy()``
-builds a Series (and, with pandas 3's arrow-backed ``str`` column index, a
-sliced index) for every read: about 20 µs each, a millisecond per detector.
-:func:`column_values` goes to the frame's block manager instead (≈ 1.3 µs):
-the column's position from the column index, then its array. It uses
-``DataFrame._mgr.iget_values``, private pandas API present since pandas 1.x;
-where it is missing (or the name is duplicated) the public path is taken, with
-the same result (tests run with pandas 3.1 and 2.2.3).
+Only public pandas API is used here, so a pandas release cannot silently
+change what these functions return or break them. Each function pins down one
+behaviour the stages rely on, which the public one-liners leave implicit:
 
-:func:`take_rows` selects rows block by block (one numpy fancy index per
-numpy block; per nullable column, one on its data and one on its mask, which
-``_simple_new`` wraps without re-checking them; ``ExtensionArray.take`` for
-other extension columns) and makes each block with its own class:
-``iloc`` + ``reset_index`` + a column assignment cost ≈ 0.7 ms on the
-49-block ``DiaSource`` frame, this ≈ 0.13 ms, nearly all of it the ~2.5 µs
-of Python objects (array, block) per block. Where the block layout is not the
-plain one (or pandas is older) it takes the public path. :func:`frame_from_blocks` is
-:func:`pandas.api.internals.create_dataframe_from_blocks` (pandas ≥ 2.3)
-without its per-block verification, through the private block constructors
-where they exist.
+- :func:`column_values` gives the column's array without a copy: a read-only
+  numpy view for numpy dtypes (as under copy-on-write, on every pandas
+  version), the frame's own extension array for nullable dtypes; a duplicated
+  name is an :class:`~core.errors.InputError`, not a DataFrame.
+- :func:`column_to_numpy` converts with ``na_value`` applied to numpy and
+  nullable columns alike.
+- :func:`take_rows` selects rows into a new frame with a fresh ``RangeIndex``
+  that shares no data with its input, some columns replaced.
+- :func:`frame_from_columns` assembles a frame from arrays without copying
+  them and without pandas' value inference (object columns stay ``object``).
+
+On the stages' frames (103-column ``DiaSource``, one pandas block per column,
+43 of them nullable) a column read costs ~15 µs, a frame ~1 ms and a row
+selection ~1.5 ms: the table stages take ~1.7× the time they take reading
+pandas' block manager directly, estimated at 2–4 % of a visit together with
+alert packaging (``bench/RESULTS.md``, section "stages").
 """
 
 from __future__ import annotations
@@ -31,23 +31,11 @@ from pandas.api.extensions import no_default as _NO_DEFAULT
 
 from core.errors import InputError
 
-try:  # private: the base of pandas' nullable integer, float and boolean arrays
-    from pandas.core.arrays.masked import BaseMaskedArray as _Masked
-except ImportError:  # pragma: no cover - a pandas with another layout
-    _Masked = None
-
-__all__ = ["column_to_numpy", "column_values", "frame_from_blocks", "take_rows"]
-
-
-def _public_values(df: pd.DataFrame, name: str) -> np.ndarray | ExtensionArray:
-    col = df[name]
-    if isinstance(col, pd.DataFrame):
-        raise InputError(f"column {name!r} appears {col.shape[1]} times")
-    return col.to_numpy() if isinstance(col.dtype, np.dtype) else col.array
+__all__ = ["column_to_numpy", "column_values", "frame_from_columns", "take_rows"]
 
 
 def column_values(df: pd.DataFrame, name: str) -> np.ndarray | ExtensionArray:
-    """The values of column ``name`` of ``df``, without building a Series.
+    """The values of column ``name`` of ``df``, without a copy.
 
     Parameters
     ----------
@@ -71,217 +59,37 @@ def column_values(df: pd.DataFrame, name: str) -> np.ndarray | ExtensionArray:
     InputError
         The name is duplicated.
     """
-    loc = df.columns.get_loc(name)
-    if type(loc) is not int:  # duplicated name: a slice or mask
-        return _public_values(df, name)
-    try:
-        values = df._mgr.iget_values(loc)
-    except AttributeError:  # a pandas without BlockManager.iget_values
-        return _public_values(df, name)
-    if isinstance(values, np.ndarray):
-        values = values.view()
-        values.flags.writeable = False
+    col = df[name]
+    if isinstance(col, pd.DataFrame):
+        raise InputError(f"column {name!r} appears {col.shape[1]} times")
+    if not isinstance(col.dtype, np.dtype):
+        return col.array
+    values = col.to_numpy(copy=False).view()
+    values.flags.writeable = False
     return values
 
 
 def column_to_numpy(df: pd.DataFrame, name: str, dtype=None, na_value=_NO_DEFAULT) -> np.ndarray:
     """``df[name].to_numpy(dtype, na_value=na_value)``, read through :func:`column_values`.
 
+    For a numpy column that needs no conversion and no fill the result is a
+    read-only view of the column; otherwise a new array.
+
     Raises
     ------
     KeyError
         ``df`` has no column ``name``.
+    InputError
+        The name is duplicated.
     """
     values = column_values(df, name)
     if isinstance(values, np.ndarray):
         if na_value is _NO_DEFAULT or values.dtype.kind in "iub":  # no nulls to fill
             return np.asarray(values, dtype=dtype)
         return df[name].to_numpy(dtype=dtype, na_value=na_value)
-    if (
-        _Masked is not None
-        and isinstance(values, _Masked)
-        and dtype is not None
-        and na_value is not _NO_DEFAULT
-        and na_value is not pd.NA
-        and values._data.dtype.kind in "biu"  # a cast that cannot warn
-    ):
-        # what BaseMaskedArray.to_numpy does, without its warning filters (~15 µs)
-        mask = values._mask
-        if not mask.any():  # no copy where none is needed (a read-only view then)
-            data = values._data.astype(dtype, copy=False)
-            if data is values._data:
-                data = data.view()
-                data.flags.writeable = False
-            return data
-        data = values._data.astype(dtype)
-        data[mask] = na_value
-        return data
-    return values.to_numpy(dtype=dtype, na_value=na_value)
-
-
-try:  # pandas >= 2.3
-    from pandas.api.internals import create_dataframe_from_blocks as _from_blocks
-except ImportError:  # pragma: no cover - older pandas
-    _from_blocks = None
-try:  # private pandas API (1.x to 3.x): frame_from_blocks' fast path
-    from pandas._libs.internals import BlockPlacement as _Placement
-    from pandas.core.internals import BlockManager as _Manager
-    from pandas.core.internals.blocks import ExtensionBlock as _ExtensionBlock
-    from pandas.core.internals.blocks import NumpyBlock as _NumpyBlock
-    from pandas.core.internals.blocks import new_block as _new_block
-
-    _FAST_BLOCKS = hasattr(pd.DataFrame, "_from_mgr")
-except ImportError:  # pragma: no cover - a pandas with another layout
-    _FAST_BLOCKS = False
-#: private: build a masked array without re-validating its two arrays (~0.5 µs, not ~2 µs)
-_SIMPLE_MASKED = _Masked is not None and hasattr(_Masked, "_simple_new")
-
-
-def masked_array(cls: type, data: np.ndarray, mask: np.ndarray) -> ExtensionArray:
-    """``cls(data, mask)`` for a pandas masked array class, without its checks.
-
-    ``data`` (1-D, of ``cls``' numpy dtype) and ``mask`` (bool, same shape)
-    are taken as they are: the caller guarantees both. The public constructor
-    where pandas has no ``_simple_new``.
-    """
-    if _SIMPLE_MASKED:
-        return cls._simple_new(data, mask)
-    return cls(data, mask)  # pragma: no cover - a pandas without _simple_new
-
-
-def _positions(locs) -> np.ndarray:
-    """Column positions as an intp array (from an array, a slice or a block placement)."""
-    if isinstance(locs, slice):
-        return np.arange(locs.start, locs.stop, dtype=np.intp)
-    return np.asarray(getattr(locs, "as_array", locs), dtype=np.intp)
-
-
-def _block(values, locs):
-    """One pandas block of ``values`` at ``locs``; None where the fast path does not apply."""
-    if not isinstance(locs, _Placement):
-        locs = _Placement(locs)
-    if _Masked is not None and isinstance(values, _Masked):  # always 1-D
-        return _ExtensionBlock(values, locs, ndim=2)
-    if type(values) is np.ndarray:
-        if values.ndim != 2 or values.dtype.kind not in "biufO":
-            return None
-        return _NumpyBlock(values, locs, ndim=2)
-    if values.ndim != 1:
-        return None
-    return _new_block(values, locs, ndim=2)
-
-
-def frame_from_blocks(
-    blocks: list[tuple[np.ndarray | ExtensionArray, np.ndarray | slice]],
-    index: pd.Index,
-    columns: pd.Index,
-) -> pd.DataFrame | None:
-    """A DataFrame made of ``blocks`` without copying; None for pandas < 2.3.
-
-    Parameters
-    ----------
-    blocks : list of (values, positions)
-        Each: a 2-D numpy array (one row per column; bool, integer, float or
-        object dtype) or a 1-D extension array, and the positions of its
-        columns in ``columns`` (intp array, a slice with a start and a stop, or
-        a block's placement). Every position once. The frame takes ownership
-        of the arrays.
-    index, columns : pandas.Index
-        Row and column labels.
-
-    Returns
-    -------
-    pandas.DataFrame or None
-        What :func:`pandas.api.internals.create_dataframe_from_blocks` makes.
-        Its block-by-block checks (about half its time) are replaced by one
-        pass over the arrays here, and the blocks are made with their classes
-        (a masked array is an ``ExtensionBlock``, a numpy array a
-        ``NumpyBlock``) instead of being looked up per dtype.
-
-    Raises
-    ------
-    ValueError
-        A block's length differs from the index, or the positions do not
-        cover the columns.
-    """
-    n = len(index)
-    total = 0
-    made = [] if _FAST_BLOCKS else None  # the blocks, while the fast path applies
-    for values, locs in blocks:
-        length = values.shape[-1]
-        if length != n:
-            raise ValueError(f"a block of {length} rows for an index of {n}")
-        total += locs.stop - locs.start if type(locs) is slice else len(locs)
-        if made is not None:
-            block = _block(values, locs)
-            if block is None:
-                made = None
-            else:
-                made.append(block)
-    if total != len(columns):
-        raise ValueError(f"blocks hold {total} columns, the frame {len(columns)}")
-    if made is not None:
-        return _manager_frame(made, index, columns)
-    if _from_blocks is None:  # pragma: no cover - older pandas
-        return None
-    return _from_blocks([(v, _positions(locs)) for v, locs in blocks], index=index, columns=columns)
-
-
-def _manager_frame(blocks: list, index: pd.Index, columns: pd.Index) -> pd.DataFrame:
-    mgr = _Manager(tuple(blocks), [columns, index], verify_integrity=False)
-    return pd.DataFrame._from_mgr(mgr, axes=mgr.axes)
-
-
-def _public_take(df: pd.DataFrame, rows: np.ndarray, replace: dict) -> pd.DataFrame:
-    out = df.iloc[rows].reset_index(drop=True)
-    for name, values in replace.items():
-        out[name] = values
-    return out
-
-
-def _taken(values, rows: np.ndarray, every_row: bool):
-    """The rows ``rows`` of a block's values (2-D numpy or 1-D extension), as a new array."""
-    if isinstance(values, np.ndarray):
-        return values.copy() if every_row else values[:, rows]
-    if _SIMPLE_MASKED and isinstance(values, _Masked):  # as .take / .copy, without their checks
-        data, mask = values._data, values._mask
-        if every_row:
-            return type(values)._simple_new(data.copy(), mask.copy())
-        return type(values)._simple_new(data[rows], mask[rows])
-    return values.copy() if every_row else values.take(rows)
-
-
-def _block_take(df: pd.DataFrame, rows: np.ndarray, replace: dict) -> pd.DataFrame | None:
-    """The fast path of :func:`take_rows`; None where the frame's layout does not allow it."""
-    if not _FAST_BLOCKS or any(name not in df.columns for name in replace):
-        return None
-    new = {df.columns.get_loc(name): values for name, values in replace.items()}
-    if any(type(loc) is not int for loc in new):
-        return None
-    try:
-        layout = df._mgr.blocks
-    except AttributeError:  # not a BlockManager of this pandas
-        return None
-    every_row = rows.size == len(df) and (rows.size == 0 or (rows == np.arange(rows.size)).all())
-    blocks = []
-    for blk in layout:
-        values = blk.values
-        if values.ndim == 2 and not isinstance(values, np.ndarray):
-            return None  # 2-D extension blocks (datetimes), ...
-        locs = blk.mgr_locs
-        if new and len(locs) == 1 and int(locs.as_array[0]) in new:
-            repl = new.pop(int(locs.as_array[0]))
-            if len(repl) != rows.size:
-                return None
-            made = _block(repl.reshape(1, -1) if isinstance(repl, np.ndarray) else repl, locs)
-            if made is None:
-                return None
-        else:  # Block.make_block_same_class without its call
-            made = type(blk)(_taken(values, rows, every_row), placement=locs, ndim=2)
-        blocks.append(made)
-    if new:  # a replaced column shares a block with others
-        return None
-    return _manager_frame(blocks, pd.RangeIndex(rows.size), df.columns).__finalize__(df)
+    # an extension array may hand out its own buffer (a nullable column without
+    # nulls): a copy, so that writing to the result cannot change the frame
+    return values.to_numpy(dtype=dtype, na_value=na_value, copy=True)
 
 
 def take_rows(df: pd.DataFrame, rows: np.ndarray, replace: dict | None = None) -> pd.DataFrame:
@@ -305,6 +113,46 @@ def take_rows(df: pd.DataFrame, rows: np.ndarray, replace: dict | None = None) -
         assigned.
     """
     rows = np.asarray(rows, dtype=np.intp)
-    replace = replace or {}
-    out = _block_take(df, rows, replace)
-    return _public_take(df, rows, replace) if out is None else out
+    out = df.take(rows)
+    out.index = pd.RangeIndex(rows.size)
+    for name, values in (replace or {}).items():
+        out[name] = values
+    return out
+
+
+def frame_from_columns(
+    columns: dict[str, np.ndarray | ExtensionArray], index: pd.Index | None = None
+) -> pd.DataFrame:
+    """A DataFrame of ``columns`` (in their order) that takes the arrays as they are.
+
+    Parameters
+    ----------
+    columns : dict
+        Column name → 1-D numpy array or extension array, all of one length.
+        The frame takes ownership: the caller must not modify them afterwards.
+        An ``object`` numpy array stays ``object`` (pandas would infer ``str``
+        for text).
+    index : pandas.Index, optional
+        Row labels; a ``RangeIndex`` by default.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One column per entry, of the array's dtype, sharing its memory.
+
+    Raises
+    ------
+    ValueError
+        The arrays' lengths differ from each other or from ``index``.
+    """
+    n = len(index) if index is not None else len(next(iter(columns.values()), ()))
+    if index is None:
+        index = pd.RangeIndex(n)
+    data = {}
+    for name, values in columns.items():
+        if len(values) != n:
+            raise ValueError(f"column {name!r} has {len(values)} rows, the frame {n}")
+        if isinstance(values, np.ndarray) and values.dtype == object:
+            values = pd.Series(values, index=index, dtype=object, copy=False)
+        data[name] = values
+    return pd.DataFrame(data, index=index, copy=False)

@@ -6,12 +6,21 @@ visit bundles land; each run finds the visits with a detector that is not
 but without its produce receipt (the process died between the commit and the
 alerts) — and processes them, oldest first. :func:`flows.visit.process_visit`
 stores the first kind and rebuilds the alerts of the second from the APDB.
+
+A visit that an upstream system delivers with the completion contract
+(docs/realtime.md: ``next-visit.json`` first, ``complete.json`` last) waits
+until :func:`core.completion.check_complete` says its bundle is complete, so the
+backstop never processes a half-copied bundle either. A folder with neither
+file is taken as it is, as before that contract existed.
 """
 
 import fsspec
 from prefect import flow, get_run_logger
 
 from core.bundle import read_visit_info
+from core.completion import COMPLETE_FILE, check_complete
+from core.errors import InputError
+from core.nextvisit import NEXT_VISIT_FILE
 from flows.config import PipelineConfig
 from flows.detector import get_apdb
 from flows.produce import receipts_by_visit
@@ -34,11 +43,24 @@ def find_pending_visits(bundle_root: str, config: PipelineConfig) -> list[int]:
     produced = receipts_by_visit(config)
     pending = []
     for v in visits:
+        if not _delivered(fs, path, bundle_root, v):
+            continue
         wanted = set(read_visit_info(bundle_root, v).detectors)
         finished = apdb.done_detectors(v) & produced.get(v, set())
         if wanted - finished:
             pending.append(v)
     return pending
+
+
+def _delivered(fs, path: str, bundle_root: str, visit: int) -> bool:
+    """False while a visit delivered under the completion contract is still arriving."""
+    folder = f"{path.rstrip('/')}/{visit}"
+    if not (fs.exists(f"{folder}/{COMPLETE_FILE}") or fs.exists(f"{folder}/{NEXT_VISIT_FILE}")):
+        return True
+    try:
+        return check_complete(bundle_root, visit) is not None
+    except InputError:
+        return False  # a broken marker: the watcher logs it; the flow would fail on it
 
 
 @flow(name="process-pending-visits", validate_parameters=True)

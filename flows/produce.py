@@ -81,11 +81,14 @@ def produce_detector(
     -------
     (value, counts)
         ``value``: ``alerts``, ``file`` (URL or None), ``sha256`` (of the file's
-        bytes, when written), ``delivered``, ``dead_letters`` (URL or None);
+        bytes, when written), ``delivered``, ``dead_letters`` (URL or None),
+        ``produced_at`` (Unix time once the file is written and Kafka has
+        acknowledged the last alert);
         ``counts`` the same numbers. The receipt holds the same.
     """
     out: dict[str, Any] = {"alerts": 0, "file": None, "delivered": 0, "dead_letters": None}
     if batch is None or len(batch) == 0:
+        out["produced_at"] = time.time()
         _write_receipt(config, visit, detector, out)
         return out, {"alerts": 0, "delivered": 0, "failed": 0}
     out["alerts"] = len(batch)
@@ -111,6 +114,9 @@ def produce_detector(
                 f"{len(batch)} alerts and do_write_failed_alerts is off"
             )
     out["failed"] = failed
+    # the last alert is in the store and acknowledged by Kafka (or dead-lettered):
+    # the end of alert_timing_since_shutter_close (flows/timing.py)
+    out["produced_at"] = time.time()
     _write_receipt(config, visit, detector, out)
     return out, {"alerts": out["alerts"], "delivered": out["delivered"], "failed": failed}
 

@@ -386,6 +386,19 @@ def run_group(
     )
 
 
+def last_uses(table: tuple[Stage, ...]) -> dict[str, int]:
+    """For each stage whose value a later stage reads: the index of the last reader.
+
+    The last stage's value is what the group returns, so it has no entry.
+    """
+    out: dict[str, int] = {}
+    for i, stage in enumerate(table):
+        for src in stage.inputs.values():
+            out[src] = i
+    out.pop(table[-1].name, None)
+    return out
+
+
 def run_table(
     table: tuple[Stage, ...],
     ctx: StageContext,
@@ -404,18 +417,26 @@ def run_table(
     """
     call = call or run_group
     done: dict[str, GroupResult | str] = {}
+    last_use = last_uses(table)
     try:
-        for stage in table:
+        for i, stage in enumerate(table):
             ups = {name: done[src] for name, src in stage.inputs.items()}
             failed = next((u for u in ups.values() if not isinstance(u, GroupResult)), None)
             if failed is not None:
                 done[stage.name] = failed
-                continue
-            try:
-                done[stage.name] = call(stage, ctx, detectors, ups)
-            except Exception as exc:
-                kind = "retries exhausted" if isinstance(exc, TransientError) else "task failed"
-                done[stage.name] = f"{stage.name}: {kind}: {type(exc).__name__}: {exc}"
+            else:
+                try:
+                    done[stage.name] = call(stage, ctx, detectors, ups)
+                except Exception as exc:
+                    kind = "retries exhausted" if isinstance(exc, TransientError) else "task failed"
+                    done[stage.name] = f"{stage.name}: {kind}: {type(exc).__name__}: {exc}"
+            del ups
+            # A value no later stage reads is dropped now, not at the end of the group:
+            # the group's history frames and stamps are gone before its alerts go out.
+            for name, last in last_use.items():
+                result = done.get(name)
+                if last == i and isinstance(result, GroupResult):
+                    done[name] = result.light()
     finally:
         D.forget_bundles(ctx.visit.visit, detectors)
     return {

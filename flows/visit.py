@@ -44,6 +44,7 @@ from flows.stages import (
     run_group,
     run_table,
 )
+from flows.timing import METRIC, add_latency, shutter_close
 
 __all__ = ["VisitResult", "main", "process_visit", "run_visit", "run_visit_plain"]
 
@@ -57,7 +58,10 @@ class VisitResult(dict):
     whose alerts never went out: rebuilt from the APDB and produced now),
     ``alerts`` (produced by this run), ``alert_files``, ``stage_seconds`` (stage →
     total seconds), ``table`` (per detector and stage rows), ``wall_s``,
-    ``manifest`` (URL of the visit's record in the night manifest, or None).
+    ``manifest`` (URL of the visit's record in the night manifest, or None),
+    ``alert_timing_since_shutter_close`` (``visit_s``: shutter close to the
+    last alert out, ``detectors_s``: per detector, ``shutter_close_utc``,
+    ``source``; :mod:`flows.timing`).
     """
 
 
@@ -146,6 +150,7 @@ def process_visit(
     detectors: list[int] | None = None,
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - frozen pydantic model
     show_progress: bool = False,
+    shutter_close_utc: str | None = None,
 ):
     """Process one visit: every stage for every detector, alerts out.
 
@@ -161,6 +166,11 @@ def process_visit(
         All settings; validated by Prefect and shown as a form in the UI.
     show_progress : bool
         Print a progress bar on stderr (the command line sets it).
+    shutter_close_utc : str, optional
+        When the visit's shutter closed (ISO-8601 with offset), the start of
+        ``alert_timing_since_shutter_close``; by default it is taken from the
+        visit's next-visit message, its completion marker or ``visit.json``
+        (:mod:`flows.timing`).
 
     Returns
     -------
@@ -178,7 +188,15 @@ def process_visit(
         sub = process_visit.with_options(
             task_runner=_task_runner(runner_spec, config.orchestration.max_workers)
         )
-        inner = sub(bundle_root, visit, detectors, config, show_progress, return_state=True)
+        inner = sub(
+            bundle_root,
+            visit,
+            detectors,
+            config,
+            show_progress,
+            shutter_close_utc,
+            return_state=True,
+        )
         data = inner.result()  # raises if the subflow failed
         if inner.name == "Partial":
             return Completed(name="Partial", message=inner.message, data=data)
@@ -186,6 +204,7 @@ def process_visit(
     t_start = time.perf_counter()
     info: VisitInfo = read_visit_info(bundle_root, visit)
     dets = select_detectors(bundle_root, info, detectors)
+    close = shutter_close(bundle_root, info, shutter_close_utc)
     # Fail fast, before any work, when the APDB cannot be reached.
     stored = D.get_apdb(config).done_detectors(info.visit) & set(dets)
     produced = finished_detectors(config, info.visit) & set(dets)
@@ -220,6 +239,8 @@ def process_visit(
     result["recovered"] = recover
     result["succeeded"] = sorted(set(result["succeeded"]) | set(skipped))
     result["detectors"] = dets
+    add_latency(result, close)
+    _log_latency(logger, info.visit, result[METRIC])
     D.forget_bundles()
     _artifacts(result, config.output.store if config.output.do_write_alerts else None)
     result["manifest"] = record_visit(config, info, result)
@@ -340,6 +361,8 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
             prod = results.get("produce")
             if prod is not None and det in prod.values:
                 p = prod.values[det]
+                if p.get("produced_at") is not None:
+                    row["produced_at"] = p["produced_at"]
                 alerts += p.get("alerts", 0)
                 if p.get("file"):
                     files.append(p["file"])
@@ -374,6 +397,7 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
             "forced_forced",
             "store_sources",
             "package_alerts",
+            f"{METRIC}_s",
             "error",
         ]
     )
@@ -391,6 +415,7 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
         f"failed {len(failed)}",
         f"- alerts: {result['alerts']} in {len(result['alert_files'])} files",
         f"- wall time: {result['wall_s']:.2f} s",
+        *_latency_lines(result.get(METRIC)),
         "",
         "| stage | total s |",
         "|---|---|",
@@ -420,6 +445,35 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
             lines += ["", f"Picture file: `{url}`"]
             result["report_png"] = url
     create_markdown_artifact(key=f"visit-{visit}-summary", markdown="\n".join(lines))
+
+
+def _log_latency(logger, visit: int, timing: dict) -> None:
+    if timing["visit_s"] is None:
+        logger.info("visit %s: %s: no detector produced by this run", visit, METRIC)
+        return
+    per = sorted(timing["detectors_s"].values())
+    logger.info(
+        "visit %s: %s %.2f s (detectors: min %.2f, median %.2f, max %.2f s; "
+        "shutter close %s from %s)",
+        visit,
+        METRIC,
+        timing["visit_s"],
+        per[0],
+        per[len(per) // 2],
+        per[-1],
+        timing["shutter_close_utc"],
+        timing["source"],
+    )
+
+
+def _latency_lines(timing: dict | None) -> list[str]:
+    if not timing or timing["visit_s"] is None:
+        return []
+    return [
+        f"- {METRIC}: {timing['visit_s']:.2f} s to the last alert (shutter close "
+        f"{timing['shutter_close_utc']}, from {timing['source']}); per detector in the "
+        f"table, column `{METRIC}_s`",
+    ]
 
 
 def _write_report(store, visit: int, png: bytes) -> str:
@@ -455,6 +509,7 @@ def run_visit_plain(
     t_start = time.perf_counter()
     info = read_visit_info(bundle_root, visit)
     dets = select_detectors(bundle_root, info, detectors)
+    close = shutter_close(bundle_root, info)
     ctx = StageContext(bundle_root, info, config, _now_mjd_tai())
     groups = _chunks(dets, config.orchestration.detectors_per_task)
     run = functools.partial(run_table, TABLES["visit"], ctx)
@@ -464,7 +519,9 @@ def run_visit_plain(
         with ThreadPoolExecutor(config.orchestration.max_workers) as pool:
             outcomes = list(pool.map(run, groups))
     D.forget_bundles()
-    return _collect(info, groups, outcomes, time.perf_counter() - t_start)
+    result = _collect(info, groups, outcomes, time.perf_counter() - t_start)
+    add_latency(result, close)
+    return result
 
 
 # --------------------------------------------------------------------------- command line

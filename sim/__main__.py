@@ -9,6 +9,11 @@ writes ``/tmp/survey/{visit}/visit.json`` (``{visit}`` the LSSTCam visit number
 ``difference.fits``, ``science.fits``, ``template.fits``, ``truth.parquet`` and
 ``truth_objects.parquet``, and the survey catalogue ``/tmp/survey/truth/objects.parquet``.
 ``--out`` may be any fsspec URL (``s3://bucket/prefix``).
+
+Each visit is written as an upstream system would deliver it
+(docs/realtime.md): first its next-visit message ``{visit}/next-visit.json``
+(predicted boresight off by ``--pointing-error``, 2″ RMS by default), then the
+bundle, then the completion marker ``{visit}/complete.json``.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ import argparse
 import sys
 import time
 
+from core.completion import mark_complete
 from sim.config import LSSTCAM_DETECTOR_SIZE, SurveyConfig
+from sim.nextvisit import DEFAULT_POINTING_ERROR_ARCSEC, next_visit_message, write_next_visit
 from sim.survey import Survey
 
 
@@ -33,6 +40,14 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         pass
     raise argparse.ArgumentTypeError(f"detector size must be PX, NXxNY or 'lsstcam', got {text!r}")
+
+
+def announce(survey: Survey, root: str, visit: int, pointing_error_arcsec=None) -> str:
+    """Write ``visit``'s next-visit message beside its bundle; returns the URL."""
+    error = (
+        DEFAULT_POINTING_ERROR_ARCSEC if pointing_error_arcsec is None else pointing_error_arcsec
+    )
+    return write_next_visit(root, next_visit_message(survey, visit, error))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,6 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--psf", choices=("gaussian", "moffat"), default=None)
     p.add_argument("--workers", type=int, default=2, help="threads per visit")
     p.add_argument("--no-truth-catalog", action="store_true", help="skip truth/objects.parquet")
+    p.add_argument(
+        "--pointing-error",
+        metavar="ARCSEC",
+        type=float,
+        default=None,
+        help="radial RMS of the predicted boresight's error in next-visit.json (default 2 arcsec)",
+    )
     return p.parse_args(argv)
 
 
@@ -78,6 +100,8 @@ def _main(argv: list[str] | None) -> int:
     args = parse_args(argv)
     if args.visits < 1 or args.first_visit < 0:
         raise SystemExit("--visits must be >= 1 and --first-visit >= 0")
+    if args.pointing_error is not None and not 0 <= args.pointing_error < 3600:
+        raise SystemExit(f"--pointing-error must be in [0, 3600) arcsec, got {args.pointing_error}")
     extra = {}
     if args.survey_visits is not None:
         extra["n_visits"] = args.survey_visits
@@ -100,7 +124,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"wrote {survey.write_truth(args.out)} ({len(survey.sky)} true objects)")
     for visit in range(args.first_visit, args.first_visit + args.visits):
         t0 = time.perf_counter()
+        announce(survey, args.out, visit, args.pointing_error)
         paths = survey.write_visit(args.out, visit, truth_catalog=False)
+        mark_complete(args.out, visit)
         dt = time.perf_counter() - t0
         info = survey.visit_info(visit)
         print(

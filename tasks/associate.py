@@ -120,7 +120,7 @@ from scipy.spatial import cKDTree
 
 from core.errors import TooManyNewObjectsError
 from core.frames import column_to_numpy, take_rows
-from tasks.calibrate import float_column, require_columns, unit_vectors
+from tasks.calibrate import float_column, require_columns, required_float_column, unit_vectors
 
 __all__ = [
     "Association",
@@ -402,14 +402,14 @@ def associate(
     """
     require_columns(sources, ["diaSourceId", "ra", "dec"], "DiaSource")
     require_columns(objects, ["diaObjectId", "ra", "dec"], "DiaObject")
-    src_ra = float_column(sources, "ra", table="DiaSource")
-    src_dec = float_column(sources, "dec", table="DiaSource")
+    src_ra = required_float_column(sources, "ra", table="DiaSource")
+    src_dec = required_float_column(sources, "dec", table="DiaSource")
     finite = np.isfinite(src_ra) & np.isfinite(src_dec)
     n_nan = int((~finite).sum())
     keep = np.flatnonzero(finite)
 
-    obj_ra = float_column(objects, "ra", table="DiaObject")
-    obj_dec = float_column(objects, "dec", table="DiaObject")
+    obj_ra = required_float_column(objects, "ra", table="DiaObject")
+    obj_dec = required_float_column(objects, "dec", table="DiaObject")
     obj_ok = np.flatnonzero(np.isfinite(obj_ra) & np.isfinite(obj_dec))
     obj_ids_all = column_to_numpy(objects, "diaObjectId", np.int64)
 

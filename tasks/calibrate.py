@@ -24,6 +24,8 @@ This plays the role of the calibration part of Rubin's
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
@@ -172,6 +174,22 @@ def sky_jacobian(
     jac[:, 1, 0] = np.einsum("ij,ij->i", dvdx, north)
     jac[:, 1, 1] = np.einsum("ij,ij->i", dvdy, north)
     return ra, dec, jac / DEG
+
+
+def required_float_column(
+    df: pd.DataFrame, name: str, rows: np.ndarray | None = None, *, table: str = "DiaSource input"
+) -> np.ndarray:
+    """:func:`float_column` of a column the caller requires.
+
+    Raises
+    ------
+    InputError
+        The column is missing or not numeric.
+    """
+    values = float_column(df, name, rows, table=table)
+    if values is None:
+        raise InputError(f"{table}: missing required column(s) {name}")
+    return values
 
 
 def float_column(
@@ -375,7 +393,7 @@ def calibrate(
         if not np.isfinite(exp.photo_calib) or exp.photo_calib <= 0:
             raise InputError(f"{exp.path or kind}: PHOTCALIB must be > 0, got {exp.photo_calib!r}")
     n = len(sources)
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     # carry through every DiaSource column the input has; computed ones overwrite below
     schema_cols = sdm.dtypes("DiaSource")
     for name in sources.columns:
@@ -385,8 +403,8 @@ def calibrate(
             _check_pass_through(values, name, schema_cols[name], bundle)
             out[name] = values
 
-    x = float_column(sources, "x")
-    y = float_column(sources, "y")
+    x = required_float_column(sources, "x")
+    y = required_float_column(sources, "y")
     diff = bundle.difference
     ra, dec, jac = sky_jacobian(diff, x, y, config.jacobian_step_px)
     out["ra"] = ra

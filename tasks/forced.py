@@ -55,9 +55,9 @@ from pydantic import BaseModel, Field, field_validator
 from apdb import sdm
 from core.bundle import MASK_PLANES, DetectorBundle, Exposure
 from core.errors import InputError
-from core.frames import column_to_numpy, column_values, frame_from_blocks
+from core.frames import column_to_numpy, column_values, frame_from_columns
 from core.ids import IdPacker
-from tasks.calibrate import float_column, require_columns
+from tasks.calibrate import require_columns, required_float_column
 
 __all__ = [
     "ForcedConfig",
@@ -71,7 +71,6 @@ __all__ = [
 
 #: The DiaObject columns :func:`forced_photometry` reads.
 OBJECT_COLUMNS = ("diaObjectId", "ra", "dec", "nDiaSources")
-_OBJECT_INDEX = pd.Index(OBJECT_COLUMNS)
 
 
 class ForcedConfig(BaseModel, frozen=True, extra="forbid"):
@@ -435,9 +434,8 @@ def objects_after_visit(loaded: pd.DataFrame, updated: pd.DataFrame) -> pd.DataF
     Rows of ``loaded`` whose ``diaObjectId`` is in ``updated`` (the new and
     re-summarised objects) are replaced by those: first the untouched loaded
     objects in their order, then ``updated``. Only :data:`OBJECT_COLUMNS` are
-    kept: concatenating the full ~100-column SDM frames cost ~0.6–2 ms per
-    detector, four numpy concatenations and a frame made from their blocks
-    ~0.1 ms.
+    kept: concatenating the full ~100-column SDM frames costs ~0.6–2 ms per
+    detector, four numpy concatenations and a frame of them ~0.1 ms.
     """
     cols = list(OBJECT_COLUMNS)
     require_columns(loaded, cols, "DiaObject")
@@ -451,10 +449,7 @@ def objects_after_visit(loaded: pd.DataFrame, updated: pd.DataFrame) -> pd.DataF
         for a, b in zip(old, new, strict=True)
     ):  # the SDM frames' usual case: plain numpy columns, one concatenation each
         arrays = [np.concatenate([a[keep], b]) for a, b in zip(old, new, strict=True)]
-        n = arrays[0].size
-        blocks = [(a[None, :], np.array([k], dtype=np.intp)) for k, a in enumerate(arrays)]
-        out = frame_from_blocks(blocks, pd.RangeIndex(n), _OBJECT_INDEX)
-        return out if out is not None else pd.DataFrame(dict(zip(cols, arrays, strict=True)))
+        return frame_from_columns(dict(zip(cols, arrays, strict=True)))
     if not keep.any():
         return updated[cols].reset_index(drop=True)
     return pd.concat([loaded.loc[keep, cols], updated[cols]], ignore_index=True)
@@ -501,10 +496,10 @@ def forced_photometry(
     require_columns(objects, ["diaObjectId", "ra", "dec", "nDiaSources"], "DiaObject")
     if not config.do_run or len(objects) == 0:
         return ForcedResult(sdm.empty_frame("DiaForcedSource"), np.zeros(0, dtype=bool))
-    nsrc = float_column(objects, "nDiaSources", table="DiaObject")
+    nsrc = required_float_column(objects, "nDiaSources", table="DiaObject")
     nsrc[np.isnan(nsrc)] = 0.0
-    ra = float_column(objects, "ra", table="DiaObject")
-    dec = float_column(objects, "dec", table="DiaObject")
+    ra = required_float_column(objects, "ra", table="DiaObject")
+    dec = required_float_column(objects, "dec", table="DiaObject")
     eligible = (nsrc >= config.min_dia_sources) & np.isfinite(ra) & np.isfinite(dec)
     n_inel = int((~eligible).sum())
     sel = np.flatnonzero(eligible)
@@ -529,11 +524,6 @@ def forced_photometry(
     n_off = int((~on).sum())
     sel, x, y = sel[on], x[on], y[on]
     fp, steps = config.footprint_fraction, config.subpixel_steps
-    opts = {
-        "bad_mask_planes": config.bad_mask_planes,
-        "footprint_fraction": fp,
-        "subpixel_steps": steps,
-    }
     sci = bundle.science
     if sci.shape == diff.shape and np.array_equal(sci.psf, diff.psf):
         # the usual case: one PSF image for both, so one kernel gather and one footprint
@@ -542,8 +532,22 @@ def forced_photometry(
         sci_flux, sci_err = _sums(sci, ix, iy, h, table, krow, config.bad_mask_planes)
         edge = _edge(ix, iy, h, diff.shape)
     else:
-        psf_flux, psf_err, edge_d = measure_psf_flux(diff, x, y, **opts)
-        sci_flux, sci_err, edge_s = measure_psf_flux(sci, x, y, **opts)
+        psf_flux, psf_err, edge_d = measure_psf_flux(
+            diff,
+            x,
+            y,
+            bad_mask_planes=config.bad_mask_planes,
+            footprint_fraction=fp,
+            subpixel_steps=steps,
+        )
+        sci_flux, sci_err, edge_s = measure_psf_flux(
+            sci,
+            x,
+            y,
+            bad_mask_planes=config.bad_mask_planes,
+            footprint_fraction=fp,
+            subpixel_steps=steps,
+        )
         edge = edge_d | edge_s
     n = sel.size
     v = bundle.visit

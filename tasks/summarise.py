@@ -476,7 +476,9 @@ def summarise(
 
     # de-duplicate on diaSourceId, the new row winning (it comes last)
     sid = np.concatenate([_int64(column_values(df, "diaSourceId")[r]) for df, r, _ in parts])
-    keep = slice(None)  # no duplicate (the usual case, one sort tells): every row, in order
+    keep: slice | np.ndarray = slice(
+        None
+    )  # no duplicate (the usual case, one sort tells): every row, in order
     sid_sorted = np.sort(sid)
     if sid.size and not (sid_sorted[1:] != sid_sorted[:-1]).all():
         _, last_first = np.unique(sid[::-1], return_index=True)
@@ -576,7 +578,7 @@ def summarise(
     for k, b in enumerate(bands):
         for name, values in stats.items():
             out[f"{b}_{name}"] = values[k::nb] if n_obj else values[:0]
-        if fp_mean is not None:
+        if fp_mean is not None and fp_err is not None:
             out[f"{b}_fpFluxMean"] = fp_mean[k::nb]
             out[f"{b}_fpFluxMeanErr"] = fp_err[k::nb]
     for b in BANDS:

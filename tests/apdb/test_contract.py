@@ -506,3 +506,130 @@ def test_aggregate_too_large_for_sqlite_is_read_row_by_row(tmp_path, caplog):
         assert db.get_objects(Circle(40.025, -19.975, 0.2))["diaObjectId"].nunique() == 60
     finally:
         db.close()
+
+
+# --------------------------------------------------------------------------- de-duplication
+
+
+def test_object_pixels_are_those_of_the_current_objects(db):
+    import hpgeom
+
+    assert db.object_pixels(5).size == 0
+    ra, dec = np.array([10.0, 10.0001, 200.0]), np.array([0.0, 0.0, -30.0])
+    store_detector(db, 1, 1, [1, 2, 3], ra, dec, 60000.0)
+    want = np.unique(hpgeom.angle_to_pixel(hpgeom.order_to_nside(5), ra, dec))
+    np.testing.assert_array_equal(db.object_pixels(5), want)
+    assert db.object_pixels(0).tolist() == sorted(set(hpgeom.angle_to_pixel(1, ra, dec).tolist()))
+    with pytest.raises(InputError, match="order must be within"):
+        db.object_pixels(db.order + 1)
+
+
+def _split_object(db):
+    """Object 1 seen in visit 1, object 2 (a split of it) in visits 2 and 3, object 9 apart.
+
+    Forced photometry: object 1 in visits 1 and 2, object 2 in visits 2 and 3.
+    """
+    ra, dec = 30.0, -5.0
+    for visit, oid, forced_ids in ((1, 1, [1]), (2, 2, [1, 2]), (3, 2, [2])):
+        mjd = 60000.0 + visit
+        db.store(
+            visit,
+            0,
+            make_objects([oid], ra, dec),
+            make_sources([visit * 100], [oid], ra, dec, visit=visit, detector=0, mjd=mjd),
+            make_forced(
+                [visit * 10 + f for f in forced_ids],
+                forced_ids,
+                ra,
+                dec,
+                visit=visit,
+                detector=0,
+                mjd=mjd,
+            ),
+            time_mjd=mjd,
+        )
+    store_detector(db, 4, 0, [9], 31.0, -5.0, 60004.0)
+
+
+def _expected(db, ids):
+    objects = db.get_objects(Circle(30.0, -5.0, 2.0))
+    return objects[objects["diaObjectId"].isin(ids)][["diaObjectId", "validityStartMjdTai"]]
+
+
+def test_merge_objects_reassigns_sources_and_closes_versions(db, apdb_url):
+    _split_object(db)
+    merges = pd.DataFrame({"diaObjectId": [2], "survivorId": [1]})
+    survivor = make_objects([1], 30.0, -5.0, nDiaSources=np.array([3], dtype=np.int32))
+    result = db.merge_objects(merges, survivor, time_mjd=60010.0, expected=_expected(db, [1, 2]))
+    assert (result.n_survivors, result.n_merged, result.n_sources) == (1, 1, 2)
+    assert (result.n_forced_sources, result.n_forced_dropped) == (1, 1)
+
+    src = db.get_sources([1], None).sort_values("diaSourceId")
+    assert src["diaSourceId"].tolist() == [100, 200, 300]
+    assert src["diaObjectId"].tolist() == [1, 1, 1]
+    assert len(db.get_sources([2], None)) == 0
+    fs = db.get_forced_sources([1, 2], None).sort_values("visit")
+    # visit 2: the survivor's own row stays, object 2's is dropped; visit 3 moved over
+    assert fs["diaForcedSourceId"].tolist() == [11, 21, 32]
+    assert fs["diaObjectId"].tolist() == [1, 1, 1]
+    # the SDM columns agree with the packed payloads the reads decode
+    engine = sa.create_engine(ApdbConfig(url=apdb_url).sqlalchemy_url())
+    with engine.connect() as conn:
+        col = conn.exec_driver_sql(
+            'SELECT "diaSourceId", "diaObjectId" FROM "DiaSource" ORDER BY "diaSourceId"'
+        ).fetchall()
+        fcol = conn.exec_driver_sql(
+            'SELECT "diaForcedSourceId", "diaObjectId" FROM "DiaForcedSource" '
+            'ORDER BY "diaForcedSourceId"'
+        ).fetchall()
+    engine.dispose()
+    assert [tuple(r) for r in col] == [(100, 1), (200, 1), (300, 1), (400_000_000, 9)]
+    assert [tuple(r) for r in fcol] == [(11, 1), (21, 1), (32, 1), (400_000_000, 9)]
+
+    current = db.get_objects(Circle(30.0, -5.0, 2.0)).set_index("diaObjectId")
+    assert sorted(current.index) == [1, 9]
+    assert current.loc[1, "validityStartMjdTai"] == 60010.0
+    assert current.loc[1, "nDiaSources"] == 3
+    hist = db.get_object_history([1, 2]).sort_values(["diaObjectId", "validityStartMjdTai"])
+    assert hist["diaObjectId"].tolist() == [1, 1, 2, 2]
+    assert hist["validityStartMjdTai"].tolist() == [60001.0, 60010.0, 60002.0, 60003.0]
+    end = hist["validityEndMjdTai"].tolist()
+    assert end[0] == 60010.0 and np.isnan(end[1]) and end[2] == 60003.0 and end[3] == 60010.0
+
+
+def test_merge_objects_refuses_a_changed_version_and_writes_nothing(db):
+    _split_object(db)
+    before = db.row_counts()
+    stale = _expected(db, [1, 2]).assign(validityStartMjdTai=[60001.0, 60002.0])
+    with pytest.raises(ApdbError, match="DiaObject 2 is at version 60003.0.*nothing was merged"):
+        db.merge_objects(
+            pd.DataFrame({"diaObjectId": [2], "survivorId": [1]}),
+            make_objects([1], 30.0, -5.0),
+            time_mjd=60010.0,
+            expected=stale,
+        )
+    assert db.row_counts() == before
+    assert db.get_sources([2], None)["diaSourceId"].tolist() == [200, 300]
+
+
+@pytest.mark.parametrize(
+    ("merges", "survivors", "time_mjd", "match"),
+    [
+        ({"diaObjectId": [2], "survivorId": [2]}, [2], 60010.0, "both a survivor and merged"),
+        ({"diaObjectId": [2, 2], "survivorId": [1, 1]}, [1], 60010.0, "more than once"),
+        ({"diaObjectId": [2], "survivorId": [1]}, [9], 60010.0, "one row per survivorId"),
+        ({"diaObjectId": [2], "survivorId": [1]}, [1], 60003.0, "must be later than"),
+        ({"diaObjectId": [2]}, [1], 60010.0, "lacks column 'survivorId'"),
+    ],
+)
+def test_merge_objects_bad_input_writes_nothing(db, merges, survivors, time_mjd, match):
+    _split_object(db)
+    before = db.row_counts()
+    with pytest.raises(InputError, match=match):
+        db.merge_objects(
+            pd.DataFrame(merges),
+            make_objects(survivors, 30.0, -5.0),
+            time_mjd=time_mjd,
+            expected=_expected(db, [1, 2, 9]),
+        )
+    assert db.row_counts() == before

@@ -1,14 +1,13 @@
-"""Fast column reads: the same values as the public pandas path, read-only, with a fallback."""
+"""core.frames: the same values, dtypes, column order and index as plain pandas, no shared data."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
-from pandas.core.internals import BlockManager
 
 from core.errors import InputError
-from core.frames import column_to_numpy, column_values, frame_from_blocks, take_rows
+from core.frames import column_to_numpy, column_values, frame_from_columns, take_rows
 
 
 def mixed_frame() -> pd.DataFrame:
@@ -93,17 +92,6 @@ def test_missing_and_duplicated_columns():
     np.testing.assert_array_equal(column_values(dup, "b"), [1.0, 1.0])
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_fallback_without_the_private_accessor(monkeypatch, name):
-    """Where pandas lacks ``BlockManager.iget_values``, the public path gives the same."""
-    df = mixed_frame()
-    want = column_values(df, name)
-    monkeypatch.delattr(BlockManager, "iget_values")
-    got = column_values(df, name)
-    assert type(got) is type(want)
-    pd.testing.assert_series_equal(pd.Series(got), pd.Series(want), check_exact=True)
-
-
 @pytest.mark.parametrize(
     "rows",
     [
@@ -147,57 +135,61 @@ def test_take_rows_public_path_cases(replace):
     pd.testing.assert_frame_equal(take_rows(df, rows, replace), want, check_exact=True)
 
 
-def frame_blocks():
-    n = 4
-    return [
-        (np.arange(2 * n, dtype=np.float64).reshape(2, n), np.array([0, 3], dtype=np.intp)),
-        (np.array([["a", "b", None, "d"]], dtype=object), np.array([1], dtype=np.intp)),
-        (pd.array([1, None, 3, 4], dtype="Int64"), np.array([2], dtype=np.intp)),
-    ]
-
-
-@pytest.mark.parametrize("fast", [True, False], ids=["private-constructors", "public-api"])
-def test_frame_from_blocks_equals_pandas(monkeypatch, fast):
-    import core.frames
-
-    monkeypatch.setattr(core.frames, "_FAST_BLOCKS", fast and core.frames._FAST_BLOCKS)
-    columns, index = pd.Index(["a", "b", "c", "d"]), pd.RangeIndex(4)
-    got = frame_from_blocks(frame_blocks(), index, columns)
-    if got is None:  # pandas < 2.3 without the private constructors: the caller's public path
-        assert not fast and core.frames._from_blocks is None
-        return
-    want = pd.DataFrame(
-        {
-            "a": np.arange(4, dtype=np.float64),
-            "b": pd.Series(["a", "b", None, "d"], dtype=object),
-            "c": pd.array([1, None, 3, 4], dtype="Int64"),
-            "d": np.arange(4, 8, dtype=np.float64),
-        },
-        index=index,
-        columns=columns,
-    )
-    pd.testing.assert_frame_equal(got, want, check_exact=True)
-    got.loc[0, "a"] = -1.0  # owns its arrays, and they are writable
-    assert got.loc[0, "a"] == -1.0
-
-
-def test_frame_from_blocks_checks_lengths_and_positions():
-    columns = pd.Index(["a", "b", "c", "d"])
-    with pytest.raises(ValueError, match="a block of 4 rows for an index of 5"):
-        frame_from_blocks(frame_blocks(), pd.RangeIndex(5), columns)
-    with pytest.raises(ValueError, match="blocks hold 4 columns, the frame 5"):
-        frame_from_blocks(frame_blocks(), pd.RangeIndex(4), pd.Index([*columns, "e"]))
-
-
-@pytest.mark.parametrize("simple", [True, False], ids=["simple-new", "public-take"])
-def test_take_rows_masked_columns_both_paths(monkeypatch, simple):
-    """Masked columns taken with ``_simple_new`` or with ``ExtensionArray.take``: the same."""
-    import core.frames
-
-    monkeypatch.setattr(core.frames, "_SIMPLE_MASKED", simple and core.frames._SIMPLE_MASKED)
+def test_take_rows_keeps_dtypes_and_order_and_owns_its_data():
     df = mixed_frame()
     for rows in (np.array([4, 0, 2]), np.arange(5), np.array([], dtype=np.intp)):
         got = take_rows(df, rows)
+        assert list(got.columns) == NAMES
+        assert got.dtypes.tolist() == df.dtypes.tolist()
+        assert got.index.equals(pd.RangeIndex(rows.size))
         pd.testing.assert_frame_equal(got, df.iloc[rows].reset_index(drop=True), check_exact=True)
-        for name in ("nullable", "flag"):
-            assert not np.shares_memory(got[name].array._data, df[name].array._data)
+        if rows.size:  # writing to any column of the result leaves the input alone
+            before = df.copy()
+            got.loc[0, ["f64", "f32", "i16", "nullable", "full"]] = 7
+            got.loc[0, ["flag", "band", "text"]] = [False, "y", "x"]
+            pd.testing.assert_frame_equal(df, before)
+
+
+def test_take_rows_does_not_take_the_input_index():
+    df = mixed_frame()
+    df.index = pd.Index([9, 8, 7, 6, 5])
+    got = take_rows(df, np.array([1, 0]))
+    assert got.index.equals(pd.RangeIndex(2))
+    assert got["i16"].tolist() == [1, 0]
+
+
+def test_frame_from_columns_keeps_dtypes_and_memory():
+    columns = {
+        "a": np.arange(4, dtype=np.float32),
+        "b": np.array(["a", "b", None, "d"], dtype=object),
+        "c": pd.array([1, None, 3, 4], dtype="Int64"),
+        "d": pd.array([True, None, False, True], dtype="boolean"),
+        "e": np.arange(4, dtype=np.int16),
+    }
+    got = frame_from_columns(columns)
+    assert list(got.columns) == list(columns)
+    assert [str(t) for t in got.dtypes] == ["float32", "object", "Int64", "boolean", "int16"]
+    assert got.index.equals(pd.RangeIndex(4))
+    for name in ("a", "b", "e"):  # numpy columns are the caller's arrays, not copies
+        assert np.shares_memory(column_values(got, name), columns[name])
+    assert got["c"].array is columns["c"] and got["d"].array is columns["d"]
+    want = pd.DataFrame(
+        {
+            "a": np.arange(4, dtype=np.float32),
+            "b": pd.Series(["a", "b", None, "d"], dtype=object),
+            "c": pd.array([1, None, 3, 4], dtype="Int64"),
+            "d": pd.array([True, None, False, True], dtype="boolean"),
+            "e": np.arange(4, dtype=np.int16),
+        }
+    )
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+
+
+def test_frame_from_columns_index_and_lengths():
+    got = frame_from_columns({"a": np.zeros(2)}, pd.RangeIndex(5, 7))
+    assert got.index.equals(pd.RangeIndex(5, 7))
+    assert frame_from_columns({}).shape == (0, 0)
+    with pytest.raises(ValueError, match="column 'b' has 3 rows, the frame 2"):
+        frame_from_columns({"a": np.zeros(2), "b": np.zeros(3)})
+    with pytest.raises(ValueError, match="column 'a' has 2 rows, the frame 5"):
+        frame_from_columns({"a": np.zeros(2)}, pd.RangeIndex(5))

@@ -1,0 +1,107 @@
+"""Optional backends are imported only by the runs that use them.
+
+The default run (SQLite APDB, alert files on a local disk, threads) must not
+load the PostgreSQL driver, S3, Kafka, Dask or matplotlib: each costs start-up
+time and memory in every worker, and a broken install of one of them must not
+break a run that does not use it. Each check runs in a fresh interpreter, so
+what the test process itself has imported does not count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from apdb.sql import _translate, psycopg_errors
+from core.errors import ApdbError, TransientError
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: modules only an optional backend needs
+BACKENDS = (
+    "psycopg",
+    "s3fs",
+    "aiobotocore",
+    "confluent_kafka",
+    "dask",
+    "distributed",
+    "prefect_dask",
+    "matplotlib",
+)
+
+
+def loaded_after(code: str) -> list[str]:
+    """The modules of :data:`BACKENDS` loaded after running ``code`` in a new interpreter."""
+    script = textwrap.dedent(code) + textwrap.dedent(
+        f"""
+        import json, sys
+        print(json.dumps([m for m in {BACKENDS!r} if m in sys.modules]))
+        """
+    )
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_importing_the_product_loads_no_backend():
+    code = """
+        import flows.visit, flows.detector, flows.stages
+        import apdb, apdb.sql, apdb.migrate, apdb.__main__
+        import alerts.store, alerts.packet, alerts.cutouts, alerts.__main__
+    """
+    assert loaded_after(code) == []
+
+
+def test_a_sqlite_apdb_loads_no_backend(tmp_path):
+    db = tmp_path / "apdb.db"
+    code = f"""
+        import flows.visit
+        from apdb import make_apdb
+        from apdb.__main__ import main
+
+        with make_apdb({str(db)!r}) as db:
+            db.row_counts()
+            db.visits()
+        for argv in (["info"], ["visits"], ["visit", "1"], ["cone", "10", "10", "1"]):
+            assert main([argv[0], {str(db)!r}, *argv[1:]]) == 0
+    """
+    assert loaded_after(code) == []
+
+
+def test_error_mapping_without_the_postgresql_driver():
+    code = """
+        import sqlite3
+        from apdb.sql import _translate, psycopg_errors
+        from core.errors import TransientError
+
+        assert psycopg_errors("OperationalError", "LockNotAvailable") == ()
+        mapped = _translate(sqlite3.OperationalError("database is locked"), "store", "a.db")
+        assert isinstance(mapped, TransientError), mapped
+    """
+    assert loaded_after(code) == []
+
+
+def test_error_mapping_recognises_psycopg_errors_once_loaded():
+    import psycopg
+
+    assert psycopg_errors("LockNotAvailable") == (psycopg.errors.LockNotAvailable,)
+    mapped = _translate(psycopg.errors.LockNotAvailable("lock timeout"), "store", "pg")
+    assert isinstance(mapped, TransientError) and "lock_timeout_ms" in str(mapped)
+    mapped = _translate(psycopg.errors.SerializationFailure("conflict"), "store", "pg")
+    assert isinstance(mapped, TransientError)
+    mapped = _translate(psycopg.errors.UndefinedTable("no table"), "read", "pg")
+    assert isinstance(mapped, ApdbError) and not isinstance(mapped, TransientError)
+    assert isinstance(_translate(sqlite3.DatabaseError("malformed"), "read", "a.db"), ApdbError)

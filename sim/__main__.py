@@ -126,7 +126,7 @@ def _main(argv: list[str] | None) -> int:
         t0 = time.perf_counter()
         announce(survey, args.out, visit, args.pointing_error)
         paths = survey.write_visit(args.out, visit, truth_catalog=False)
-        mark_complete(args.out, visit)
+        mark_complete(args.out, survey.config.visit_number(visit))
         dt = time.perf_counter() - t0
         info = survey.visit_info(visit)
         print(

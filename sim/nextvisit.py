@@ -64,7 +64,8 @@ def next_visit_message(
     survey : Survey
         The simulated survey.
     visit : int
-        The visit to announce.
+        Index of the visit to announce (as for :meth:`sim.survey.Survey.write_visit`);
+        the message carries its LSSTCam visit number, the one its bundle is written under.
     pointing_error_arcsec : float
         Radial RMS of the pointing error (arcsec), >= 0; 0 predicts the true boresight.
     shutter_close, issued : datetime, optional
@@ -93,7 +94,7 @@ def next_visit_message(
         corners[int(det)] = tuple((float(r) % 360.0, float(d)) for r, d in sky)
     close = shutter_close or _shutter_close(survey, visit)
     return NextVisit(
-        visit=int(visit),
+        visit=info.visit,
         band=info.band,
         boresightRa=ra,
         boresightDec=dec,

@@ -349,7 +349,7 @@ def test_pipeline_output_of_a_crowded_survey_gets_no_wrong_merges(tmp_path):
         }
     )
     for v in range(sim.n_visits):
-        assert not run_visit_plain(str(root), v, config)["failed"]
+        assert not run_visit_plain(str(root), sim.visit_number(v), config)["failed"]
 
     with make_apdb(config.apdb) as db:
         objects = db.get_objects(Circle(sim.field_ra, sim.field_dec, 1.0))

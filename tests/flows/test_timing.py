@@ -17,22 +17,22 @@ from core.completion import mark_complete
 from core.nextvisit import NEXT_VISIT_FILE, NextVisit, format_utc
 from flows.timing import METRIC, shutter_close
 from flows.visit import run_visit
-from tests.conftest import N_DETECTORS, make_config
+from tests.conftest import N_DETECTORS, V0, make_config
 
 STAGES_MS = ("load", "calibrate", "associate", "forced", "store", "cutout", "package", "produce")
 
 
 @pytest.fixture
 def root(survey_root, tmp_path) -> Path:
-    """A private copy of visit 0 of the session survey (no marker, no next-visit file)."""
-    shutil.copytree(Path(survey_root) / "0", tmp_path / "bundles" / "0")
+    """A private copy of visit V0 of the session survey (no marker, no next-visit file)."""
+    shutil.copytree(Path(survey_root) / str(V0), tmp_path / "bundles" / str(V0))
     return tmp_path / "bundles"
 
 
 def _announce(root: Path, close: datetime) -> None:
-    info = read_visit_info(str(root), 0)
+    info = read_visit_info(str(root), V0)
     message = NextVisit(
-        visit=0,
+        visit=V0,
         band=info.band,
         boresightRa=info.boresightRa,
         boresightDec=info.boresightDec,
@@ -40,11 +40,11 @@ def _announce(root: Path, close: datetime) -> None:
         detectors=info.detectors,
         shutter_close=close,
     )
-    (root / "0" / NEXT_VISIT_FILE).write_bytes(message.to_json_bytes())
+    (root / str(V0) / NEXT_VISIT_FILE).write_bytes(message.to_json_bytes())
 
 
 def test_sources_in_order_of_preference(root, caplog):
-    info = read_visit_info(str(root), 0)
+    info = read_visit_info(str(root), V0)
     # visit.json: midpoint + half the exposure, TAI → UTC (37 s apart since 2017)
     close = shutter_close(str(root), info)
     assert close.source == "visit.json"
@@ -52,13 +52,13 @@ def test_sources_in_order_of_preference(root, caplog):
     expect = mid_tai - timedelta(seconds=37) + timedelta(seconds=info.exposureTime / 2)
     assert abs((close.time - expect).total_seconds()) < 1e-3
 
-    mark_complete(str(root), 0)
-    os.utime(root / "0" / "complete.json", (1_900_000_000, 1_900_000_000))
+    mark_complete(str(root), V0)
+    os.utime(root / str(V0) / "complete.json", (1_900_000_000, 1_900_000_000))
     close = shutter_close(str(root), info)
     assert close.source == "bundle-complete"
     assert close.time.timestamp() == 1_900_000_000, "the marker is the latest file"
 
-    (root / "0" / NEXT_VISIT_FILE).write_text(json.dumps({"visit": 0}))
+    (root / str(V0) / NEXT_VISIT_FILE).write_text(json.dumps({"visit": V0}))
     with caplog.at_level(logging.WARNING, logger="flows.timing"):
         assert shutter_close(str(root), info).source == "bundle-complete"
     assert "next-visit message not used" in caplog.text and "missing field(s)" in caplog.text
@@ -82,7 +82,7 @@ def test_flow_reports_latency_per_detector_in_result_artifact_and_log(root, tmp_
     config = make_config(tmp_path, cache=False)
     with caplog.at_level(logging.INFO):
         started = time.time()
-        state, result = run_visit(str(root), 0, config)
+        state, result = run_visit(str(root), V0, config)
         ended = time.time()
     assert state.is_completed() and result["failed"] == {}, state.message
 
@@ -104,7 +104,7 @@ def test_flow_reports_latency_per_detector_in_result_artifact_and_log(root, tmp_
 
     # the receipts hold the same end time
     for det, latency in per.items():
-        receipt = json.loads((tmp_path / "alerts" / "receipts" / f"0_{det}.json").read_text())
+        receipt = json.loads((tmp_path / "alerts" / "receipts" / f"{V0}_{det}.json").read_text())
         assert receipt["produced_at"] - close.timestamp() == pytest.approx(latency, abs=1e-3)
 
     lines = [r.getMessage() for r in caplog.records if METRIC in r.getMessage()]
@@ -117,11 +117,11 @@ def test_flow_reports_latency_per_detector_in_result_artifact_and_log(root, tmp_
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )
     by_key = {a.key: a for a in arts}
-    table = by_key["visit-0-detectors"].data
+    table = by_key[f"visit-{V0}-detectors"].data
     table = json.loads(table) if isinstance(table, str) else table
     assert {r["detector"]: r[f"{METRIC}_s"] for r in table} == per
-    assert f"{METRIC}: {timing['visit_s']:.2f} s" in by_key["visit-0-summary"].data
+    assert f"{METRIC}: {timing['visit_s']:.2f} s" in by_key[f"visit-{V0}-summary"].data
 
     # a re-run produces nothing: no latency to report
-    state2, result2 = run_visit(str(root), 0, config)
+    state2, result2 = run_visit(str(root), V0, config)
     assert result2["skipped"] == sorted(per) and result2[METRIC]["visit_s"] is None

@@ -18,7 +18,7 @@ import pytest
 from core.completion import COMPLETE_FILE, mark_complete
 from core.nextvisit import NEXT_VISIT_FILE, parse_next_visit
 from flows.watch import NEXT_EVENT, READY_EVENT, Watcher, main
-from tests.conftest import make_config
+from tests.conftest import V0, V1, V2, make_config
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -75,7 +75,7 @@ def _announce(survey_root: str, root: Path, visit: int, **kw) -> dict:
             seed=7, n_detectors=4, n_visits=3, detector_size=(256, 256), sources_per_detector=25
         )
     )
-    message = next_visit_message(survey, visit, **kw)
+    message = next_visit_message(survey, survey.config.visit_index(visit), **kw)
     write_next_visit(str(root), message)
     return message.to_json_dict()
 
@@ -84,45 +84,45 @@ def test_half_written_bundle_is_not_ready_then_reported_once(survey_root, tmp_pa
     root = tmp_path / "bundles"
     # the complete source, with its marker, to copy from in pieces
     full = tmp_path / "full"
-    _copy_visit(survey_root, full, 1)
-    mark_complete(str(full), 1)
-    sizes = json.loads((full / "1" / COMPLETE_FILE).read_text())["files"]
+    _copy_visit(survey_root, full, V1)
+    mark_complete(str(full), V1)
+    sizes = json.loads((full / str(V1) / COMPLETE_FILE).read_text())["files"]
     # marker first, then everything but the last detector's template, which is half there
     held = sorted(k for k in sizes if k.endswith("template.fits"))[-1]
-    _copy_visit(str(full), root, 1, files=lambda rel: rel != held)
-    data = (full / "1" / held).read_bytes()
-    (root / "1" / held).write_bytes(data[: len(data) // 2])
+    _copy_visit(str(full), root, V1, files=lambda rel: rel != held)
+    data = (full / str(V1) / held).read_bytes()
+    (root / str(V1) / held).write_bytes(data[: len(data) // 2])
 
     watcher = Watcher(str(root))
     assert watcher.poll() == [], "half a file: not ready"
     assert _events(watcher.root, READY_EVENT, want=0, wait_s=0) == []
 
-    (root / "1" / held).write_bytes(data)
+    (root / str(V1) / held).write_bytes(data)
     sent = watcher.poll()
-    assert [(e.event, e.visit) for e in sent] == [(READY_EVENT, 1)]
+    assert [(e.event, e.visit) for e in sent] == [(READY_EVENT, V1)]
     assert watcher.poll() == [], "reported once"
     events = _events(watcher.root, READY_EVENT, want=1)
     assert len(events) == 1
     ev = events[0]
-    assert ev.resource.id == "diapipe.visit.1"
-    assert ev.payload["bundle_root"] == str(root) and ev.payload["visit"] == 1
+    assert ev.resource.id == f"diapipe.visit.{V1}"
+    assert ev.payload["bundle_root"] == str(root) and ev.payload["visit"] == V1
 
 
 def test_next_visit_file_gives_one_event_and_a_restart_sends_nothing_again(survey_root, tmp_path):
     root = tmp_path / "bundles"
-    message = _announce(survey_root, root, 2)
+    message = _announce(survey_root, root, V2)
     state = tmp_path / "watch-state.json"
     assert main([str(root), "--once", "--state", str(state)]) == 0
     assert main([str(root), "--once", "--state", str(state)]) == 0, "a restart with the state"
     events = _events(str(root), NEXT_EVENT, want=1)
     assert len(events) == 1
-    assert events[0].resource.id == "diapipe.visit.2"
+    assert events[0].resource.id == f"diapipe.visit.{V2}"
     assert events[0].payload == message
     assert parse_next_visit(events[0].payload).detector_corners, "the footprint travels along"
 
     # a new prediction for the same visit is a new message
-    os.utime(root / "2" / NEXT_VISIT_FILE, (2_000_000_000, 2_000_000_000))
-    _announce(survey_root, root, 2, pointing_error_arcsec=5.0)
+    os.utime(root / str(V2) / NEXT_VISIT_FILE, (2_000_000_000, 2_000_000_000))
+    _announce(survey_root, root, V2, pointing_error_arcsec=5.0)
     sent = Watcher(str(root), state).poll()
     assert [e.event for e in sent] == [NEXT_EVENT]
     assert len(_events(str(root), NEXT_EVENT, want=2)) == 2
@@ -148,10 +148,10 @@ def test_watcher_command_on_s3(survey_root, tmp_path, moto_s3_port):
     fs = s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
     fs.mkdir(bucket)
     local = tmp_path / "local"
-    _copy_visit(survey_root, local, 1)
-    _announce(survey_root, local, 1)
-    mark_complete(str(local), 1)
-    for p in sorted(q for q in (local / "1").rglob("*") if q.is_file()):
+    _copy_visit(survey_root, local, V1)
+    _announce(survey_root, local, V1)
+    mark_complete(str(local), V1)
+    for p in sorted(q for q in (local / str(V1)).rglob("*") if q.is_file()):
         fs.put_file(str(p), f"{bucket}/night/{p.relative_to(local)}")
     root = f"s3://{bucket}/night"
     env = {
@@ -231,8 +231,8 @@ def test_ready_event_runs_the_visit_through_the_prefect_yaml_trigger(survey_root
     try:
         with get_client(sync_client=True) as client:
             dep = _wait_for_trigger(client, "process-visit/on-ready-test")
-            _copy_visit(survey_root, root, 0)
-            mark_complete(str(root), 0)
+            _copy_visit(survey_root, root, V0)
+            mark_complete(str(root), V0)
             assert [e.event for e in Watcher(str(root)).poll()] == [READY_EVENT]
             flt = DeploymentFilter(id=DeploymentFilterId(any_=[dep.id]))
             deadline = time.monotonic() + 240
@@ -246,9 +246,9 @@ def test_ready_event_runs_the_visit_through_the_prefect_yaml_trigger(survey_root
         assert len(runs) == 1
         run = runs[0]
         assert run.state.is_completed(), run.state
-        assert run.parameters["visit"] == 0 and type(run.parameters["visit"]) is int
+        assert run.parameters["visit"] == V0 and type(run.parameters["visit"]) is int
         assert run.parameters["bundle_root"] == str(root)
-        assert sorted(p.name for p in (tmp_path / "alerts").glob("0_*.avro")), "alerts out"
+        assert sorted(p.name for p in (tmp_path / "alerts").glob(f"{V0}_*.avro")), "alerts out"
     finally:
         proc.send_signal(signal.SIGINT)
         try:

@@ -35,6 +35,7 @@ def test_without_pointing_error_the_corners_are_the_bundle_wcs_corners(small_sur
         info.rotAngle,
     )
     assert m.detectors == info.detectors and m.band == info.band
+    assert m.visit == info.visit == small_survey.config.visit_number(3)  # LSSTCam number
     for det in m.detectors:
         ra, dec = small_survey.detector_wcs(3, det).all_pix2world(_edges(small_survey), 0).T
         pra, pdec = m.corners(det)
@@ -82,14 +83,17 @@ def test_command_line_writes_message_then_bundle_then_marker(tmp_path):
     argv += ["--detector-size", "128", "--sources-per-detector", "30", "--survey-visits", "10"]
     argv += ["--no-truth-catalog", "--pointing-error", "0"]
     assert main(argv) == 0
-    m = parse_next_visit((out / "4" / "next-visit.json").read_bytes())
-    info = read_visit_info(str(out), 4)
+    v4 = 2025120200001  # index 4: MJD 61000.0 + 4 x 3 d, the evening of 2025-12-02 in Chile
+    assert sorted(p.name for p in out.iterdir()) == [str(v4)]
+    m = parse_next_visit((out / str(v4) / "next-visit.json").read_bytes())
+    info = read_visit_info(str(out), v4)
+    assert m.visit == info.visit == v4
     assert (m.boresightRa, m.boresightDec) == (info.boresightRa, info.boresightDec)
-    done = check_complete(str(out), 4)
+    done = check_complete(str(out), v4)
     assert done is not None and "visit.json" in done.files
-    marker = json.loads((out / "4" / "complete.json").read_text())
+    marker = json.loads((out / str(v4) / "complete.json").read_text())
     assert "next-visit.json" not in marker["files"]
-    times = {p.name: p.stat().st_mtime_ns for p in (out / "4").rglob("*") if p.is_file()}
+    times = {p.name: p.stat().st_mtime_ns for p in (out / str(v4)).rglob("*") if p.is_file()}
     assert times["next-visit.json"] <= min(times.values())
     assert times["complete.json"] == max(times.values())
 

@@ -56,6 +56,7 @@ def _truth(root: str, visit: int) -> pd.DataFrame:
 
     truth = load_truth(root, [visit], _detectors(root, visit), IdPacker())
     ss = pd.read_parquet(f"{root}/truth/solarsystem.parquet")
+    ss = ss.astype({"ssObjectId": "Int64"})  # ids exceed 2**53: never as floats
     return truth.merge(ss[["truthId", "ssObjectId", "known"]], on="truthId", how="left")
 
 

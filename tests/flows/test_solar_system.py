@@ -181,3 +181,28 @@ def test_malformed_ephemerides_fail_only_that_detector(sso_root, tmp_path, chang
     assert not (alerts / f"0_{bad_det}.avro").exists()
     assert not list(alerts.glob(f"0_{bad_det}.*.parquet"))
     assert (alerts / f"0_{good}.avro").exists()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_prefect_flow_recovers_sso_alerts_with_the_same_bytes(sso_root, tmp_path):
+    """Through the Prefect flow: SSO alerts out, lost after the commit, rebuilt by RECOVERY."""
+    from flows.visit import run_visit
+
+    config = make_config(tmp_path, cache=False)
+    state, result = run_visit(sso_root, 0, config)
+    assert state.name == "Completed", state.message
+    assert result["filters"]["solar_system"] > 0
+    dets = result["detectors"]
+    first, recs = _alerts(tmp_path / "alerts", 0, dets)
+    assert (
+        sum(r["ssSource"] is not None for r in recs.values()) == result["filters"]["solar_system"]
+    )
+    for f in (tmp_path / "alerts").glob("0_*.avro"):
+        f.unlink()
+    for f in (tmp_path / "alerts" / "receipts").glob("0_*.json"):
+        f.unlink()
+    state, again = run_visit(sso_root, 0, config)
+    assert state.name == "Completed", state.message
+    assert sorted(again["recovered"]) == sorted(dets)
+    rebuilt, _ = _alerts(tmp_path / "alerts", 0, dets)
+    assert rebuilt == first

@@ -129,8 +129,8 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
         48,
         ge=1,
         description="Detectors handled by one task run of each stage. 1 gives one task run per "
-        "detector and stage (most visible: 8 x 189 = 1,512 task runs a visit, ~30-50 s of "
-        "Prefect bookkeeping here); 48 gives 4 groups x 8 stages = 32 task runs for LSSTCam's "
+        "detector and stage (most visible: 9 x 189 = 1,701 task runs a visit, at ~20-30 ms of "
+        "Prefect bookkeeping each here); 48 gives 4 groups x 9 stages = 36 task runs for LSSTCam's "
         "189 detectors, the fastest setting measured on 2 cores (bench/RESULTS.md, 'visit').",
     )
     bundle_cache_mb: int = Field(

@@ -126,8 +126,23 @@ def test_known_asteroids_give_sso_alerts_and_no_dia_objects(sso_root, tmp_path):
             assert "diaSourceId" in qa.columns
 
 
-def test_recovered_sso_alerts_are_byte_identical(sso_root, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_recovered_sso_alerts_are_byte_identical(sso_root, tmp_path, backend):
+    if backend == "postgresql":
+        from tests.apdb.conftest import fresh_pg_database
+
+        with fresh_pg_database("diapipe_sso") as url:
+            _check_recovery(sso_root, tmp_path, url)
+    else:
+        _check_recovery(sso_root, tmp_path, None)
+
+
+def _check_recovery(sso_root, tmp_path, url) -> None:
     config = make_config(tmp_path, cache=False)
+    if url is not None:
+        config = config.model_validate(
+            {**config.model_dump(), "apdb": {**config.apdb.model_dump(), "url": url}}
+        )
     for v in (0, 1):
         assert run_visit_plain(sso_root, v, config)["failed"] == {}
     dets = _detectors(sso_root)
@@ -142,6 +157,7 @@ def test_recovered_sso_alerts_are_byte_identical(sso_root, tmp_path):
     assert sorted(rebuilt) == sorted(first)
     differ = [k for k in first if first[k] != rebuilt[k]]
     assert differ == [], f"{len(differ)} of {len(first)} recovered alerts differ ({n_sso} SSO)"
+    assert (tmp_path / "apdb.sqlite3").exists() == (url is None), "the backend under test"
 
 
 @pytest.mark.parametrize(

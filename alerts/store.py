@@ -41,6 +41,7 @@ from typing import Literal
 import fastavro
 import fsspec
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from alerts.packet import AlertBatch, AlertSchema, load_schema, varint
@@ -48,15 +49,18 @@ from core.bundle import missing_credentials
 from core.errors import AlertError, InputError, TransientError
 
 __all__ = [
+    "QA_KINDS",
     "AlertStoreConfig",
     "DeadLetterStore",
     "alert_file_url",
     "container_bytes",
     "iter_container_payloads",
+    "qa_sources_url",
     "read_alert_batch",
     "read_alert_file",
     "write_alert_file",
     "write_alerts",
+    "write_qa_sources",
 ]
 
 _MAGIC = b"Obj\x01"
@@ -390,6 +394,39 @@ def _write_once(url: str, data: bytes, storage_options: dict | None) -> str:
 def alert_file_url(location: str, visit: int, detector: int) -> str:
     """``{location}/{visit}_{detector}.avro``."""
     return f"{location.rstrip('/')}/{int(visit)}_{int(detector)}.avro"
+
+
+#: The QA source tables written beside a detector's alert file (:func:`write_qa_sources`).
+QA_KINDS = ("marginal", "trailed")
+
+
+def qa_sources_url(location: str, visit: int, detector: int, kind: str) -> str:
+    """``{location}/{visit}_{detector}.{kind}.parquet``, ``kind`` one of :data:`QA_KINDS`."""
+    if kind not in QA_KINDS:
+        raise ValueError(f"QA table kind must be one of {QA_KINDS}, got {kind!r}")
+    return f"{location.rstrip('/')}/{int(visit)}_{int(detector)}.{kind}.parquet"
+
+
+def write_qa_sources(
+    location: str,
+    visit: int,
+    detector: int,
+    kind: str,
+    sources: pd.DataFrame,
+    storage_options: dict | None = None,
+) -> str:
+    """Write one QA source table (DiaSource columns, parquet) beside the alert file, atomically.
+
+    ``marginal``: the unassociated sources that failed the new-object cut
+    (not stored); ``trailed``: the long-trailed sources set aside before
+    association. Written for every processed detector, empty tables included,
+    so a missing file means the detector was not processed. Returns the URL.
+    """
+    buf = io.BytesIO()
+    sources.reset_index(drop=True).to_parquet(buf, index=False)
+    return _atomic_write(
+        qa_sources_url(location, visit, detector, kind), buf.getvalue(), storage_options
+    )
 
 
 def write_alert_file(

@@ -36,6 +36,7 @@ __all__ = [
     "BAND_COLORS",
     "Rendered",
     "Stamp",
+    "is_solar_system",
     "light_curve",
     "load_alerts",
     "normalize_alert",
@@ -43,6 +44,7 @@ __all__ = [
     "render_alert",
     "select_alert",
     "show_alert",
+    "solar_system_rows",
     "summarize_alert",
 ]
 
@@ -256,6 +258,63 @@ def _fmt(v, spec: str = ".6g") -> str:
     return str(v)
 
 
+def is_solar_system(alert: Mapping) -> bool:
+    """Whether the alert is of a known solar-system object (``ssSource`` set, or
+    ``ssObjectId`` set with no DiaObject, as Rubin writes them)."""
+    s = alert.get("diaSource") or {}
+    return alert.get("ssSource") is not None or bool(
+        s.get("ssObjectId") and not s.get("diaObjectId")
+    )
+
+
+def solar_system_rows(alert: Mapping) -> list[tuple[str, str]]:
+    """The asteroid's identity and motion as (label, value) rows, for an SSO alert.
+
+    Identity: ``ssObjectId`` and designation (``ssSource``, else ``mpc_orbits``).
+    Motion: the predicted rate (deg/day, and its RA·cos δ / Dec parts), the
+    measured trail (``trailLength`` arcsec, ``trailAngle`` deg), the offset of
+    the detection from the prediction (arcsec, along and across the track),
+    then the geometry and the orbit (a, e, i, H). Absent values show as "—".
+    """
+    s = alert.get("diaSource") or {}
+    ss = alert.get("ssSource") or {}
+    orb = alert.get("mpc_orbits") or {}
+    rate = ss.get("ephRate")
+    return [
+        ("ssObjectId", _fmt(ss.get("ssObjectId", s.get("ssObjectId")))),
+        ("designation", _fmt(ss.get("designation") or orb.get("designation"))),
+        (
+            "rate [deg/day]",
+            f"{_fmt(rate, '.4f')} (RA {_fmt(ss.get('ephRateRa'), '+.4f')}, "
+            f"Dec {_fmt(ss.get('ephRateDec'), '+.4f')})"
+            + (f" = {rate * 2.5:.3f}″/min" if isinstance(rate, float) else ""),  # 3600″/1440 min
+        ),
+        (
+            "trail [arcsec, deg]",
+            f"{_fmt(s.get('trailLength'), '.2f')} at {_fmt(s.get('trailAngle'), '.1f')}",
+        ),
+        (
+            "offset from ephemeris [″]",
+            f"{_fmt(ss.get('ephOffset'), '.3f')} (along {_fmt(ss.get('ephOffsetAlongTrack'), '+.3f')}"
+            f", across {_fmt(ss.get('ephOffsetCrossTrack'), '+.3f')})",
+        ),
+        ("predicted V [mag]", _fmt(ss.get("ephVmag"), ".2f")),
+        (
+            "topo / helio range [AU]",
+            f"{_fmt(ss.get('topoRange'), '.3f')} / {_fmt(ss.get('helioRange'), '.3f')}",
+        ),
+        (
+            "phase / elongation [deg]",
+            f"{_fmt(ss.get('phaseAngle'), '.1f')} / {_fmt(ss.get('elongation'), '.1f')}",
+        ),
+        (
+            "orbit a [AU], e, i [deg], H",
+            f"{_fmt(orb.get('a'), '.3f')}, {_fmt(orb.get('e'), '.3f')}, "
+            f"{_fmt(orb.get('i'), '.2f')}, {_fmt(orb.get('h'), '.2f')}",
+        ),
+    ]
+
+
 def summarize_alert(alert: Mapping, source: str = "") -> str:
     """A readable plain-text summary of one alert: IDs, position, fluxes, history, object.
 
@@ -292,6 +351,9 @@ def summarize_alert(alert: Mapping, source: str = "") -> str:
     lines = [f"{k:<20} {_fmt(v)}" for k, v in rows if not (k == "file" and not source)]
     if obj is None:
         lines.append(f"{'diaObject':<20} none (e.g. a solar-system source)")
+        if is_solar_system(alert):
+            lines.append("solar-system object")
+            lines += [f"  {k:<27} {v}" for k, v in solar_system_rows(alert)]
     else:
         lines.append(
             f"{'diaObject':<20} nDiaSources={obj.get('nDiaSources')}, "
@@ -341,13 +403,49 @@ class Rendered:
         Stamp name → (x0, y0, x1, y1), the panel's image area in PNG pixel
         coordinates (origin top left); absent for a missing stamp.
     n_points : dict
-        ``kind`` → number of light-curve points drawn.
+        ``kind`` → number of light-curve points drawn (empty for a solar-system
+        alert, which shows the asteroid's identity and motion instead).
+    motion : bool
+        True when the lower panel shows a solar-system object's identity and
+        motion (:func:`solar_system_rows` and the predicted motion as an arrow).
     """
 
     path: str
     size: tuple[int, int]
     stamp_boxes: dict[str, tuple[int, int, int, int]]
     n_points: dict[str, int]
+    motion: bool = False
+
+
+def _draw_motion(fig, ax, alert: Mapping) -> None:
+    """The lower panel of a solar-system alert: identity and motion, and the rate as an arrow."""
+    ax.set_axis_off()
+    rows = solar_system_rows(alert)
+    ax.text(0.0, 0.98, "solar-system object", fontsize=12, weight="bold", va="top")
+    for k, (label, value) in enumerate(rows):
+        y = 0.86 - k * 0.095
+        ax.text(0.0, y, label, fontsize=10, va="top", family="monospace")
+        ax.text(0.27, y, value, fontsize=10, va="top", family="monospace")
+    ss = alert.get("ssSource") or {}
+    ra, dec = ss.get("ephRateRa"), ss.get("ephRateDec")
+    arrow = fig.add_axes((0.80, 0.08, 0.17, 0.30))
+    arrow.set_xlim(-1.2, 1.2)
+    arrow.set_ylim(-1.2, 1.2)
+    arrow.set_aspect("equal")
+    arrow.set_xticks([])
+    arrow.set_yticks([])
+    arrow.set_title("predicted motion (N up, E left)", fontsize=9)
+    if isinstance(ra, float) and isinstance(dec, float) and np.hypot(ra, dec) > 0:
+        r = float(np.hypot(ra, dec))
+        arrow.annotate(
+            "",
+            xy=(-ra / r, dec / r),
+            xytext=(0.0, 0.0),
+            arrowprops={"arrowstyle": "-|>", "color": "#d62728", "lw": 2},
+        )
+        arrow.text(0, -1.1, f"{r:.4f} deg/day", ha="center", fontsize=9)
+    else:
+        arrow.text(0, 0, "no rate", ha="center", va="center")
 
 
 def _norm(image: np.ndarray) -> ImageNormalize:
@@ -481,8 +579,12 @@ def render_alert(alert: Mapping, path: str, source: str = "", dpi: int = 100) ->
         if stamp is not None:
             stamp_axes[name] = ax
     lc_ax = fig.add_axes((0.075, 0.065, 0.905, 0.36))
-    lc = light_curve(alert)
-    counts = _draw_light_curve(lc_ax, lc)
+    motion = is_solar_system(alert)
+    if motion:  # no DiaObject, no history: who the asteroid is and how it moves
+        _draw_motion(fig, lc_ax, alert)
+        counts: dict[str, int] = {}
+    else:
+        counts = _draw_light_curve(lc_ax, light_curve(alert))
     obj = (
         f"diaObject {s['diaObjectId']}"
         if s.get("diaObjectId")
@@ -509,7 +611,7 @@ def render_alert(alert: Mapping, path: str, source: str = "", dpi: int = 100) ->
             int(np.floor(bb.x1)),
             int(np.floor(height - bb.y0)),
         )
-    return Rendered(path, (width, height), boxes, counts)
+    return Rendered(path, (width, height), boxes, counts, motion)
 
 
 def show_alert(

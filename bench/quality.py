@@ -44,6 +44,8 @@ from sim.scoring import load_truth, pull_statistics, score_association, score_fo
 from tasks.associate import AssociationConfig, associate
 from tasks.calibrate import CalibrateConfig, calibrate
 from tasks.forced import ForcedConfig, forced_photometry
+from tasks.sourcefilters import SourceFilterConfig, filter_sources, good_dia_object_ids
+from tasks.ssoassociate import SsoAssociationConfig, associate_solar_system
 from tasks.summarise import SummaryConfig, summarise
 
 HISTORY_DAYS = 360.0
@@ -191,18 +193,39 @@ def run(
     t0 = time.perf_counter()
     apdb = MemoryApdb()
     cal_cfg, sum_cfg, fc_cfg = CalibrateConfig(), SummaryConfig(), ForcedConfig()
-    stage_s = {"read": 0.0, "calibrate": 0.0, "associate": 0.0, "summarise": 0.0, "forced": 0.0}
+    filt_cfg, sso_cfg = SourceFilterConfig(), SsoAssociationConfig()
+    stage_s = {
+        "read": 0.0,
+        "calibrate": 0.0,
+        "ssoassociate": 0.0,
+        "associate": 0.0,
+        "summarise": 0.0,
+        "forced": 0.0,
+    }
     static_forced = []
-    counts = {"n_matched": 0, "n_new": 0, "n_rejected": 0, "n_nan_dropped": 0, "n_forced": 0}
+    counts = {
+        "n_unreliable": 0,
+        "n_trailed": 0,
+        "n_sso_associated": 0,
+        "n_matched": 0,
+        "n_new": 0,
+        "n_rejected": 0,
+        "n_nan_dropped": 0,
+        "n_forced": 0,
+        "n_not_good_objects": 0,
+    }
     truth_parts = []
     numbers = [survey.config.visit_number(k) for k in range(visits)]  # day_obs·10⁵ + seq_num
-    for k, v in enumerate(numbers):
+    sso_inputs, sso_matches = [], []
+    for index, v in enumerate(numbers):
         t = time.perf_counter()
         if not fsspec_exists(f"{detector_path(root, v, dets[-1])}/difference.fits"):
-            survey.write_visit(root, k, dets)  # a kept --root is reused as is
+            survey.write_visit(root, index, dets)  # a kept --root is reused as is
         t_sim += time.perf_counter() - t
         truth_parts.append(load_truth(root, [v], dets, packer, objects=True))
         truth_objects = truth_parts[-1]
+        eph_url = f"{root}/{v}/ephemerides.parquet"
+        ephemerides = pd.read_parquet(eph_url) if fsspec_exists(eph_url) else None
         for d in dets:
             t = time.perf_counter()
             bundle = read_detector_bundle(root, v, d)
@@ -214,25 +237,54 @@ def run(
                 bundle.sources, bundle, cal_cfg, id_packer=packer, time_processed_mjd=mjd
             )
             t1 = time.perf_counter()
-            assoc = associate(cal, objects, association)
+            kept = filter_sources(cal, bundle.visit.exposureTime, filt_cfg)
+            solar = associate_solar_system(
+                kept.sources,
+                ephemerides,
+                bundle.difference.wcs,
+                bundle.difference.shape,
+                sso_cfg,
+                ephemeris_file=eph_url,
+            )
+            sso_inputs.append(kept.sources["diaSourceId"].to_numpy(dtype=np.int64))
+            sso_matches.append(solar.ss_sources[["diaSourceId", "ssObjectId"]])
+            t1b = time.perf_counter()
+            assoc = associate(solar.sources, objects, association)
             t2 = time.perf_counter()
             updated = summarise(
                 objects, history, assoc.sources, sum_cfg, time_mjd=mjd, forced_sources=fhist
             )
             t3 = time.perf_counter()
             everything = _merge_objects(objects, updated)
+            hist = [h for h in (history, assoc.sources) if len(h)]
+            good = (
+                good_dia_object_ids(pd.concat(hist, ignore_index=True), filt_cfg)
+                if hist
+                else np.zeros(0, np.int64)
+            )
+            measured = everything[np.isin(everything["diaObjectId"].to_numpy(np.int64), good)]
             forced = forced_photometry(
-                everything, bundle, fc_cfg, id_packer=packer, time_processed_mjd=mjd
+                measured, bundle, fc_cfg, id_packer=packer, time_processed_mjd=mjd
             )
             t4 = time.perf_counter()
             stage_s["calibrate"] += t1 - t
-            stage_s["associate"] += t2 - t1
+            stage_s["ssoassociate"] += t1b - t1
+            stage_s["associate"] += t2 - t1b
             stage_s["summarise"] += t3 - t2
             stage_s["forced"] += t4 - t3
-            apdb.store(updated, assoc.sources, forced.sources)
+            new_sources = (
+                pd.concat([assoc.sources, solar.sso_sources], ignore_index=True)
+                if len(solar.sso_sources)
+                else assoc.sources
+            )
+            apdb.store(updated, new_sources, forced.sources)
             for k in ("n_matched", "n_new", "n_rejected", "n_nan_dropped"):
                 counts[k] += getattr(assoc, k)
+            counts["n_unreliable"] += kept.n_unreliable
+            counts["n_trailed"] += kept.n_trailed
+            counts["n_sso_associated"] += solar.n_associated
             counts["n_forced"] += len(forced.sources)
+            counts["n_not_good_objects"] += len(everything) - len(measured)
             # forced photometry at the true positions of the static stars
             here = truth_objects[(truth_objects["visit"] == v) & (truth_objects["detector"] == d)]
             st = here[(here["kind"] == "static") & _isolated(here, root, v, d, isolation_px)]
@@ -255,6 +307,16 @@ def run(
 
     truth = load_truth(root, numbers, dets, packer)
     stored = apdb._all("sources")
+    sso_score = score_solar_system(
+        truth,
+        pd.read_parquet(f"{root}/truth/solarsystem.parquet"),
+        np.concatenate(sso_inputs) if sso_inputs else np.zeros(0, np.int64),
+        pd.concat(sso_matches, ignore_index=True),
+        apdb.objects,
+    )
+    # DIA association is scored on the DiaSources it saw: the solar-system ones
+    # (diaObjectId 0) are scored by score_solar_system
+    stored = stored[stored["diaObjectId"].to_numpy(dtype=np.float64, na_value=-1) != 0]
     assoc_score = score_association(stored, truth)
     # pipeline forced sources: DiaObject → the true object most of its sources come from
     merged = stored[["diaSourceId", "diaObjectId"]].merge(
@@ -295,6 +357,9 @@ def run(
             "false_new_fraction": assoc_score["false_new_fraction"],
             "pull_mean": diff_pulls["mean"],
             "pull_std": diff_pulls["std"],
+            "sso_matched_fraction": sso_score["matched_fraction"],
+            "sso_dia_objects": sso_score["n_dia_objects"],
+            "sso_false_matches": sso_score["false_match_fraction"],
         },
         "config": {
             "visits": visits,
@@ -305,10 +370,80 @@ def run(
             "isolation_px": isolation_px,
         },
         "association": assoc_score,
+        "solar_system": sso_score,
         "counts": counts,
         "static_forced_pulls": {"diff": diff_pulls, "science": sci_pulls, "by_flux": by_flux},
         "pipeline_forced_pulls": pipeline_pulls,
         "seconds": {"simulate": t_sim, "pipeline": t_pipe, **stage_s},
+    }
+
+
+def score_solar_system(
+    truth: pd.DataFrame,
+    bodies: pd.DataFrame,
+    entered: np.ndarray,
+    matches: pd.DataFrame,
+    objects: pd.DataFrame,
+) -> dict:
+    """Solar-system association scored against the simulator's truth.
+
+    Parameters
+    ----------
+    truth : pandas.DataFrame
+        :func:`sim.scoring.load_truth` detections (``diaSourceId``, ``truthId``, ``kind``).
+    bodies : pandas.DataFrame
+        ``truth/solarsystem.parquet``: ``truthId``, ``ssObjectId``, ``known``.
+    entered : numpy.ndarray
+        ``diaSourceId`` of every source that reached solar-system association
+        (after the reliability and long-trail cuts).
+    matches : pandas.DataFrame
+        ``diaSourceId``, ``ssObjectId`` of every match made.
+    objects : pandas.DataFrame
+        Every DiaObject made (``diaObjectId`` = the creating ``diaSourceId``).
+
+    Returns
+    -------
+    dict
+        ``matched_fraction``: known-asteroid detections among ``entered``
+        matched to their own ``ssObjectId``; ``n_dia_objects``: DiaObjects
+        created by a known-asteroid detection; ``false_match_fraction``:
+        non-moving sources among ``entered`` given any ``ssObjectId``; and the
+        counts behind them (``n_wrong_object``: known-asteroid detections
+        matched to another body; ``n_unknown_matched``: detections of unknown
+        bodies matched to a known one).
+    """
+    t = truth[["diaSourceId", "truthId", "kind"]].merge(
+        bodies[["truthId", "ssObjectId", "known"]]
+        .astype({"ssObjectId": "Int64"})  # ids exceed 2**53: never as floats
+        .rename(columns={"ssObjectId": "trueSsObjectId"}),
+        on="truthId",
+        how="left",
+    )
+    t["known"] = t["known"].fillna(False).astype(bool)
+    t = t.merge(matches.astype({"ssObjectId": "Int64"}), on="diaSourceId", how="left")
+    moving = (t["kind"] == "moving").to_numpy()
+    known = moving & t["known"].to_numpy()
+    came = np.isin(t["diaSourceId"].to_numpy(np.int64), entered)
+    got = t["ssObjectId"].notna().to_numpy()
+    # ssObjectIds exceed 2**53: compare them as integers, never as floats
+    same = t["ssObjectId"].astype("Int64") == t["trueSsObjectId"].astype("Int64")
+    right = got & same.fillna(False).to_numpy(dtype=bool)
+    n_known = int((known & came).sum())
+    n_static = int((~moving & came).sum())
+    n_false = int((~moving & came & got).sum())
+    known_ids = t["diaSourceId"].to_numpy(np.int64)[known]
+    n_obj = int(np.isin(objects["diaObjectId"].to_numpy(np.int64), known_ids).sum())
+    return {
+        "matched_fraction": float((known & came & right).sum() / n_known) if n_known else 1.0,
+        "n_dia_objects": n_obj,
+        "false_match_fraction": n_false / n_static if n_static else 0.0,
+        "n_known_detections": int(known.sum()),
+        "n_known_entered": n_known,
+        "n_matched_right": int((known & came & right).sum()),
+        "n_wrong_object": int((known & came & got & ~right).sum()),
+        "n_unknown_matched": int((moving & ~known & came & got).sum()),
+        "n_non_moving_entered": n_static,
+        "n_false_matches": n_false,
     }
 
 
@@ -410,6 +545,8 @@ def main(argv: list[str]) -> dict:
                 f"pipeline forced {kind:<10} diff pull {v['diff']['mean']:+.3f} ± "
                 f"{v['diff']['std']:.3f} (n={v['diff']['n']})"
             )
+    for k, v in out["solar_system"].items():
+        print(f"sso {k:<30}{_fmt(v):>12}")
     print("seconds:", {k: round(v, 2) for k, v in out["seconds"].items()})
     return out
 

@@ -49,7 +49,17 @@ from bench.history import (
 
 __all__ = ["main", "parser", "run_case", "timed_run"]
 
-STAGE_ORDER = ("load", "calibrate", "associate", "forced", "store", "cutout", "package", "produce")
+STAGE_ORDER = (
+    "load",
+    "calibrate",
+    "ssoassociate",
+    "associate",
+    "forced",
+    "store",
+    "cutout",
+    "package",
+    "produce",
+)
 
 
 class PeakRss:

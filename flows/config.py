@@ -25,6 +25,8 @@ from core.ids import IdConfig
 from tasks.associate import AssociationConfig
 from tasks.calibrate import CalibrateConfig
 from tasks.forced import ForcedConfig
+from tasks.sourcefilters import SourceFilterConfig
+from tasks.ssoassociate import SsoAssociationConfig
 from tasks.summarise import SummaryConfig
 
 __all__ = ["PRESETS", "AlertOutputConfig", "OrchestrationConfig", "PipelineConfig"]
@@ -105,6 +107,14 @@ class AlertOutputConfig(BaseModel, frozen=True, extra="forbid"):
         description="Alerts Kafka did not acknowledge go to the dead-letter store. "
         "Rubin: doWriteFailedAlerts.",
     )
+    do_write_qa_sources: bool = Field(
+        True,
+        description="Write the detector's QA source tables beside its alert file: "
+        "{visit}_{detector}.marginal.parquet (unassociated sources failing the new-object cut) "
+        "and {visit}_{detector}.trailed.parquet (the long-trailed sources set aside before "
+        "association). Rubin: the marginal and long-trailed DiaSource outputs of "
+        "DiaPipelineTask.",
+    )
     dead_letter_location: str = Field(
         "./dead-letters",
         description="Local path or s3:// URL of the dead-letter store "
@@ -119,8 +129,8 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
         48,
         ge=1,
         description="Detectors handled by one task run of each stage. 1 gives one task run per "
-        "detector and stage (most visible: 8 x 189 = 1,512 task runs a visit, ~30-50 s of "
-        "Prefect bookkeeping here); 48 gives 4 groups x 8 stages = 32 task runs for LSSTCam's "
+        "detector and stage (most visible: 9 x 189 = 1,701 task runs a visit, at ~20-30 ms of "
+        "Prefect bookkeeping each here); 48 gives 4 groups x 9 stages = 36 task runs for LSSTCam's "
         "189 detectors, the fastest setting measured on 2 cores (bench/RESULTS.md, 'visit').",
     )
     bundle_cache_mb: int = Field(
@@ -182,6 +192,18 @@ class PipelineConfig(BaseModel, frozen=True, extra="forbid"):
     )
     calibrate: CalibrateConfig = Field(
         default_factory=CalibrateConfig, description="Pixel→sky and counts→nJy calibration."
+    )
+    source_filters: SourceFilterConfig = Field(
+        default_factory=SourceFilterConfig,
+        description="Rubin's production source filters: the reliability cut and the long-trail "
+        "cut before association, and the good-DiaObject rule of forced photometry "
+        "(docs/solar-system.md). Rubin: DiaPipelineTask minReliability, doTrailedSourceFilter, "
+        "_selectGoodDiaObjects.",
+    )
+    solar_system: SsoAssociationConfig = Field(
+        default_factory=SsoAssociationConfig,
+        description="Association with known solar-system objects, before DiaObjects, from the "
+        "visit's ephemeris table (docs/solar-system.md). Rubin: SolarSystemAssociationTask.",
     )
     association: AssociationConfig = Field(
         default_factory=AssociationConfig,

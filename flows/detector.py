@@ -24,21 +24,26 @@ import pandas as pd
 
 from alerts.cutouts import make_cutouts
 from alerts.packet import AlertBatch, package_alerts
+from alerts.store import write_qa_sources
 from apdb import Apdb, Polygon, make_apdb
 from apdb.config import ApdbConfig
 from apdb.interface import StoreResult
-from core.bundle import DetectorBundle, VisitInfo, read_detector_bundle
-from core.errors import ApdbError, OutOfOrderError
+from core.bundle import DetectorBundle, VisitInfo, detector_path, read_detector_bundle, visit_path
+from core.errors import ApdbError, InputError, OutOfOrderError
 from core.ids import IdPacker
 from flows.config import PipelineConfig
 from tasks.associate import Association, associate
 from tasks.calibrate import calibrate
 from tasks.forced import forced_photometry, objects_after_visit
+from tasks.sourcefilters import FilteredSources, filter_sources, good_dia_object_ids
+from tasks.ssoassociate import SsoAssociation, associate_solar_system
 from tasks.summarise import summarise
 
 __all__ = [
+    "EPHEMERIS_FILE",
     "Associated",
     "Loaded",
+    "Prefiltered",
     "associate_detector",
     "calibrate_detector",
     "cutout_detector",
@@ -47,9 +52,16 @@ __all__ = [
     "get_bundle",
     "load_detector",
     "package_detector",
+    "prefilter_detector",
+    "read_ephemerides",
     "recover_detector",
     "store_detector",
 ]
+
+#: The ephemeris table of known solar-system objects (docs/solar-system.md): per detector
+#: ``{root}/{visit}/{detector}/ephemerides.parquet`` when present, else per visit
+#: ``{root}/{visit}/ephemerides.parquet``; neither: no solar-system association.
+EPHEMERIS_FILE = "ephemerides.parquet"
 
 FOOTPRINT_PAD_ARCSEC = 2.0  # docs/design.md §4.1: the WCS polygon of the corners, padded by 2″
 BBOX_GROW_PX = 10.0  # docs/design.md §4.1: objects outside the bbox grown by 10 px are dropped
@@ -128,12 +140,40 @@ class Loaded:
 
 
 @dataclass(frozen=True, eq=False)
+class Prefiltered:
+    """The source filters and solar-system association, before DIA association."""
+
+    filtered: FilteredSources  # kept / unreliable / long-trailed sources
+    solar: SsoAssociation  # solar-system matches of the kept sources, and the rest
+
+
+@dataclass(frozen=True, eq=False)
 class Associated:
     """Association result and the DiaObjects it touched, summarised."""
 
     association: Association
     objects: pd.DataFrame  # new and updated DiaObjects (SDM columns)
     all_objects: pd.DataFrame  # every DiaObject on the detector after this visit (OBJECT_COLUMNS)
+    prefiltered: Prefiltered | None = None
+
+    @property
+    def new_sources(self) -> pd.DataFrame:
+        """Every DiaSource this detector stores and alerts on: DIA and solar-system, by id."""
+        dia = self.association.sources
+        sso = self.prefiltered.solar.sso_sources if self.prefiltered is not None else None
+        if sso is None or len(sso) == 0:
+            return dia.sort_values("diaSourceId")
+        return pd.concat([dia, sso], ignore_index=True).sort_values("diaSourceId")
+
+    @property
+    def ss_sources(self) -> pd.DataFrame | None:
+        """SDM ``SSSource`` rows of the solar-system sources (None without the stage)."""
+        return self.prefiltered.solar.ss_sources if self.prefiltered is not None else None
+
+    @property
+    def orbits(self) -> pd.DataFrame | None:
+        """Ephemeris rows (orbit record included) of the matched solar-system objects."""
+        return self.prefiltered.solar.orbits if self.prefiltered is not None else None
 
 
 def footprint(bundle: DetectorBundle) -> Polygon:
@@ -228,11 +268,112 @@ def calibrate_detector(
     )
 
 
+_ephemeris_cache: OrderedDict[tuple[str, str], pd.DataFrame] = OrderedDict()
+_ephemeris_lock = threading.Lock()
+
+
+def ephemeris_url(root: str, visit: int, detector: int) -> str | None:
+    """The ephemeris file that applies to a detector (per-detector first), or None."""
+    import fsspec
+
+    fs, _, _ = fsspec.get_fs_token_paths(root)
+    for url in (
+        f"{detector_path(root, visit, detector)}/{EPHEMERIS_FILE}",
+        f"{visit_path(root, visit)}/{EPHEMERIS_FILE}",
+    ):
+        if fs.exists(fsspec.core.strip_protocol(url)):
+            return url
+    return None
+
+
+def read_ephemerides(root: str, visit: int, detector: int) -> tuple[pd.DataFrame | None, str]:
+    """The detector's ephemeris table and its URL; ``(None, "")`` when there is none.
+
+    A per-visit table is read once per process while its file is unchanged
+    (keyed by URL and the file's fsspec ``ukey``); its validation
+    (:func:`tasks.ssoassociate.associate_solar_system`) runs per detector.
+
+    Raises
+    ------
+    InputError
+        The file exists but is not a readable parquet table.
+    """
+    import fsspec
+
+    url = ephemeris_url(root, visit, detector)
+    if url is None:
+        return None, ""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        key = (url, str(fs.ukey(path)))
+    except (OSError, ValueError):
+        key = None
+    if key is not None:
+        with _ephemeris_lock:
+            if key in _ephemeris_cache:
+                _ephemeris_cache.move_to_end(key)
+                return _ephemeris_cache[key], url
+    try:
+        with fs.open(path, "rb") as f:
+            table = pd.read_parquet(f)
+    except FileNotFoundError:
+        return None, ""
+    except Exception as exc:  # pyarrow raises several types for a corrupt file
+        raise InputError(
+            f"{url}: not a readable parquet table ({type(exc).__name__}: {exc})"
+        ) from exc
+    if key is not None:
+        with _ephemeris_lock:
+            _ephemeris_cache[key] = table
+            while len(_ephemeris_cache) > 4:
+                _ephemeris_cache.popitem(last=False)
+    return table, url
+
+
+def prefilter_detector(
+    root: str, visit: VisitInfo, detector: int, config: PipelineConfig, calibrated: pd.DataFrame
+) -> Prefiltered:
+    """Stage 3a: Rubin's source filters, then association with known solar-system objects.
+
+    The reliability cut and the long-trail cut (:func:`tasks.sourcefilters.filter_sources`)
+    come first, as in Rubin's ``DiaPipelineTask``; the kept sources are matched to
+    the ephemeris table's predictions on the detector
+    (:func:`tasks.ssoassociate.associate_solar_system`); the rest go on to DIA
+    association. No ephemeris file: no solar-system association.
+    """
+    filtered = filter_sources(calibrated, visit.exposureTime, config.source_filters)
+    ephemerides, url = (None, "")
+    if config.solar_system.do_solar_system_association:
+        ephemerides, url = read_ephemerides(root, visit.visit, detector)
+    if ephemerides is None:
+        solar = associate_solar_system(filtered.sources, None, None, (0, 0), config.solar_system)
+    else:
+        bundle = get_bundle(root, visit, detector, config)
+        solar = associate_solar_system(
+            filtered.sources,
+            ephemerides,
+            bundle.difference.wcs,
+            bundle.difference.shape,
+            config.solar_system,
+            ephemeris_file=url,
+        )
+    return Prefiltered(filtered=filtered, solar=solar)
+
+
 def associate_detector(
-    loaded: Loaded, calibrated: pd.DataFrame, config: PipelineConfig, time_mjd: float
+    loaded: Loaded,
+    calibrated: pd.DataFrame | Prefiltered,
+    config: PipelineConfig,
+    time_mjd: float,
 ) -> Associated:
-    """Stage 3 and 4: associate, then summarise every touched DiaObject."""
-    assoc = associate(calibrated, loaded.objects, config.association)
+    """Stage 3b and 4: associate with DiaObjects, then summarise every touched DiaObject.
+
+    ``calibrated`` is the :class:`Prefiltered` result (its sources not matched to
+    a solar-system object go on) or, without the filters, the calibrated sources.
+    """
+    pre = calibrated if isinstance(calibrated, Prefiltered) else None
+    sources = pre.solar.sources if pre is not None else calibrated
+    assoc = associate(sources, loaded.objects, config.association)
     updated = summarise(
         loaded.objects,
         loaded.sources,
@@ -242,7 +383,31 @@ def associate_detector(
         forced_sources=loaded.forced,
     )
     all_objects = objects_after_visit(loaded.objects, updated)
-    return Associated(association=assoc, objects=updated, all_objects=all_objects)
+    return Associated(association=assoc, objects=updated, all_objects=all_objects, prefiltered=pre)
+
+
+def good_objects(loaded: Loaded, associated: Associated, config: PipelineConfig) -> pd.DataFrame:
+    """The DiaObjects forced photometry measures: Rubin's good-DiaObject rule.
+
+    A DiaObject qualifies with at least ``min_good_sources`` good DiaSources
+    among its loaded history (the ``history_days`` window) and this visit's
+    sources (:func:`tasks.sourcefilters.good_dia_object_ids`). Off
+    (``do_select_good_dia_objects``): every DiaObject on the detector.
+    """
+    objects = associated.all_objects
+    if not config.source_filters.do_select_good_dia_objects or len(objects) == 0:
+        return objects
+    cols = ["diaObjectId", "reliability", "trailLength", "glint_trail", "isDipole"]
+    parts = [
+        df[[c for c in cols if c in df.columns]]
+        for df in (loaded.sources, associated.association.sources)
+        if len(df)
+    ]
+    if not parts:
+        return objects.iloc[:0]
+    good = good_dia_object_ids(pd.concat(parts, ignore_index=True), config.source_filters)
+    ids = objects["diaObjectId"].to_numpy(dtype=np.int64)
+    return objects[np.isin(ids, good)].reset_index(drop=True)
 
 
 def forced_detector(
@@ -252,11 +417,16 @@ def forced_detector(
     config: PipelineConfig,
     associated: Associated,
     time_mjd: float,
+    objects: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Stage 5: forced photometry of every eligible DiaObject on the detector."""
+    """Stage 5: forced photometry of every eligible DiaObject on the detector.
+
+    ``objects``: the DiaObjects to measure (default: every one on the detector,
+    ``associated.all_objects``); the flow passes :func:`good_objects`.
+    """
     bundle = get_bundle(root, visit, detector, config)
     result = forced_photometry(
-        associated.all_objects,
+        associated.all_objects if objects is None else objects,
         bundle,
         config.forced,
         id_packer=IdPacker(config.ids),
@@ -273,23 +443,57 @@ def store_detector(
     forced: pd.DataFrame,
     time_mjd: float,
 ) -> StoreResult:
-    """Stage 6: one transaction with the (visit, detector) marker; idempotent."""
+    """Stage 6: one transaction with the (visit, detector) marker; idempotent.
+
+    DIA and solar-system DiaSources, their ``SSSource`` rows, the DiaObjects and
+    the DiaForcedSources go in together.
+    """
     return get_apdb(config).store(
         visit.visit,
         detector,
         associated.objects,
-        associated.association.sources,
+        associated.new_sources,
         forced,
         time_mjd=time_mjd,
+        ss_sources=associated.ss_sources,
     )
+
+
+def write_qa_detector(
+    visit: VisitInfo, detector: int, config: PipelineConfig, associated: Associated
+) -> int:
+    """The detector's QA source tables beside its alerts (``output.do_write_qa_sources``).
+
+    ``marginal``: unassociated sources failing the new-object cut;
+    ``trailed``: the long-trailed sources set aside before association.
+    Written before the store, so a stored detector always has them; a re-run
+    rewrites them whole. Returns the number of tables written.
+    """
+    out = config.output
+    if not out.do_write_qa_sources:
+        return 0
+    pre = associated.prefiltered
+    tables = {"marginal": associated.association.rejected}
+    if pre is not None:
+        tables["trailed"] = pre.filtered.trailed
+    for kind, frame in tables.items():
+        write_qa_sources(
+            out.store.location,
+            visit.visit,
+            detector,
+            kind,
+            frame,
+            dict(out.store.storage_options),
+        )
+    return len(tables)
 
 
 def cutout_detector(
     root: str, visit: VisitInfo, detector: int, config: PipelineConfig, associated: Associated
 ) -> dict:
-    """Stage 7: three stamps per new DiaSource."""
+    """Stage 7: three stamps per new DiaSource (solar-system ones included)."""
     bundle = get_bundle(root, visit, detector, config)
-    return make_cutouts(associated.association.sources, bundle, config.cutouts)
+    return make_cutouts(associated.new_sources, bundle, config.cutouts)
 
 
 def package_detector(
@@ -301,12 +505,16 @@ def package_detector(
     forced: pd.DataFrame,
     cutouts: dict,
 ) -> AlertBatch:
-    """Stage 8: one Avro alert per new DiaSource."""
+    """Stage 8: one Avro alert per new DiaSource.
+
+    A solar-system source's alert carries ``ssSource`` and ``mpc_orbits``, a null
+    ``diaObject`` and no history.
+    """
     history_forced = (
         pd.concat([loaded.forced, forced], ignore_index=True) if len(forced) else loaded.forced
     )
     return package_alerts(
-        associated.association.sources.sort_values("diaSourceId"),
+        associated.new_sources,
         associated.objects,
         loaded.sources,
         history_forced,
@@ -314,6 +522,8 @@ def package_detector(
         visit,
         config.packaging,
         detector=detector,
+        ss_sources=associated.ss_sources,
+        orbits=associated.orbits,
     )
 
 
@@ -333,7 +543,10 @@ def recover_detector(
       ``validityEndMjdTai`` is null), not the latest version;
     * their DiaSource history before the visit, and their DiaForcedSources
       before the visit plus the ones this detector stored, in the same
-      ``history_days`` window as :func:`load_detector`.
+      ``history_days`` window as :func:`load_detector`;
+    * the solar-system DiaSources of this (visit, detector) (``diaObjectId`` 0,
+      ``ssObjectId`` set), their stored ``SSSource`` rows and, for
+      ``mpc_orbits``, the orbit rows of the ephemeris file the visit read.
 
     Association is not re-run against a database that already holds this visit.
     """
@@ -344,8 +557,13 @@ def recover_detector(
     since = apdb.history_start(t)
     sources = apdb.get_sources(region_objects["diaObjectId"].to_numpy(), since)
     mine = (sources["visit"] == visit.visit) & (sources["detector"] == detector)
-    new = sources[mine].sort_values("diaSourceId").reset_index(drop=True)
+    new = sources[mine]
+    sso, ss_sources, orbits = _committed_solar_system(root, apdb, visit, detector, since)
+    if len(sso):
+        new = pd.concat([new, sso], ignore_index=True)
+    new = new.sort_values("diaSourceId").reset_index(drop=True)
     obj_ids = new["diaObjectId"].dropna().astype("int64").to_numpy()
+    obj_ids = obj_ids[obj_ids != 0]
     history = sources[sources["diaObjectId"].isin(obj_ids) & (sources["midpointMjdTai"] < t)]
     forced = apdb.get_forced_sources(obj_ids, since)
     own = (forced["visit"] == visit.visit) & (forced["detector"] == detector)
@@ -353,8 +571,46 @@ def recover_detector(
     objects = _committed_objects(apdb, visit, detector, obj_ids)
     cutouts = make_cutouts(new, bundle, config.cutouts)
     return package_alerts(
-        new, objects, history, forced, cutouts, visit, config.packaging, detector=detector
+        new,
+        objects,
+        history,
+        forced,
+        cutouts,
+        visit,
+        config.packaging,
+        detector=detector,
+        ss_sources=ss_sources,
+        orbits=orbits,
     )
+
+
+def _committed_solar_system(root: str, apdb: Apdb, visit: VisitInfo, detector: int, since):
+    """Solar-system DiaSources of (visit, detector) as stored, their SSSource and orbit rows.
+
+    They are the stored DiaSources with ``diaObjectId`` 0 (read through the
+    ``(diaObjectId, midpointMjdTai)`` index from the visit's time on) and
+    ``ssObjectId`` set. The orbit rows come from the ephemeris file, which the
+    alerts took them from.
+    """
+    t = visit.midpointMjdTai
+    rows = apdb.get_sources(np.array([0], dtype=np.int64), max(float(since), t))
+    ss_id = rows["ssObjectId"].to_numpy(dtype=np.float64, na_value=np.nan)
+    mine = (
+        (rows["visit"].to_numpy() == visit.visit)
+        & (rows["detector"].to_numpy() == detector)
+        & np.isfinite(ss_id)
+        & (ss_id != 0)
+    )
+    sso = rows[mine]
+    if len(sso) == 0:
+        return sso, None, None
+    ss_sources = apdb.get_ss_sources(sso["diaSourceId"].to_numpy(dtype=np.int64))
+    ephemerides, _ = read_ephemerides(root, visit.visit, detector)
+    orbits = None
+    if ephemerides is not None:
+        want = ss_sources["ssObjectId"].to_numpy(dtype=np.int64)
+        orbits = ephemerides[ephemerides["ssObjectId"].isin(want)].reset_index(drop=True)
+    return sso, ss_sources, orbits
 
 
 def _committed_objects(apdb: Apdb, visit: VisitInfo, detector: int, obj_ids) -> pd.DataFrame:

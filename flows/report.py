@@ -9,7 +9,31 @@ import numpy as np
 
 from flows.stages import STAGES
 
-__all__ = ["visit_figure_png", "png_data_uri"]
+__all__ = ["FILTER_COUNTS", "filter_totals", "png_data_uri", "visit_figure_png"]
+
+#: Per-detector result columns that count the sources each filter took out of the
+#: alert stream, and the visit total's name for each (docs/solar-system.md).
+FILTER_COUNTS = {
+    "ssoassociate_unreliable": "unreliable",
+    "ssoassociate_trailed": "trailed",
+    "ssoassociate_associated": "solar_system",
+    "associate_rejected": "marginal",
+    "forced_not_good": "not_good_objects",
+}
+
+
+def filter_totals(rows: list[dict]) -> dict[str, int]:
+    """The visit's filter counts: :data:`FILTER_COUNTS` summed over the detectors' rows.
+
+    ``unreliable``: below ``minReliability``, dropped before association;
+    ``trailed``: long-trailed, set aside (QA table); ``solar_system``: matched to
+    a known solar-system object (no DiaObject); ``marginal``: unassociated,
+    failing the new-object cut (QA table); ``not_good_objects``: DiaObjects
+    left out of forced photometry by the good-DiaObject rule.
+    """
+    return {
+        name: int(sum(int(r.get(col, 0) or 0) for r in rows)) for col, name in FILTER_COUNTS.items()
+    }
 
 
 def visit_figure_png(result: dict) -> bytes:

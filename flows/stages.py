@@ -31,6 +31,8 @@ cached (``cache="files"``); a stage that reads the APDB, or takes anything
 derived from it, is ``cache="never"``, because the APDB changes between runs
 (later visits, a restore, a failed store) and no key could name what it held.
 
+* ``ssoassociate`` reads the ephemeris file, which the calibrate key does not
+  cover: ``never`` (it is cheap; the file is read once per process).
 * ``load`` reads the APDB; ``associate``, ``forced``, ``cutout`` and
   ``package`` take its output; ``store`` writes the APDB; ``produce`` writes
   alerts, Kafka and the receipt; ``recover`` reads the APDB: all ``never``.
@@ -201,8 +203,18 @@ def _calibrate(ctx: StageContext, det: int):
     return cal, {"sources": len(cal)}
 
 
-def _associate(ctx: StageContext, det: int, *, loaded, calibrated):
-    a = D.associate_detector(loaded, calibrated, ctx.config, ctx.time_mjd)
+def _ssoassociate(ctx: StageContext, det: int, *, calibrated):
+    p = D.prefilter_detector(ctx.root, ctx.visit, det, ctx.config, calibrated)
+    return p, {
+        "unreliable": p.filtered.n_unreliable,
+        "trailed": p.filtered.n_trailed,
+        "candidates": p.solar.n_candidates,
+        "associated": p.solar.n_associated,
+    }
+
+
+def _associate(ctx: StageContext, det: int, *, loaded, prefiltered):
+    a = D.associate_detector(loaded, prefiltered, ctx.config, ctx.time_mjd)
     s = a.association
     return a, {
         "matched": s.n_matched,
@@ -213,14 +225,22 @@ def _associate(ctx: StageContext, det: int, *, loaded, calibrated):
     }
 
 
-def _forced(ctx: StageContext, det: int, *, associated):
-    forced = D.forced_detector(ctx.root, ctx.visit, det, ctx.config, associated, ctx.time_mjd)
-    return forced, {"forced": len(forced)}
+def _forced(ctx: StageContext, det: int, *, loaded, associated):
+    good = D.good_objects(loaded, associated, ctx.config)
+    forced = D.forced_detector(
+        ctx.root, ctx.visit, det, ctx.config, associated, ctx.time_mjd, objects=good
+    )
+    return forced, {"forced": len(forced), "not_good": len(associated.all_objects) - len(good)}
 
 
 def _store(ctx: StageContext, det: int, *, associated, forced):
+    n_qa = D.write_qa_detector(ctx.visit, det, ctx.config, associated)
     r = D.store_detector(ctx.visit, det, ctx.config, associated, forced, ctx.time_mjd)
     return r, {
+        "qa_tables": n_qa,
+        "ss_sources": 0
+        if r.already_stored or associated.ss_sources is None
+        else len(associated.ss_sources),
         "objects": r.n_objects,
         "sources": r.n_sources,
         "forced": r.n_forced_sources,
@@ -257,11 +277,14 @@ def _recover(ctx: StageContext, det: int):
 
 
 #: The visit, in the order the stages run (SPEC §4; summarise runs inside associate).
+#: ``ssoassociate`` applies Rubin's source filters, then matches known solar-system
+#: objects (docs/solar-system.md); what it leaves goes to DIA association.
 PIPELINE: tuple[Stage, ...] = (
     Stage("load", _load),
     Stage("calibrate", _calibrate, cache="files"),
-    Stage("associate", _associate, {"loaded": "load", "calibrated": "calibrate"}),
-    Stage("forced", _forced, {"associated": "associate"}),
+    Stage("ssoassociate", _ssoassociate, {"calibrated": "calibrate"}),
+    Stage("associate", _associate, {"loaded": "load", "prefiltered": "ssoassociate"}),
+    Stage("forced", _forced, {"loaded": "load", "associated": "associate"}),
     Stage("store", _store, {"associated": "associate", "forced": "forced"}),
     Stage("cutout", _cutout, {"associated": "associate"}),
     Stage(

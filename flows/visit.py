@@ -33,7 +33,7 @@ from core.errors import InputError, TransientError
 from flows import detector as D
 from flows.config import OrchestrationConfig, PipelineConfig
 from flows.produce import finished_detectors, record_visit
-from flows.report import png_data_uri, visit_figure_png
+from flows.report import FILTER_COUNTS, filter_totals, png_data_uri, visit_figure_png
 from flows.stages import (
     STAGES,
     TABLES,
@@ -57,11 +57,12 @@ class VisitResult(dict):
     earlier run: stored and produced), ``recovered`` (stored by an earlier run
     whose alerts never went out: rebuilt from the APDB and produced now),
     ``alerts`` (produced by this run), ``alert_files``, ``stage_seconds`` (stage →
-    total seconds), ``table`` (per detector and stage rows), ``wall_s``,
-    ``manifest`` (URL of the visit's record in the night manifest, or None),
-    ``alert_timing_since_shutter_close`` (``visit_s``: shutter close to the
-    last alert out, ``detectors_s``: per detector, ``shutter_close_utc``,
-    ``source``; :mod:`flows.timing`).
+    total seconds), ``filters`` (the visit's source-filter counts,
+    :func:`flows.report.filter_totals`), ``table`` (per detector and stage
+    rows), ``wall_s``, ``manifest`` (URL of the visit's record in the night
+    manifest, or None), ``alert_timing_since_shutter_close`` (``visit_s``:
+    shutter close to the last alert out, ``detectors_s``: per detector,
+    ``shutter_close_utc``, ``source``; :mod:`flows.timing`).
     """
 
 
@@ -379,6 +380,7 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
         alerts=alerts,
         alert_files=sorted(files),
         stage_seconds={k: round(v, 3) for k, v in stage_seconds.items()},
+        filters=filter_totals(rows),
         table=rows,
         wall_s=round(wall_s, 3),
     )
@@ -392,6 +394,7 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
         + [f"{s}_ms" for s in STAGES]
         + [
             "calibrate_sources",
+            *FILTER_COUNTS,
             "associate_matched",
             "associate_new",
             "forced_forced",
@@ -414,6 +417,7 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
         f"- detectors: {len(result['detectors'])}, succeeded {len(result['succeeded'])}, "
         f"failed {len(failed)}",
         f"- alerts: {result['alerts']} in {len(result['alert_files'])} files",
+        "- filters: " + ", ".join(f"{k} {v}" for k, v in result["filters"].items()),
         f"- wall time: {result['wall_s']:.2f} s",
         *_latency_lines(result.get(METRIC)),
         "",

@@ -50,6 +50,12 @@ class SourceFilterConfig(BaseModel, frozen=True, extra="forbid"):
         description="Longest trail rate kept (deg/day). Rubin: TrailedSourceFilterTask, "
         "DMTN-199 (10°/day ≈ 0.417″/s).",
     )
+    do_select_good_dia_objects: bool = Field(
+        True,
+        description="Forced photometry only for DiaObjects with at least min_good_sources good "
+        "DiaSources (off: every DiaObject forced photometry would measure). Rubin: "
+        "DiaPipelineTask._selectGoodDiaObjects.",
+    )
     min_good_sources: int = Field(
         2,
         ge=0,

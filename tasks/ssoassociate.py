@@ -175,6 +175,13 @@ def _on_detector(eph: pd.DataFrame, wcs, shape: tuple[int, int], config) -> np.n
     return np.flatnonzero((x >= lo) & (x < nx - 0.5 + margin) & (y >= lo) & (y < ny - 0.5 + margin))
 
 
+@functools.cache
+def _no_ss_sources() -> pd.DataFrame:
+    # building the 40-column empty SSSource frame costs ~5 ms of CPU; most detectors
+    # have no match, so it is built once per process and handed out as shallow copies
+    return sdm.empty_frame("SSSource")
+
+
 def _empty(sources: pd.DataFrame, eph: pd.DataFrame | None) -> SsoAssociation:
     orbits = eph.iloc[:0] if eph is not None else pd.DataFrame()
     none = sources.iloc[:0]
@@ -183,7 +190,7 @@ def _empty(sources: pd.DataFrame, eph: pd.DataFrame | None) -> SsoAssociation:
     return SsoAssociation(
         sources=sources,
         sso_sources=none,
-        ss_sources=sdm.empty_frame("SSSource"),
+        ss_sources=_no_ss_sources().copy(deep=False),
         orbits=orbits,
     )
 

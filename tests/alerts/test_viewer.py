@@ -15,12 +15,15 @@ from alerts.cutouts import make_cutouts
 from alerts.packet import package_alerts
 from alerts.store import AlertStoreConfig, write_alerts
 from alerts.viewer import (
+    is_solar_system,
     light_curve,
     load_alerts,
     normalize_alert,
     read_stamp,
     render_alert,
     select_alert,
+    show_alert,
+    solar_system_rows,
     summarize_alert,
 )
 from core.errors import InputError
@@ -70,6 +73,11 @@ def test_renders_all_seven_real_packets(real_alerts, tmp_path):
         rendered = render_alert(alert, path, source=REAL)
         _check_png(path, rendered)
         assert set(rendered.stamp_boxes) == {"difference", "science", "template"}
+        if alert["diaObject"] is None and alert["diaSource"]["ssObjectId"]:
+            # a solar-system alert shows the asteroid's identity and motion instead
+            assert rendered.motion and rendered.n_points == {}
+            continue
+        assert not rendered.motion
         lc = light_curve(alert)
         assert rendered.n_points == {
             "source": int((lc["kind"] == "source").sum()),
@@ -226,3 +234,56 @@ def test_cli_summary_png_and_errors(ours, tmp_path, capsys):
     assert "not an Avro container file" in capsys.readouterr().err
     assert main(["show", str(tmp_path / "missing.avro")]) == 2
     assert "no such alert file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def ours_sso(tmp_path_factory) -> str:
+    """diapipe alerts of which the first 3 are solar-system alerts (as the pipeline makes them)."""
+    from tasks.ssoassociate import associate_solar_system
+
+    from .test_sso_alerts import _ephemerides
+
+    bundle, new, objects, hist, forced = make_alert_inputs(seed=5, n_alerts=6, depth=4, forced=3)
+    new = new.copy()
+    sso = np.arange(3)
+    eph = _ephemerides(new.iloc[sso])
+    res = associate_solar_system(
+        new.iloc[sso], eph, bundle.difference.wcs, bundle.difference.image.shape
+    )
+    new.loc[new.index[sso], "diaObjectId"] = 0
+    new.loc[new.index[sso], "ssObjectId"] = res.sso_sources["ssObjectId"].to_numpy()
+    new.loc[new.index[sso], "trailLength"] = 2.5
+    batch = package_alerts(
+        new,
+        objects,
+        hist,
+        forced,
+        make_cutouts(new, bundle),
+        bundle.visit,
+        ss_sources=res.ss_sources,
+        orbits=res.orbits,
+    )
+    out = tmp_path_factory.mktemp("viewer-sso") / "alerts"
+    return write_alerts(batch, AlertStoreConfig(location=str(out)))
+
+
+def test_sso_alert_shows_identity_and_motion(ours_sso, tmp_path):
+    alerts = load_alerts(ours_sso)
+    sso = [a for a in alerts if is_solar_system(a)]
+    assert len(sso) == 3 and not any(is_solar_system(a) for a in alerts if a not in sso)
+    alert = sso[0]
+    rows = dict(solar_system_rows(alert))
+    assert rows["ssObjectId"] == str(alert["ssSource"]["ssObjectId"])
+    assert rows["designation"] == alert["ssSource"]["designation"] == "2004 JQ12"
+    assert rows["rate [deg/day]"].startswith("0.2100 (RA -0.2000, Dec +0.0640)")
+    assert rows["trail [arcsec, deg]"].startswith("2.50 at")
+    assert rows["orbit a [AU], e, i [deg], H"] == "2.763, 0.294, 7.53, 16.45"
+    png = str(tmp_path / "sso.png")
+    text = show_alert(ours_sso, alert["diaSourceId"], png=png)
+    assert "solar-system object" in text and "2004 JQ12" in text and "deg/day" in text
+    rendered = render_alert(alert, png)
+    assert rendered.motion and rendered.n_points == {}
+    _check_png(png, rendered)
+    # the light-curve panel of an ordinary alert is not used for it
+    other = render_alert(next(a for a in alerts if not is_solar_system(a)), png)
+    assert not other.motion and other.n_points["current"] == 1

@@ -153,7 +153,7 @@ def test_a_failed_detector_is_not_served_from_the_cache(survey_root, tmp_path, m
 def test_a_config_change_between_runs_is_honoured(field_root, tmp_path):
     """Visit 1 fails to store; its re-run with a wider association radius uses that radius."""
     results = {}
-    for name, radius in (("narrow", 0.3), ("wide", 3.0)):
+    for name, radius in (("narrow", 0.05), ("wide", 3.0)):
         work = tmp_path / name
         work.mkdir()
         config = make_config(work)

@@ -50,8 +50,12 @@ def test_visit_end_to_end_then_rerun_is_a_no_op(survey_root, tmp_path):
     counts = apdb.row_counts()
     assert counts["DiaSource"] == len(ids)
     assert apdb.done_detectors(V0) == set(result["detectors"])
-    # Visit 0 on an empty APDB: every source makes its own DiaObject.
-    assert all(a["diaSource"]["diaObjectId"] == a["diaSourceId"] for a in alerts)
+    # Visit 0 on an empty APDB: every source makes its own DiaObject, except the known
+    # asteroids, which join their solar-system object and make none.
+    sso = [a for a in alerts if a["diaSource"]["ssObjectId"]]
+    assert all(a["diaSource"]["diaObjectId"] == 0 and a["diaObject"] is None for a in sso)
+    assert all(a["diaSource"]["diaObjectId"] == a["diaSourceId"] for a in alerts if a not in sso)
+    assert counts["SSSource"] == len(sso)
 
     # The visit's picture: a PNG beside the alerts, embedded in the summary artifact.
     png = tmp_path / "alerts" / "reports" / f"visit-{V0}.png"

@@ -279,7 +279,7 @@ def test_flow_retries_a_write_cut_by_a_restart(s3server, endpoint, survey_root, 
     )
     during: list[list[str]] = []
     endpoint.cut_next_put(
-        f"/visit/alerts/{V0}_",
+        ".avro",  # an alert file (the QA tables beside it are parquet)
         outage_s=2.5,
         on_cut=lambda: during.append(
             [p for p in _objects(direct, "visit/alerts") if p.endswith(".avro")]
@@ -298,9 +298,11 @@ def test_flow_retries_a_write_cut_by_a_restart(s3server, endpoint, survey_root, 
     names = _objects(direct, "visit/alerts")
     top = [p for p in names if p.count("/") == 3]  # directly under the alert location
     files = [p for p in top if re.fullmatch(rf".*/{V0}_\d+\.avro", p)]
+    qa = [p for p in top if re.fullmatch(rf".*/{V0}_\d+\.(marginal|trailed)\.parquet", p)]
     receipts = [p for p in names if "/receipts/" in p]
     assert len(receipts) == len(result["detectors"])
-    assert top == files, "only final alert files under the alert location"
+    assert len(qa) == 2 * len(result["detectors"])
+    assert sorted(top) == sorted(files + qa), "only final alert files and QA tables there"
     assert not [p for p in names if ".tmp" in p], "no temporary objects left"
     with sqlite3.connect(tmp_path / "apdb.sqlite3") as conn:
         stored = sorted(r[0] for r in conn.execute('SELECT "diaSourceId" FROM "DiaSource"'))

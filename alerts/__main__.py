@@ -218,6 +218,7 @@ def _registry_sync(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m alerts`` argument parser: one sub-command per operation."""
     parser = argparse.ArgumentParser(prog="python -m alerts", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -302,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m alerts`` with ``argv`` (default: the command line); the exit status."""
     from pydantic import ValidationError
 
     from core.errors import one_line

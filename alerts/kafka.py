@@ -179,7 +179,7 @@ class KafkaConfig(BaseModel, frozen=True, extra="forbid"):
 
 
 def _is_kafka_secret(key: str) -> bool:
-    """librdkafka properties that hold credentials (passwords, keys, tokens, JAAS config)."""
+    """Whether ``key`` is a librdkafka property holding credentials (password, key, token, JAAS)."""
     k = key.lower()
     return (
         any(w in k for w in ("password", "secret", "token", "credential"))

@@ -947,8 +947,10 @@ def _as_schema_value(v, kind: str):
 
 
 def _dict_columns(rows: list[Mapping], layout: RecordLayout) -> dict:
-    """Field → (values, null mask) from dict rows: ``None`` is null (and so, when
-    encoded, is a float that is not finite)."""
+    """Field → (values, null mask) from dict rows.
+
+    ``None`` is null, and so, when encoded, is a float that is not finite.
+    """
     cols = {}
     for name, kind, _ in layout.fields:
         raw = [r.get(name) for r in rows]

@@ -259,8 +259,10 @@ def _fmt(v, spec: str = ".6g") -> str:
 
 
 def is_solar_system(alert: Mapping) -> bool:
-    """Whether the alert is of a known solar-system object (``ssSource`` set, or
-    ``ssObjectId`` set with no DiaObject, as Rubin writes them)."""
+    """Whether the alert is of a known solar-system object.
+
+    That is ``ssSource`` set, or ``ssObjectId`` set with no DiaObject, as Rubin writes them.
+    """
     s = alert.get("diaSource") or {}
     return alert.get("ssSource") is not None or bool(
         s.get("ssObjectId") and not s.get("diaObjectId")

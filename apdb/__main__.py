@@ -116,6 +116,7 @@ def _cmd_cone(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``python -m apdb`` with ``argv`` (default: the command line); the exit status."""
     parser = argparse.ArgumentParser(prog="python -m apdb", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("create", help="create the APDB tables")

@@ -207,7 +207,7 @@ class Polygon(Region):
         return np.all(unit_vectors(ra, dec) @ self._normals.T >= 0.0, axis=-1)
 
     def padded(self, pad_arcsec: float) -> Polygon:
-        """This polygon with every edge moved outward by at least ``pad_arcsec``.
+        """The polygon with every edge moved outward by at least ``pad_arcsec``.
 
         Works in the gnomonic projection about the vertex centroid, where the
         great-circle edges are straight lines: each line is shifted outward and

@@ -449,7 +449,7 @@ def _card_value(text: str):
 
 
 def _parse_mef(raw: bytes) -> dict[str, tuple[dict, np.ndarray | None, str]]:
-    """name → (cards, data, WCS card text) for every HDU of a plain image MEF."""
+    """HDU name → (cards, data, WCS card text) for every HDU of a plain image MEF."""
     if not raw.startswith(b"SIMPLE  ="):
         raise ValueError("no SIMPLE card at the start")
     out: dict[str, tuple[dict, np.ndarray | None, str]] = {}

@@ -103,7 +103,7 @@ def east_north(ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _sines(ra_deg: np.ndarray, dec_deg: np.ndarray) -> tuple[np.ndarray, ...]:
-    """cos α, sin α, cos δ, sin δ for (ra, dec) in degrees, as the two functions above take them."""
+    """The (cos α, sin α, cos δ, sin δ) of (ra, dec) in degrees, as the functions above take them."""
     ra = np.asarray(ra_deg, dtype=np.float64) * DEG
     dec = np.asarray(dec_deg, dtype=np.float64) * DEG
     return np.cos(ra), np.sin(ra), np.cos(dec), np.sin(dec)

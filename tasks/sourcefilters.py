@@ -80,10 +80,12 @@ class FilteredSources:
 
     @property
     def n_unreliable(self) -> int:
+        """How many sources the reliability cut dropped."""
         return len(self.unreliable)
 
     @property
     def n_trailed(self) -> int:
+        """How many sources the long-trail cut dropped."""
         return len(self.trailed)
 
 

@@ -21,7 +21,7 @@ from core.bundle import read_visit_info
 from core.ids import IdPacker
 from flows import detector as D
 from flows.visit import run_visit_plain
-from tests.conftest import make_config
+from tests.conftest import V0, V1, make_config
 
 N_DET = 2
 
@@ -42,12 +42,14 @@ def sso_root(tmp_path_factory) -> str:
             real_mix=(0.3, 0.2, 0.5),
         )
     )
+    # the shared survey's visit numbers: the same start and cadence
+    assert [survey.config.visit_number(k) for k in range(2)] == [V0, V1]
     for visit in range(2):
         survey.write_visit(str(root), visit)
     return str(root)
 
 
-def _detectors(root: str, visit: int = 0) -> list[int]:
+def _detectors(root: str, visit: int = V0) -> list[int]:
     return list(read_visit_info(root, visit).detectors)
 
 
@@ -73,10 +75,10 @@ def _alerts(location, visit: int, dets) -> tuple[dict[int, bytes], dict[int, dic
 
 def test_known_asteroids_give_sso_alerts_and_no_dia_objects(sso_root, tmp_path):
     config = make_config(tmp_path, cache=False)
-    result = run_visit_plain(sso_root, 0, config)
+    result = run_visit_plain(sso_root, V0, config)
     assert result["failed"] == {}
-    payloads, recs = _alerts(tmp_path / "alerts", 0, result["detectors"])
-    truth = _truth(sso_root, 0).set_index("diaSourceId")
+    payloads, recs = _alerts(tmp_path / "alerts", V0, result["detectors"])
+    truth = _truth(sso_root, V0).set_index("diaSourceId")
     sso = {k: r for k, r in recs.items() if r["ssSource"] is not None}
     assert len(sso) >= 5, "the survey puts known asteroids on the detectors"
 
@@ -121,7 +123,7 @@ def test_known_asteroids_give_sso_alerts_and_no_dia_objects(sso_root, tmp_path):
     # QA tables beside the alerts, one row per marginal / trailed source counted
     for det, row in rows.items():
         for kind, col in (("marginal", "associate_rejected"), ("trailed", "ssoassociate_trailed")):
-            qa = pd.read_parquet(qa_sources_url(str(tmp_path / "alerts"), 0, det, kind))
+            qa = pd.read_parquet(qa_sources_url(str(tmp_path / "alerts"), V0, det, kind))
             assert len(qa) == row[col]
             assert "diaSourceId" in qa.columns
 
@@ -143,13 +145,13 @@ def _check_recovery(sso_root, tmp_path, url) -> None:
         config = config.model_validate(
             {**config.model_dump(), "apdb": {**config.apdb.model_dump(), "url": url}}
         )
-    for v in (0, 1):
+    for v in (V0, V1):
         assert run_visit_plain(sso_root, v, config)["failed"] == {}
     dets = _detectors(sso_root)
-    first, recs = _alerts(tmp_path / "alerts", 0, dets)
+    first, recs = _alerts(tmp_path / "alerts", V0, dets)
     n_sso = sum(r["ssSource"] is not None for r in recs.values())
     assert n_sso > 0
-    info = read_visit_info(sso_root, 0)
+    info = read_visit_info(sso_root, V0)
     rebuilt = {}
     for det in dets:
         batch = D.recover_detector(sso_root, info, det, config)
@@ -176,12 +178,12 @@ def test_malformed_ephemerides_fail_only_that_detector(sso_root, tmp_path, chang
 
     root = tmp_path / "bundles"
     shutil.copytree(sso_root, root)
-    eph = pd.read_parquet(root / "0" / "ephemerides.parquet")
+    eph = pd.read_parquet(root / str(V0) / "ephemerides.parquet")
     good, bad_det = _detectors(sso_root)
-    bad = root / "0" / str(bad_det) / "ephemerides.parquet"
+    bad = root / str(V0) / str(bad_det) / "ephemerides.parquet"
     change(eph).to_parquet(bad)
     config = make_config(tmp_path, cache=False)
-    result = run_visit_plain(str(root), 0, config)
+    result = run_visit_plain(str(root), V0, config)
     assert sorted(result["failed"]) == [bad_det]
     err = result["failed"][bad_det]
     assert "InputError" in err and str(bad) in err and problem in err, err
@@ -194,9 +196,9 @@ def test_malformed_ephemerides_fail_only_that_detector(sso_root, tmp_path, chang
         ).fetchone()[0]
     assert marked == {good} and n_bad == 0
     alerts = tmp_path / "alerts"
-    assert not (alerts / f"0_{bad_det}.avro").exists()
-    assert not list(alerts.glob(f"0_{bad_det}.*.parquet"))
-    assert (alerts / f"0_{good}.avro").exists()
+    assert not (alerts / f"{V0}_{bad_det}.avro").exists()
+    assert not list(alerts.glob(f"{V0}_{bad_det}.*.parquet"))
+    assert (alerts / f"{V0}_{good}.avro").exists()
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -205,20 +207,20 @@ def test_prefect_flow_recovers_sso_alerts_with_the_same_bytes(sso_root, tmp_path
     from flows.visit import run_visit
 
     config = make_config(tmp_path, cache=False)
-    state, result = run_visit(sso_root, 0, config)
+    state, result = run_visit(sso_root, V0, config)
     assert state.name == "Completed", state.message
     assert result["filters"]["solar_system"] > 0
     dets = result["detectors"]
-    first, recs = _alerts(tmp_path / "alerts", 0, dets)
+    first, recs = _alerts(tmp_path / "alerts", V0, dets)
     assert (
         sum(r["ssSource"] is not None for r in recs.values()) == result["filters"]["solar_system"]
     )
-    for f in (tmp_path / "alerts").glob("0_*.avro"):
+    for f in (tmp_path / "alerts").glob(f"{V0}_*.avro"):
         f.unlink()
-    for f in (tmp_path / "alerts" / "receipts").glob("0_*.json"):
+    for f in (tmp_path / "alerts" / "receipts").glob(f"{V0}_*.json"):
         f.unlink()
-    state, again = run_visit(sso_root, 0, config)
+    state, again = run_visit(sso_root, V0, config)
     assert state.name == "Completed", state.message
     assert sorted(again["recovered"]) == sorted(dets)
-    rebuilt, _ = _alerts(tmp_path / "alerts", 0, dets)
+    rebuilt, _ = _alerts(tmp_path / "alerts", V0, dets)
     assert rebuilt == first

@@ -493,3 +493,67 @@ def test_keys_of_real_rubin_alerts_object_or_solar_system_object():
         object_keys(payloads, schema)[0][[bool(r["diaSource"]["ssObjectId"]) for r in records]]
         == -1
     )
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_harness")
+def test_replay_night_keeps_the_survey_cadence_or_the_given_one(
+    broker, tmp_path, monkeypatch, capsys
+):
+    """Visits go out as far apart as the survey took them (or ``--cadence``), over ``--speed``."""
+    from alerts import stream
+    from core.bundle import read_visit_info
+    from flows.visit import run_visit
+    from sim.config import SurveyConfig
+    from sim.survey import Survey
+    from tests.conftest import make_config
+
+    survey = Survey(
+        SurveyConfig(
+            seed=5,
+            n_detectors=2,
+            n_visits=3,
+            start_mjd=61000.3,  # mid-day UTC: the three visits share one date
+            cadence_days=0.01,  # 864 s apart
+            detector_size=(128, 128),
+            sources_per_detector=8,
+        )
+    )
+    root = tmp_path / "bundles"
+    visits = [survey.config.visit_number(k) for k in range(3)]
+    for k in range(3):
+        survey.write_visit(str(root), k)
+    config = make_config(tmp_path, cache=False)
+    for v in visits:
+        state, _ = run_visit(str(root), v, config)
+        assert state.name == "Completed", getattr(state, "message", state)
+    mjds = [read_visit_info(str(root), v).midpointMjdTai for v in visits]
+    store = tmp_path / "alerts"
+    (night,) = sorted(p.name for p in (store / "manifests").iterdir())
+
+    pauses: list[float] = []
+    monkeypatch.setattr(stream.time, "sleep", pauses.append)
+
+    def replay(topic: str, *extra: str) -> int:
+        broker.create_topic(topic, partitions=1)
+        args = ["replay-night", night, "--to", broker.servers, "--topic", topic]
+        return cli.main([*args, "--store", str(store), "--timeout", "10", *extra])
+
+    # the survey's own gaps, 100x faster: 8.64 s between visits
+    assert replay("survey-cadence", "--speed", "100") == 0
+    expected = [(b - a) * 86400 / 100 for a, b in zip(mjds, mjds[1:], strict=False)]
+    assert pauses == pytest.approx(expected, rel=1e-6)
+    assert pauses == pytest.approx([8.64, 8.64], rel=1e-3)
+    # a given cadence over the speed
+    pauses.clear()
+    assert replay("given-cadence", "--cadence", "2", "--speed", "4") == 0
+    assert pauses == pytest.approx([0.5, 0.5])
+    # a resumed replay waits only between visits it still sends: none here
+    pauses.clear()
+    assert replay("given-cadence", "--cadence", "2", "--speed", "4") == 0
+    assert pauses == []
+    n = sum(len(read_alert_batch(str(f))) for f in store.glob("*.avro"))
+    got = consume_all(broker.servers, "given-cadence", n + 1, timeout=10)
+    assert len(got) == n > 0, "every alert once: the resumed replay sent nothing again"
+    capsys.readouterr()

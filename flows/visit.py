@@ -61,7 +61,9 @@ class VisitResult(dict):
     ``manifest`` (URL of the visit's record in the night manifest, or None),
     ``alert_timing_since_shutter_close`` (``visit_s``: shutter close to the
     last alert out, ``detectors_s``: per detector, ``shutter_close_utc``,
-    ``source``; :mod:`flows.timing`).
+    ``source``; :mod:`flows.timing`), ``preload_used_fraction`` (of the
+    detectors loaded by this run, the fraction whose load used a preload,
+    :mod:`flows.preload`; 0.0 when none was loaded).
     """
 
 
@@ -371,7 +373,9 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
                 row["error"] = failed[det]
             rows.append(row)
     dets = [d for g in groups for d in g]
+    loads = [r["load_preload_used"] for r in rows if "load_preload_used" in r]
     return VisitResult(
+        preload_used_fraction=round(sum(loads) / len(loads), 4) if loads else 0.0,
         visit=info.visit,
         detectors=dets,
         succeeded=[d for d in dets if d not in failed],

@@ -189,3 +189,58 @@ def test_cache_is_bounded_by_bytes_and_drops_the_oldest(survey_root, tmp_path):
     summary = P.preload_message(message, off)
     assert summary["preloaded"] == [] and summary["skipped"] == dets
     assert P.cached_preloads() == []
+
+
+def test_preload_on_next_trigger_renders_the_payload_as_the_message(survey_root):
+    """The prefect.yaml trigger, rendered as Prefect's server renders it, gives the message."""
+    from pathlib import Path
+
+    import yaml
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.events.schemas.events import Event
+    from prefect.server.events.actions import RunDeployment
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    from core.nextvisit import parse_next_visit
+    from flows.watch import NEXT_EVENT
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[2] / "prefect.yaml").read_text())
+    (dep,) = [d for d in doc["deployments"] if d["name"] == "preload-on-next"]
+    assert dep["entrypoint"] == "flows/preload.py:preload_visit"
+    (trigger,) = [DeploymentEventTrigger(**raw) for raw in dep["triggers"]]
+    assert trigger.expect == {NEXT_EVENT}
+    message = _message(1).to_json_dict()
+    event = Event(
+        event=NEXT_EVENT, resource={"prefect.resource.id": "diapipe.visit.1"}, payload=message
+    )
+    params = dict(trigger.parameters)
+    RunDeployment._upgrade_v1_templates(params)
+    rendered = hydrate(
+        params,
+        HydrationContext(raise_on_error=True, render_jinja=True, jinja_context={"event": event}),
+    )
+    assert rendered == {"message": message}
+    assert parse_next_visit(rendered["message"]) == _message(1)
+    assert set(rendered) <= set(P.preload_visit.parameters.properties)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_preload_flow_from_the_file_then_process_visit_in_the_same_process(survey_root, tmp_path):
+    """Both Prefect flows in one process: the visit's result reports every detector preloaded."""
+    import shutil
+
+    from flows.visit import run_visit
+    from sim.nextvisit import write_next_visit
+
+    config = make_config(tmp_path)
+    assert run_visit_plain(survey_root, 0, config)["failed"] == {}
+    root = tmp_path / "bundles"
+    shutil.copytree(f"{survey_root}/1", root / "1")
+    write_next_visit(str(root), _message(1))
+    summary = P.preload_visit(str(root), visit=1, config=config)
+    assert summary["preloaded"] == _dets(survey_root) and summary["skipped"] == []
+    state, result = run_visit(str(root), 1, config)
+    assert state.is_completed(), state.message
+    assert result["preload_used_fraction"] == 1.0
+    assert [row["load_preload_used"] for row in result["table"]] == [1] * len(result["table"])
+    assert P.cached_preloads() == []

@@ -395,6 +395,8 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
         ["detector", "status", "worker"]
         + [f"{s}_ms" for s in STAGES]
         + [
+            "load_preload_used",
+            "load_preload_refreshed",
             "calibrate_sources",
             "associate_matched",
             "associate_new",
@@ -419,6 +421,7 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
         f"failed {len(failed)}",
         f"- alerts: {result['alerts']} in {len(result['alert_files'])} files",
         f"- wall time: {result['wall_s']:.2f} s",
+        f"- preload used by {result.get('preload_used_fraction', 0.0):.0%} of the detectors loaded",
         *_latency_lines(result.get(METRIC)),
         "",
         "| stage | total s |",

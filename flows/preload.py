@@ -355,11 +355,14 @@ def load_from_preload(
     ids = objects["diaObjectId"].to_numpy()
     since = apdb.history_start(visit.midpointMjdTai)
     reused = _unchanged(objects, entry.objects)
-    old = entry.sources
-    old = old[np.isin(old["diaObjectId"].to_numpy(), ids[reused])]
-    old = old[old["midpointMjdTai"].to_numpy() >= since]
-    fresh = apdb.get_sources(ids[~reused], since)
-    sources = pd.concat([old, fresh], ignore_index=True) if len(old) else fresh
+    pre = entry.sources
+    mine = np.isin(pre["diaObjectId"].to_numpy(), ids[reused])
+    old = pre[mine & (pre["midpointMjdTai"].to_numpy() >= since)]
+    if reused.all():  # nothing to read again (an empty APDB read still builds a frame)
+        sources = old
+    else:
+        fresh = apdb.get_sources(ids[~reused], since)
+        sources = pd.concat([old, fresh], ignore_index=True) if len(old) else fresh
     forced = apdb.get_forced_sources(ids, since)
     D._refuse_later_visits(visit, detector, sources, forced)
     t = visit.midpointMjdTai

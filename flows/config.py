@@ -171,6 +171,29 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
         description="Where cached stage results are kept: a local path or s3:// URL "
         "(default: PREFECT_LOCAL_STORAGE_PATH/diapipe).",
     )
+    preload_pad_arcsec: float = Field(
+        20.0,
+        ge=0,
+        description="Pad (arcsec) of a detector's predicted footprint when preload_visit loads "
+        "its DiaObjects and DiaSource history from a next-visit message. The real footprint, "
+        "padded 2 arcsec, must lie inside it for the preload to be used, so the pad must cover "
+        "the pointing error. Rubin's Prompt Processing pads its preload by 20 arcsec.",
+    )
+    preload_max_age_s: float = Field(
+        300.0,
+        ge=0,
+        description="A preload older than this (seconds since it was loaded) when the visit's "
+        "load stage looks for it is discarded and the load runs as without one. The load "
+        "re-queries the APDB either way, so the age bounds the refresh work, not correctness.",
+    )
+    preload_cache_mb: int = Field(
+        2048,
+        ge=0,
+        description="Memory (MiB) per process for preloaded detectors (DataFrame bytes, "
+        "pandas memory_usage deep). Oldest preloads are dropped first; a detector larger than "
+        "the whole budget is not kept; 0 keeps none. The cache is per process: only a visit "
+        "processed in the process that ran preload_visit finds it (docs/realtime.md).",
+    )
     cache_expiration_hours: float = Field(
         48.0,
         gt=0,

@@ -208,6 +208,11 @@ def load_detector(root: str, visit: VisitInfo, detector: int, config: PipelineCo
         and the stored object versions would differ from those of processing
         in time order. Visits of one sky area must be processed in time order.
     """
+    from flows.preload import load_from_preload  # flows.preload imports this module
+
+    preloaded = load_from_preload(root, visit, detector, config)
+    if preloaded is not None:
+        return preloaded
     bundle = get_bundle(root, visit, detector, config)
     apdb = get_apdb(config)
     objects = apdb.get_objects(footprint(bundle))

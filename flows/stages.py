@@ -77,6 +77,7 @@ from core.bundle import IMAGE_KINDS, VisitInfo, detector_path
 from core.errors import PipelineError, TransientError
 from flows import detector as D
 from flows.config import OrchestrationConfig, PipelineConfig
+from flows.preload import pop_outcome
 from flows.produce import produce_detector
 
 __all__ = [
@@ -195,6 +196,7 @@ def _load(ctx: StageContext, det: int):
         "objects": len(loaded.objects),
         "sources": len(loaded.sources),
         "forced": len(loaded.forced),
+        **pop_outcome(ctx.visit.visit, det),
     }
 
 

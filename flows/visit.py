@@ -62,7 +62,10 @@ class VisitResult(dict):
     rows), ``wall_s``, ``manifest`` (URL of the visit's record in the night
     manifest, or None), ``alert_timing_since_shutter_close`` (``visit_s``:
     shutter close to the last alert out, ``detectors_s``: per detector,
-    ``shutter_close_utc``, ``source``; :mod:`flows.timing`).
+    ``shutter_close_utc``, ``source``; :mod:`flows.timing`),
+    ``preload_used_fraction`` (of the detectors loaded by this run, the
+    fraction whose load used a preload, :mod:`flows.preload`; 0.0 when none
+    was loaded).
     """
 
 
@@ -372,7 +375,9 @@ def _collect(info: VisitInfo, groups, outcomes, wall_s: float) -> VisitResult:
                 row["error"] = failed[det]
             rows.append(row)
     dets = [d for g in groups for d in g]
+    loads = [r["load_preload_used"] for r in rows if "load_preload_used" in r]
     return VisitResult(
+        preload_used_fraction=round(sum(loads) / len(loads), 4) if loads else 0.0,
         visit=info.visit,
         detectors=dets,
         succeeded=[d for d in dets if d not in failed],
@@ -393,6 +398,8 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
         ["detector", "status", "worker"]
         + [f"{s}_ms" for s in STAGES]
         + [
+            "load_preload_used",
+            "load_preload_refreshed",
             "calibrate_sources",
             *FILTER_COUNTS,
             "associate_matched",
@@ -419,6 +426,7 @@ def _artifacts(result: VisitResult, report_store=None) -> None:
         f"- alerts: {result['alerts']} in {len(result['alert_files'])} files",
         "- filters: " + ", ".join(f"{k} {v}" for k, v in result["filters"].items()),
         f"- wall time: {result['wall_s']:.2f} s",
+        f"- preload used by {result.get('preload_used_fraction', 0.0):.0%} of the detectors loaded",
         *_latency_lines(result.get(METRIC)),
         "",
         "| stage | total s |",

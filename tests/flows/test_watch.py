@@ -275,10 +275,13 @@ def test_deployment_triggers_parse_and_fill_real_parameters(path):
         flow = getattr(importlib.import_module(file.removesuffix(".py").replace("/", ".")), func)
         for raw in dep["triggers"]:
             trigger = DeploymentEventTrigger(**raw)
-            assert trigger.expect == {READY_EVENT}
+            assert trigger.expect in ({READY_EVENT}, {NEXT_EVENT})
             assert set(trigger.parameters) <= set(flow.parameters.properties)
-            assert trigger.parameters["visit"] == "{{ event.payload.visit }}"
-            assert trigger.parameters["bundle_root"] == "{{ event.payload.bundle_root }}"
+            if trigger.expect == {READY_EVENT}:
+                assert trigger.parameters["visit"] == "{{ event.payload.visit }}"
+                assert trigger.parameters["bundle_root"] == "{{ event.payload.bundle_root }}"
+            else:  # the next-visit payload is the whole message (flows/preload.py)
+                assert trigger.parameters == {"message": "{{ event.payload }}"}
 
 
 def test_watcher_command_needs_a_server_address(tmp_path):

@@ -16,7 +16,7 @@ from core.nextvisit import NextVisit
 from flows import detector as D
 from flows import preload as P
 from flows.visit import run_visit_plain
-from tests.conftest import make_config
+from tests.conftest import V0, V1, V2, make_config
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def _empty_cache():
 
 
 def _dets(survey_root: str) -> list[int]:
-    return sorted(read_visit_info(survey_root, 0).detectors)
+    return sorted(read_visit_info(survey_root, V0).detectors)
 
 
 def _message(visit: int, **kw) -> NextVisit:
@@ -66,15 +66,15 @@ def test_refresh_finds_rows_stored_after_the_preload_and_equals_the_normal_load(
 ):
     """Visit 1 (overlapping) is stored between visit 2's preload and its load."""
     config = make_config(tmp_path)
-    assert run_visit_plain(survey_root, 0, config)["failed"] == {}
+    assert run_visit_plain(survey_root, V0, config)["failed"] == {}
     summary = P.preload_message(_message(2), config)
     assert sorted(summary["preloaded"]) == _dets(survey_root) and summary["bytes"] > 0
     preloaded_ids = {
-        det: set(P._cache[(2, det)].objects["diaObjectId"]) for det in _dets(survey_root)
+        det: set(P._cache[(V2, det)].objects["diaObjectId"]) for det in _dets(survey_root)
     }
-    assert run_visit_plain(survey_root, 1, config)["failed"] == {}
+    assert run_visit_plain(survey_root, V1, config)["failed"] == {}
 
-    info = read_visit_info(survey_root, 2)
+    info = read_visit_info(survey_root, V2)
     refreshed = found_after = 0
     for det in _dets(survey_root):
         with_preload = D.load_detector(survey_root, info, det, config)
@@ -111,10 +111,10 @@ def test_preload_then_process_gives_the_same_apdb_and_alerts(survey_root, tmp_pa
     plain = make_config(tmp_path / "plain")
     pre = make_config(tmp_path / "pre")
     for config in (plain, pre):
-        assert run_visit_plain(survey_root, 0, config)["failed"] == {}
+        assert run_visit_plain(survey_root, V0, config)["failed"] == {}
     assert P.preload_message(_message(1), pre)["preloaded"] == _dets(survey_root)
-    r_pre = run_visit_plain(survey_root, 1, pre)
-    r_plain = run_visit_plain(survey_root, 1, plain)
+    r_pre = run_visit_plain(survey_root, V1, pre)
+    r_plain = run_visit_plain(survey_root, V1, plain)
     assert r_pre["preload_used_fraction"] == 1.0 and r_plain["preload_used_fraction"] == 0.0
     assert all(row["load_preload_used"] == 1 for row in r_pre["table"])
     # Nothing was stored between the preload and the load: all history comes from the preload.
@@ -147,8 +147,8 @@ def _alerts(folder) -> dict:
 def test_stale_and_misplaced_preloads_are_discarded(survey_root, tmp_path, caplog):
     """The first detector's preload is too old, the second's 0.5 deg off; the others are used."""
     config = make_config(tmp_path)
-    assert run_visit_plain(survey_root, 0, config)["failed"] == {}
-    info = read_visit_info(survey_root, 1)
+    assert run_visit_plain(survey_root, V0, config)["failed"] == {}
+    info = read_visit_info(survey_root, V1)
     good = _message(1)
     moved = {d: tuple((ra + 0.5, dec) for ra, dec in c) for d, c in good.detector_corners.items()}
     far = dataclasses.replace(good, detector_corners=moved)
@@ -171,7 +171,7 @@ def test_stale_and_misplaced_preloads_are_discarded(survey_root, tmp_path, caplo
 
 def test_cache_is_bounded_by_bytes_and_drops_the_oldest(survey_root, tmp_path):
     config = make_config(tmp_path)
-    assert run_visit_plain(survey_root, 0, config)["failed"] == {}
+    assert run_visit_plain(survey_root, V0, config)["failed"] == {}
     message = _message(1)
     dets = _dets(survey_root)
     entries = [P.preload_detector(message, d, config) for d in dets]
@@ -233,13 +233,13 @@ def test_preload_flow_from_the_file_then_process_visit_in_the_same_process(surve
     from sim.nextvisit import write_next_visit
 
     config = make_config(tmp_path)
-    assert run_visit_plain(survey_root, 0, config)["failed"] == {}
+    assert run_visit_plain(survey_root, V0, config)["failed"] == {}
     root = tmp_path / "bundles"
-    shutil.copytree(f"{survey_root}/1", root / "1")
+    shutil.copytree(f"{survey_root}/{V1}", root / str(V1))
     write_next_visit(str(root), _message(1))
-    summary = P.preload_visit(str(root), visit=1, config=config)
+    summary = P.preload_visit(str(root), visit=V1, config=config)
     assert summary["preloaded"] == _dets(survey_root) and summary["skipped"] == []
-    state, result = run_visit(str(root), 1, config)
+    state, result = run_visit(str(root), V1, config)
     assert state.is_completed(), state.message
     assert result["preload_used_fraction"] == 1.0
     assert [row["load_preload_used"] for row in result["table"]] == [1] * len(result["table"])

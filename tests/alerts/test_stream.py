@@ -535,8 +535,12 @@ def test_replay_night_keeps_the_survey_cadence_or_the_given_one(
     pauses: list[float] = []
     monkeypatch.setattr(stream.time, "sleep", pauses.append)
 
+    topics: set[str] = set()
+
     def replay(topic: str, *extra: str) -> int:
-        broker.create_topic(topic, partitions=1)
+        if topic not in topics:
+            broker.create_topic(topic, partitions=1)
+            topics.add(topic)
         args = ["replay-night", night, "--to", broker.servers, "--topic", topic]
         return cli.main([*args, "--store", str(store), "--timeout", "10", *extra])
 

@@ -78,11 +78,11 @@ def test_refresh_finds_rows_stored_after_the_preload_and_equals_the_normal_load(
     refreshed = found_after = 0
     for det in _dets(survey_root):
         with_preload = D.load_detector(survey_root, info, det, config)
-        outcome = P.pop_outcome(2, det)
+        outcome = P.pop_outcome(V2, det)
         assert outcome["preload_used"] == 1, outcome
-        assert P.cached_preloads().count((2, det)) == 0, "a preload is used once"
+        assert P.cached_preloads().count((V2, det)) == 0, "a preload is used once"
         normal = D.load_detector(survey_root, info, det, config)
-        assert P.pop_outcome(2, det) == {"preload_used": 0}
+        assert P.pop_outcome(V2, det) == {"preload_used": 0}
         _assert_same_load(with_preload, normal)
         assert with_preload.objects["diaObjectId"].is_unique
         refreshed += outcome["preload_refreshed"]
@@ -133,7 +133,7 @@ def test_preload_then_process_gives_the_same_apdb_and_alerts(survey_root, tmp_pa
 def _alerts(folder) -> dict:
     """diaSourceId → its DiaObject and the IDs of its history in the alert files under ``folder``."""
     out = {}
-    for f in sorted(folder.glob("1_*.avro")):
+    for f in sorted(folder.glob(f"{V1}_*.avro")):
         for a in read_alert_file(str(f)):
             out[a["diaSourceId"]] = (
                 a["diaSource"]["diaObjectId"],
@@ -155,14 +155,14 @@ def test_stale_and_misplaced_preloads_are_discarded(survey_root, tmp_path, caplo
     d0, d1, d2, d3 = _dets(survey_root)
     P.preload_message(good, config)
     age = config.orchestration.preload_max_age_s + 1.0
-    P._cache[(1, d0)] = dataclasses.replace(P._cache[(1, d0)], loaded_at=time.time() - age)
+    P._cache[(V1, d0)] = dataclasses.replace(P._cache[(V1, d0)], loaded_at=time.time() - age)
     P._keep(P.preload_detector(far, d1, config), 2**30)
 
     used = {}
     with caplog.at_level(logging.INFO, logger="flows.preload"):
         for det in _dets(survey_root):
             loaded = D.load_detector(survey_root, info, det, config)
-            used[det] = P.pop_outcome(1, det)["preload_used"]
+            used[det] = P.pop_outcome(V1, det)["preload_used"]
             _assert_same_load(loaded, D.load_detector(survey_root, info, det, config))
     assert used == {d0: 0, d1: 0, d2: 1, d3: 1}, used
     assert f"detector {d0}: preload discarded, stale: loaded 30" in caplog.text
@@ -178,10 +178,10 @@ def test_cache_is_bounded_by_bytes_and_drops_the_oldest(survey_root, tmp_path):
     assert all(e.nbytes > 0 for e in entries)
     budget = entries[2].nbytes + entries[3].nbytes
     evicted = sum(P._keep(e, budget) for e in entries)
-    assert P.cached_preloads() == [(1, dets[2]), (1, dets[3])] and evicted == 2
+    assert P.cached_preloads() == [(V1, dets[2]), (V1, dets[3])] and evicted == 2
     # A preload larger than the whole budget is not kept and evicts nothing.
     assert P._keep(entries[0], entries[0].nbytes - 1) == 0
-    assert (1, dets[0]) not in P.cached_preloads()
+    assert (V1, dets[0]) not in P.cached_preloads()
     P.forget_preloads()
     off = config.model_copy(
         update={"orchestration": config.orchestration.model_copy(update={"preload_cache_mb": 0})}

@@ -366,7 +366,8 @@ def test_pipeline_output_of_a_crowded_survey_gets_no_wrong_merges(tmp_path):
         .groupby("obj")["t"]
         .agg(lambda x: x.value_counts().index[0])
     )
-    assert len(objects) > 3000
+    # a crowded field: ~2,700 DiaObjects after the pipeline's 0.5 reliability cut
+    assert len(objects) > 2000
 
     def wrong(dedup: DedupConfig) -> tuple[int, int]:
         result, regions = run_dedup(config, dedup, dry_run=True)
@@ -378,4 +379,4 @@ def test_pipeline_output_of_a_crowded_survey_gets_no_wrong_merges(tmp_path):
     n_wrong, n = wrong(DedupConfig())
     assert n_wrong <= 0.01 * n, f"{n_wrong} of {n} merges join different true objects"
     n_wrong_position_only, _ = wrong(DedupConfig(max_sigma=None))
-    assert n_wrong_position_only > 10  # 44 measured
+    assert n_wrong_position_only > n_wrong  # distance alone joins more different objects (8 here)

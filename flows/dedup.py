@@ -62,8 +62,9 @@ from scipy.spatial import cKDTree
 
 from apdb import Apdb, Circle, make_apdb, sdm
 from apdb.config import ApdbConfig
-from core.errors import ApdbError, InputError, TransientError
+from core.errors import ApdbError, InputError
 from flows.config import PipelineConfig
+from flows.stages import retry_on_transient
 from tasks.dedup import DedupConfig, find_groups
 from tasks.summarise import SummaryConfig, summarise
 
@@ -356,16 +357,6 @@ def _open_apdb(config: ApdbConfig) -> Apdb:
     return make_apdb(config.model_copy(update={"auto_create": False}))
 
 
-def _retry_on_transient(task, task_run, state) -> bool:
-    exc = state.data if isinstance(state.data, BaseException) else None
-    if exc is None:
-        try:
-            exc = state.result(raise_on_failure=False)
-        except Exception:
-            return False
-    return isinstance(exc, TransientError)
-
-
 @task(
     name="dedup-region",
     task_run_name="dedup-p{pixel}",
@@ -374,7 +365,7 @@ def _retry_on_transient(task, task_run, state) -> bool:
     retries=3,
     retry_delay_seconds=[1, 2, 4],
     retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_on_transient,
+    retry_condition_fn=retry_on_transient,
 )
 def dedup_region_task(
     apdb_config: ApdbConfig,

@@ -353,6 +353,17 @@ def _freeze_startup_heap() -> None:
         gc.freeze()
 
 
+def retry_on_transient(task, task_run, state) -> bool:
+    """Prefect ``retry_condition_fn``: retry a task run only when it failed with a TransientError."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:
+            return False
+    return isinstance(exc, TransientError)
+
+
 def run_group(
     stage: Stage, ctx: StageContext, detectors: list[int], inputs: Mapping[str, GroupResult]
 ) -> GroupResult:

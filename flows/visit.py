@@ -29,7 +29,7 @@ from prefect.futures import wait
 from prefect.states import Completed
 
 from core.bundle import VisitInfo, read_visit_info
-from core.errors import InputError, TransientError
+from core.errors import InputError
 from flows import detector as D
 from flows.config import OrchestrationConfig, PipelineConfig
 from flows.produce import finished_detectors, record_visit
@@ -41,6 +41,7 @@ from flows.stages import (
     Stage,
     StageContext,
     prune_cache,
+    retry_on_transient,
     run_group,
     run_table,
 )
@@ -93,16 +94,6 @@ def select_detectors(bundle_root: str, info: VisitInfo, detectors) -> list[int]:
     return dets
 
 
-def _retry_on_transient(task, task_run, state) -> bool:
-    exc = state.data if isinstance(state.data, BaseException) else None
-    if exc is None:
-        try:
-            exc = state.result(raise_on_failure=False)
-        except Exception:
-            return False
-    return isinstance(exc, TransientError)
-
-
 def _stage_body(
     stage: Stage,
     visit: int,
@@ -125,7 +116,7 @@ def _stage_task(name: str, o: OrchestrationConfig):
         retries=o.retries,
         retry_delay_seconds=[o.retry_backoff_s * 2**i for i in range(max(o.retries, 1))],
         retry_jitter_factor=o.retry_jitter_factor,
-        retry_condition_fn=_retry_on_transient,
+        retry_condition_fn=retry_on_transient,
     )
 
 

@@ -1319,15 +1319,7 @@ class ApdbSql(Apdb):
             raise InputError(f"store({visit}, {detector}): time_mjd must be finite")
 
         nan_none = self.dialect != "sqlite"
-        objs = _Columns(
-            objects,
-            "DiaObject",
-            overrides={"validityStartMjdTai": time_mjd, "validityEndMjdTai": float("nan")},
-            nan_to_none=nan_none,
-        )
-        ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
-        _check_positions(ids, ra, dec)
-        _unique(ids, "DiaObject.diaObjectId")
+        objs, ids, ra, dec = _object_columns(objects, time_mjd, nan_none, "DiaObject.diaObjectId")
         srcs = _Columns(sources, "DiaSource", nan_to_none=nan_none)
         fsrcs = _Columns(forced_sources, "DiaForcedSource", nan_to_none=nan_none)
         for cols, table in ((srcs, "DiaSource"), (fsrcs, "DiaForcedSource")):
@@ -1431,15 +1423,7 @@ class ApdbSql(Apdb):
         is converted and checked before the transaction opens.
         """
         nan_none = self.dialect != "sqlite"
-        objs = _Columns(
-            objects,
-            "DiaObject",
-            overrides={"validityEndMjdTai": float("nan")},
-            nan_to_none=nan_none,
-        )
-        ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
-        _check_positions(ids, ra, dec)
-        _unique(ids, "DiaObject.diaObjectId")
+        objs, ids, ra, dec = _object_columns(objects, None, nan_none, "DiaObject.diaObjectId")
         srcs = _Columns(sources, "DiaSource", nan_to_none=nan_none)
         fsrcs = _Columns(forced_sources, "DiaForcedSource", nan_to_none=nan_none)
         _unique(srcs.arrays["diaSourceId"], "DiaSource.diaSourceId")
@@ -1652,15 +1636,9 @@ class ApdbSql(Apdb):
         if not np.isfinite(time_mjd):
             raise InputError(f"merge_objects: time_mjd must be finite, got {time_mjd}")
         nan_none = self.dialect != "sqlite"
-        objs = _Columns(
-            survivors,
-            "DiaObject",
-            overrides={"validityStartMjdTai": time_mjd, "validityEndMjdTai": float("nan")},
-            nan_to_none=nan_none,
+        objs, ids, ra, dec = _object_columns(
+            survivors, time_mjd, nan_none, "merge_objects survivors.diaObjectId"
         )
-        ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
-        _check_positions(ids, ra, dec)
-        _unique(ids, "merge_objects survivors.diaObjectId")
         if not np.array_equal(np.sort(ids.astype(np.int64)), kept):
             raise InputError(
                 "merge_objects: survivors must hold exactly one row per survivorId of merges"
@@ -1814,6 +1792,24 @@ _MARKER_COLUMNS = (
     "nDiaSources",
     "nDiaForcedSources",
 )
+
+
+def _object_columns(
+    frame: pd.DataFrame, start_mjd: float | None, nan_to_none: bool, what: str
+) -> tuple[_Columns, np.ndarray, np.ndarray, np.ndarray]:
+    """DiaObject rows as columns to write, positions checked, IDs unique (``what`` names them).
+
+    Every row is written as the current version (``validityEndMjdTai`` null);
+    ``start_mjd`` replaces ``validityStartMjdTai`` unless it is None.
+    """
+    overrides: dict[str, float] = {"validityEndMjdTai": float("nan")}
+    if start_mjd is not None:
+        overrides["validityStartMjdTai"] = start_mjd
+    objs = _Columns(frame, "DiaObject", overrides=overrides, nan_to_none=nan_to_none)
+    ids, ra, dec = (objs.arrays[k] for k in ("diaObjectId", "ra", "dec"))
+    _check_positions(ids, ra, dec)
+    _unique(ids, what)
+    return objs, ids, ra, dec
 
 
 def _check_positions(ids: np.ndarray, ra: np.ndarray, dec: np.ndarray) -> None:

@@ -27,6 +27,7 @@ files for :func:`alerts.kafka.replay_dead_letters`.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import io
 import json
@@ -47,6 +48,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from alerts.packet import AlertBatch, AlertSchema, load_schema, varint
 from core.bundle import missing_credentials
 from core.errors import AlertError, InputError, TransientError
+from core.frames import column_values
 
 __all__ = [
     "QA_KINDS",
@@ -422,11 +424,55 @@ def write_qa_sources(
     association. Written for every processed detector, empty tables included,
     so a missing file means the detector was not processed. Returns the URL.
     """
+    import pyarrow.parquet as pq
+
     buf = io.BytesIO()
-    sources.reset_index(drop=True).to_parquet(buf, index=False)
+    pq.write_table(_arrow_table(sources), buf)
     return _atomic_write(
         qa_sources_url(location, visit, detector, kind), buf.getvalue(), storage_options
     )
+
+
+def _arrow_table(frame: pd.DataFrame):
+    """``frame`` (index dropped) as a pyarrow Table, built column by column.
+
+    The file reads back as pandas' ``to_parquet`` writes it (same Arrow types,
+    pandas metadata, so nullable dtypes come back nullable), but each column's
+    array is read once (:func:`core.frames.column_values`) and handed to
+    pyarrow as it is; the schema is inferred once per set of columns and
+    dtypes. ``to_parquet`` takes ~4x as long on the ~100 DiaSource columns,
+    inferring every column's conversion on every call.
+    """
+    import pyarrow as pa
+
+    names = [str(name) for name in frame.columns]
+    if len(set(names)) != len(names):
+        dup = next(name for name in names if names.count(name) > 1)
+        raise AlertError(f"QA table: column {dup!r} appears more than once")
+    schema = _arrow_schema(tuple((name, str(dtype)) for name, dtype in frame.dtypes.items()))
+    if schema is None:  # a dtype pyarrow cannot name from an empty frame
+        return pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+    arrays = []
+    for name, target in zip(frame.columns, schema, strict=True):
+        values = column_values(frame, name)
+        if isinstance(values, np.ndarray) and values.dtype != object:
+            arr = pa.array(values)
+        else:
+            arr = pa.array(values, from_pandas=True)
+        arrays.append(arr if arr.type == target.type else arr.cast(target.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+@functools.lru_cache(maxsize=64)
+def _arrow_schema(columns: tuple[tuple[str, str], ...]):
+    """The Arrow schema (with pandas metadata) of an empty frame of these columns."""
+    import pyarrow as pa
+
+    try:
+        empty = pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in columns})
+        return pa.Schema.from_pandas(empty, preserve_index=False)
+    except (TypeError, ValueError, pa.ArrowException):
+        return None
 
 
 def write_alert_file(

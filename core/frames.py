@@ -16,10 +16,15 @@ behaviour the stages rely on, which the public one-liners leave implicit:
   them and without pandas' value inference (object columns stay ``object``).
 
 On the stages' frames (103-column ``DiaSource``, one pandas block per column,
-43 of them nullable) a column read costs ~15 µs, a frame ~1 ms and a row
-selection ~1.5 ms: the table stages take ~1.7× the time they take reading
-pandas' block manager directly, estimated at 2–4 % of a visit together with
-alert packaging (``bench/RESULTS.md``, section "stages").
+43 of them nullable) a public column read (``df[name]``) costs ~17 µs, most of
+it building the ``Series`` that is thrown away at once; the stages and alert
+packaging read ~200,000 columns in a 189-detector visit. :func:`column_values`
+therefore takes the one private path this project allows: it reads the
+column's array from pandas' block manager (``df._mgr.iget_values``, ~1 µs),
+and falls back to the public read when a pandas release lacks it or hands
+back something else (:data:`FAST_COLUMN_READS` says which path is taken;
+``tests/test_frames.py`` checks it is the fast one on the installed pandas).
+The measured gain is in ``bench/RESULTS.md`` (section "visit").
 """
 
 from __future__ import annotations
@@ -31,7 +36,52 @@ from pandas.api.extensions import no_default as _NO_DEFAULT
 
 from core.errors import InputError
 
-__all__ = ["column_to_numpy", "column_values", "frame_from_columns", "take_rows"]
+__all__ = [
+    "FAST_COLUMN_READS",
+    "column_to_numpy",
+    "column_values",
+    "frame_from_columns",
+    "take_rows",
+]
+
+
+def _public_column(df: pd.DataFrame, name: str) -> np.ndarray | ExtensionArray:
+    col = df[name]
+    if isinstance(col, pd.DataFrame):
+        raise InputError(f"column {name!r} appears {col.shape[1]} times")
+    if not isinstance(col.dtype, np.dtype):
+        return col.array
+    values = col.to_numpy(copy=False).view()
+    values.flags.writeable = False
+    return values
+
+
+def _probe_fast_reads() -> bool:
+    """Whether the block-manager read gives what the public read gives, on this pandas."""
+    probe = pd.DataFrame(
+        {
+            "f": np.arange(3, dtype=np.float64),
+            "i": pd.array([1, None, 3], dtype="Int64"),
+            "o": np.array(["a", None, "c"], dtype=object),
+        }
+    )
+    try:
+        get = probe._mgr.iget_values
+        for loc, name in enumerate(probe.columns):
+            fast, public = get(loc), _public_column(probe, name)
+            if type(fast) is not type(public) or fast.dtype != public.dtype:
+                return False
+            if not pd.Series(fast, copy=False).equals(pd.Series(public, copy=False)):
+                return False
+            if isinstance(fast, np.ndarray) and not np.shares_memory(fast, public):
+                return False
+    except Exception:  # any change of pandas' internals: the public path
+        return False
+    return True
+
+
+#: True when :func:`column_values` reads through pandas' block manager.
+FAST_COLUMN_READS: bool = _probe_fast_reads()
 
 
 def column_values(df: pd.DataFrame, name: str) -> np.ndarray | ExtensionArray:
@@ -59,13 +109,15 @@ def column_values(df: pd.DataFrame, name: str) -> np.ndarray | ExtensionArray:
     InputError
         The name is duplicated.
     """
-    col = df[name]
-    if isinstance(col, pd.DataFrame):
-        raise InputError(f"column {name!r} appears {col.shape[1]} times")
-    if not isinstance(col.dtype, np.dtype):
-        return col.array
-    values = col.to_numpy(copy=False).view()
-    values.flags.writeable = False
+    if not FAST_COLUMN_READS:
+        return _public_column(df, name)
+    loc = df.columns.get_loc(name)  # KeyError for a missing column
+    if not isinstance(loc, int):
+        return _public_column(df, name)  # duplicated name: the public read raises
+    values = df._mgr.iget_values(loc)
+    if isinstance(values, np.ndarray):
+        values = values.view()
+        values.flags.writeable = False
     return values
 
 

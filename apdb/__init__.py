@@ -9,7 +9,7 @@ regions it is queried with, :mod:`apdb.sdm` the SDM schema the tables follow.
 from __future__ import annotations
 
 from apdb.config import ApdbConfig
-from apdb.interface import Apdb, BulkLoadResult, MergeResult, StoreResult
+from apdb.interface import Apdb, BulkLoadResult, MergeResult, RegionGuard, StoreResult
 from apdb.region import Circle, Polygon, Region
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "MergeResult",
     "Polygon",
     "Region",
+    "RegionGuard",
     "StoreResult",
     "make_apdb",
 ]

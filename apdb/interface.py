@@ -12,7 +12,7 @@ import pandas as pd
 from apdb.config import ApdbConfig
 from apdb.region import Region
 
-__all__ = ["Apdb", "BulkLoadResult", "MergeResult", "StoreResult"]
+__all__ = ["Apdb", "BulkLoadResult", "MergeResult", "RegionGuard", "StoreResult"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,50 @@ class StoreResult:
     n_objects_updated: int = 0
     n_sources: int = 0
     n_forced_sources: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class RegionGuard:
+    """What a store requires: the DiaObjects of a region as they were when it was read.
+
+    A detector's association is valid only against the DiaObjects it loaded.
+    If another visit stored DiaObjects into the same footprint between this
+    detector's load and its store (two overlapping visits processed at the
+    same time), storing the association would create a second DiaObject for
+    every source both visits saw there. :meth:`Apdb.store` with a guard checks,
+    under a lock on the region's sky pixels and in the store's transaction,
+    that the region still holds exactly these DiaObject versions; otherwise it
+    writes nothing and raises :class:`core.errors.StaleLoadError`.
+
+    Versions whose ``validityStartMjdTai`` equals the store's ``time_mjd`` are
+    not a conflict: they were written by the same visit run (another detector
+    of it, whose footprint touches this one at an edge), which the
+    association of one visit never sees anyway.
+
+    Attributes
+    ----------
+    region : apdb.region.Region
+        The sky region the DiaObjects were read from (the detector footprint).
+    object_ids : numpy.ndarray
+        int64 ``diaObjectId`` of every DiaObject :meth:`Apdb.get_objects` returned.
+    validity_starts : numpy.ndarray
+        float64 ``validityStartMjdTai`` of those versions, same order.
+    """
+
+    region: Region
+    object_ids: np.ndarray
+    validity_starts: np.ndarray
+
+    @classmethod
+    def of(cls, region: Region, objects: pd.DataFrame) -> RegionGuard:
+        """The guard for ``objects``, the frame :meth:`Apdb.get_objects` returned for ``region``."""
+        return cls(
+            region=region,
+            object_ids=objects["diaObjectId"].to_numpy(dtype=np.int64).copy(),
+            validity_starts=pd.to_numeric(objects["validityStartMjdTai"], errors="coerce")
+            .to_numpy(dtype=np.float64)
+            .copy(),
+        )
 
 
 @dataclass(frozen=True)
@@ -145,6 +189,7 @@ class Apdb(ABC):
         *,
         time_mjd: float | None = None,
         ss_sources: pd.DataFrame | None = None,
+        guard: RegionGuard | None = None,
     ) -> StoreResult:
         """Store one detector's results in one transaction, with its marker.
 
@@ -162,12 +207,23 @@ class Apdb(ABC):
             first ``midpointMjdTai`` of ``sources`` or ``forced_sources``.
         ss_sources : pandas.DataFrame, optional
             SDM ``SSSource`` rows of the solar-system DiaSources among ``sources``.
+        guard : RegionGuard, optional
+            The DiaObjects the association was made against; checked under a
+            lock on the region's sky pixels, in the transaction (see
+            :class:`RegionGuard`). A (visit, detector) stored before is
+            reported as ``already_stored`` whatever the guard says.
 
         Returns
         -------
         StoreResult
             ``already_stored`` is True, and nothing is written, when the
             (visit, detector) was stored before.
+
+        Raises
+        ------
+        core.errors.StaleLoadError
+            With ``guard``: another store changed the region's DiaObjects
+            since they were read; nothing was written.
         """
 
     @abstractmethod

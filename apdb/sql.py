@@ -60,6 +60,17 @@ read-to-write upgrade. PostgreSQL writes are one READ COMMITTED transaction;
 concurrent stores of the same (visit, detector) serialise on the marker's
 primary key and the second one finds it stored.
 
+A store with a :class:`~apdb.interface.RegionGuard` (the pipeline's, one per
+detector) checks that the DiaObjects of its footprint are still those its
+association was made against, under a lock on the footprint: on SQLite the
+write lock every write transaction takes; on PostgreSQL transaction-level
+advisory locks (``pg_advisory_xact_lock``), one per HEALPix pixel of order
+:data:`LOCK_ORDER` the footprint touches, taken in ascending pixel order (so
+two stores never wait on each other in a cycle) before any row is written, and
+released at commit. Stores of footprints that share no lock pixel never wait on
+each other; the lock is held for the store transaction only, not from load to
+store.
+
 Errors
 ------
 Connection and lock problems (``OperationalError`` that is not a schema
@@ -91,9 +102,9 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from apdb import sdm
 from apdb.config import ApdbConfig
-from apdb.interface import Apdb, BulkLoadResult, MergeResult, StoreResult
+from apdb.interface import Apdb, BulkLoadResult, MergeResult, RegionGuard, StoreResult
 from apdb.region import Region
-from core.errors import ApdbError, InputError, SchemaVersionError, TransientError
+from core.errors import ApdbError, InputError, SchemaVersionError, StaleLoadError, TransientError
 
 __all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
 
@@ -106,6 +117,15 @@ MARKER_TABLE = "ApdbVisitDetector"
 LAST_TABLE = "DiaObjectLast"
 PIXEL_COLUMN = "pixelId"
 PAYLOAD_COLUMN = "payload"
+
+#: HEALPix order of the PostgreSQL region locks of a guarded store (0.23 deg pixels:
+#: an LSSTCam detector touches about four).
+LOCK_ORDER = 8
+#: First key of the two-key ``pg_advisory_xact_lock(int, int)`` of a region lock
+#: ("DIAP"), so diapipe's locks do not collide with another application's.
+LOCK_CLASS = 0x44494150
+#: Most lock pixels one guarded store takes (a region of ~6 deg across at LOCK_ORDER).
+MAX_LOCK_PIXELS = 4096
 
 _SA_TYPES = {
     "double": sa.Double,
@@ -1288,10 +1308,15 @@ class ApdbSql(Apdb):
         *,
         time_mjd: float | None = None,
         ss_sources: pd.DataFrame | None = None,
+        guard: RegionGuard | None = None,
     ) -> StoreResult:
         """Store one detector's objects, sources and forced sources in one transaction.
 
-        See :meth:`apdb.interface.Apdb.store`. Inputs are validated against the
+        See :meth:`apdb.interface.Apdb.store`; with ``guard`` the region lock
+        (module docstring, *Concurrency*) is taken first, then the marker is
+        written (a detector stored before returns ``already_stored``), then the
+        region's DiaObjects are compared with the guard's
+        (:class:`~core.errors.StaleLoadError` on a difference). Inputs are validated against the
         SDM schema before the transaction opens (:class:`InputError`); a
         failure inside it rolls everything back, marker included.
         ``ss_sources`` are the SDM ``SSSource`` rows of the solar-system
@@ -1350,10 +1375,13 @@ class ApdbSql(Apdb):
         fsrc_rows = fsrcs.rows(self._packing["DiaForcedSource"].pack(fsrcs.arrays, fsrcs.n))
         stored = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
 
+        lock_pixels = self._lock_pixels(guard.region) if guard is not None else []
         ph = self._ph
         try:
             with self._connection(f"store visit {visit} detector {detector}", write=True) as conn:
                 cur = conn.cursor()
+                for pixel in lock_pixels:  # ascending: no two stores wait on each other in a cycle
+                    cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [LOCK_CLASS, pixel])
                 cur.execute(
                     f"INSERT INTO {_q(MARKER_TABLE)} "
                     f'("visit", "detector", "validityStartMjdTai", "storedUtc", "nDiaObjects", '
@@ -1373,6 +1401,8 @@ class ApdbSql(Apdb):
                 )
                 if cur.rowcount == 0:
                     raise _AlreadyStored
+                if guard is not None:
+                    self._check_guard(cur, guard, time_mjd, visit, detector)
                 n_updated = 0
                 if objs.n:
                     n_updated = self._write_objects(cur, ids, time_mjd, objs, obj_rows, last_rows)
@@ -1536,6 +1566,66 @@ class ApdbSql(Apdb):
             "diaSourceIds must be unique over the survey; leave the column out to have diapipe "
             "make them. Nothing of this detector was stored."
         )
+
+    def _lock_pixels(self, region: Region) -> list[int]:
+        """The PostgreSQL region-lock pixels of ``region``, ascending; none on SQLite."""
+        if self.dialect == "sqlite":
+            return []  # BEGIN IMMEDIATE: every write transaction holds the one write lock
+        ranges = region.pixel_ranges(LOCK_ORDER, MAX_LOCK_PIXELS)
+        n = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
+        if n > MAX_LOCK_PIXELS:
+            raise InputError(
+                f"guarded store: the region covers {n} HEALPix order-{LOCK_ORDER} pixels, "
+                f"more than {MAX_LOCK_PIXELS}; a detector footprint covers a few"
+            )
+        if n == 0:
+            return []
+        pixels = np.unique(np.concatenate([np.arange(a, b) for a, b in ranges]))
+        return [int(p) for p in pixels]
+
+    def _check_guard(
+        self, cur, guard: RegionGuard, time_mjd: float, visit: int, detector: int
+    ) -> None:
+        """Raise StaleLoadError when the region's DiaObjects differ from the guard's.
+
+        Runs inside the store's transaction, after the region lock: what it reads
+        is what the store will write against. Versions started at ``time_mjd``
+        were written by the same visit run and are not a conflict.
+        """
+        ranges = guard.region.pixel_ranges(self.order, self.config.max_pixel_ranges)
+        if len(ranges) == 0:
+            return
+        ph, pix = self._ph, _q(PIXEL_COLUMN)
+        where = " OR ".join([f"({pix} >= {ph} AND {pix} < {ph})"] * len(ranges))
+        cur.execute(
+            f'SELECT "diaObjectId", "validityStartMjdTai", "ra", "dec" FROM {_q(LAST_TABLE)} '
+            f"WHERE {where}",
+            ranges.ravel().tolist(),
+        )
+        rows = cur.fetchall()
+        now = np.array([r[0] for r in rows], dtype=np.int64)
+        start = np.array([np.nan if r[1] is None else r[1] for r in rows], dtype=np.float64)
+        if len(rows):
+            ra = np.array([r[2] for r in rows], dtype=np.float64)
+            dec = np.array([r[3] for r in rows], dtype=np.float64)
+            inside = guard.region.contains(ra, dec)
+            now, start = now[inside], start[inside]
+        read = pd.Series(guard.validity_starts, index=guard.object_ids)
+        read = read[~read.index.duplicated()]
+        ours = start == time_mjd  # written by this visit run (another of its detectors)
+        known = np.isin(now, read.index.to_numpy())
+        new = now[~known & ~ours]
+        was = read.reindex(now[known]).to_numpy(dtype=np.float64)
+        changed = now[known][(start[known] != was) & ~ours[known]]
+        gone = np.setdiff1d(read.index.to_numpy(), now)
+        if len(new) or len(changed) or len(gone):
+            raise StaleLoadError(
+                f"store visit {visit} detector {detector}: since this detector loaded its "
+                f"DiaObjects, another store changed its footprint: {len(new)} new, "
+                f"{len(changed)} with a new version, {len(gone)} gone "
+                f"(e.g. diaObjectId {int(np.concatenate([new, changed, gone])[0])}); "
+                f"nothing written, the detector must be loaded and associated again"
+            )
 
     def _id_filter(self, ids: np.ndarray) -> tuple[str, object]:
         if self.dialect == "sqlite":

@@ -35,6 +35,14 @@ class OutOfOrderError(ApdbError):
     """The APDB already holds a later visit of this sky area than the one being processed."""
 
 
+class StaleLoadError(ApdbError):
+    """Another store changed the DiaObjects of a footprint after this detector loaded them.
+
+    Raised by a guarded store (:class:`apdb.interface.RegionGuard`) before it
+    writes anything; the detector must be loaded and associated again.
+    """
+
+
 class SchemaVersionError(ApdbError):
     """The database was made with a schema version this code cannot use."""
 

@@ -15,6 +15,7 @@ reads its own groups' bundles once. A group's summary task drops them.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,9 +28,9 @@ from alerts.packet import AlertBatch, package_alerts
 from alerts.store import write_qa_sources
 from apdb import Apdb, Polygon, make_apdb
 from apdb.config import ApdbConfig
-from apdb.interface import StoreResult
+from apdb.interface import RegionGuard, StoreResult
 from core.bundle import DetectorBundle, VisitInfo, detector_path, read_detector_bundle, visit_path
-from core.errors import ApdbError, InputError, OutOfOrderError
+from core.errors import ApdbError, InputError, OutOfOrderError, StaleLoadError
 from core.ids import IdPacker
 from flows.config import PipelineConfig
 from tasks.associate import Association, associate
@@ -44,6 +45,7 @@ __all__ = [
     "Associated",
     "Loaded",
     "Prefiltered",
+    "Stored",
     "associate_detector",
     "calibrate_detector",
     "cutout_detector",
@@ -56,6 +58,7 @@ __all__ = [
     "read_ephemerides",
     "recover_detector",
     "store_detector",
+    "store_guarded",
 ]
 
 #: The ephemeris table of known solar-system objects (docs/solar-system.md): per detector
@@ -65,6 +68,12 @@ EPHEMERIS_FILE = "ephemerides.parquet"
 
 FOOTPRINT_PAD_ARCSEC = 2.0  # docs/design.md §4.1: the WCS polygon of the corners, padded by 2″
 BBOX_GROW_PX = 10.0  # docs/design.md §4.1: objects outside the bbox grown by 10 px are dropped
+
+#: Times a detector is loaded and associated again when its guarded store finds that
+#: another visit stored into its footprint first (:func:`store_guarded`).
+MAX_REASSOCIATIONS = 3
+
+_LOG = logging.getLogger(__name__)
 
 _bundles: OrderedDict[tuple, tuple[DetectorBundle, int]] = OrderedDict()
 _bundles_lock = threading.Lock()
@@ -137,6 +146,8 @@ class Loaded:
     forced: pd.DataFrame
     n_in_region: int
     n_outside_bbox: int
+    #: The footprint's DiaObject versions as read (before the bbox cut), checked at store.
+    guard: RegionGuard | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,7 +226,9 @@ def load_detector(root: str, visit: VisitInfo, detector: int, config: PipelineCo
         return preloaded
     bundle = get_bundle(root, visit, detector, config)
     apdb = get_apdb(config)
-    objects = apdb.get_objects(footprint(bundle))
+    region = footprint(bundle)
+    objects = apdb.get_objects(region)
+    guard = RegionGuard.of(region, objects)
     n_region = len(objects)
     keep = _in_bbox(bundle, objects["ra"].to_numpy(), objects["dec"].to_numpy())
     objects = objects[keep].reset_index(drop=True)
@@ -231,6 +244,7 @@ def load_detector(root: str, visit: VisitInfo, detector: int, config: PipelineCo
         forced=forced[forced["midpointMjdTai"].to_numpy() < t].reset_index(drop=True),
         n_in_region=n_region,
         n_outside_bbox=int(n_region - keep.sum()),
+        guard=guard,
     )
 
 
@@ -447,11 +461,12 @@ def store_detector(
     associated: Associated,
     forced: pd.DataFrame,
     time_mjd: float,
+    guard: RegionGuard | None = None,
 ) -> StoreResult:
     """Stage 6: one transaction with the (visit, detector) marker; idempotent.
 
     DIA and solar-system DiaSources, their ``SSSource`` rows, the DiaObjects and
-    the DiaForcedSources go in together.
+    the DiaForcedSources go in together. ``guard``: see :func:`store_guarded`.
     """
     return get_apdb(config).store(
         visit.visit,
@@ -461,7 +476,87 @@ def store_detector(
         forced,
         time_mjd=time_mjd,
         ss_sources=associated.ss_sources,
+        guard=guard,
     )
+
+
+@dataclass(frozen=True, eq=False)
+class Stored:
+    """What the guarded store of one detector did, and the association it stored."""
+
+    result: StoreResult
+    reassociations: int = 0  # times load, association and forced photometry were redone
+    associated: Associated | None = None  # the association stored; None once not needed
+
+    @property
+    def already_stored(self) -> bool:
+        """The (visit, detector) had been stored before: nothing was written."""
+        return self.result.already_stored
+
+    @property
+    def alerts_from_apdb(self) -> bool:
+        """The alerts must be rebuilt from what was committed (:func:`recover_detector`).
+
+        True when the detector was stored before, or when what was stored is a
+        re-made association, not the one the cutout and package stages see.
+        """
+        return self.result.already_stored or self.reassociations > 0
+
+
+def store_guarded(
+    root: str,
+    visit: VisitInfo,
+    detector: int,
+    config: PipelineConfig,
+    loaded: Loaded,
+    associated: Associated,
+    forced: pd.DataFrame,
+    time_mjd: float,
+) -> Stored:
+    """Stage 6 for two visits of one sky area processed at once: store, re-associating if stale.
+
+    The store checks, under a lock on the footprint's sky pixels and in its
+    transaction, that the footprint's DiaObjects are still those ``loaded``
+    read (:class:`apdb.interface.RegionGuard`). When visit k+1 loaded before an
+    overlapping visit k stored, that check fails at k+1's store, nothing of
+    k+1's detector is written, and its load, association and forced photometry
+    are run again against the APDB that now holds visit k (at most
+    :data:`MAX_REASSOCIATIONS` times): k+1's sources join the DiaObjects k
+    created or updated instead of creating second ones, and its alerts carry k
+    in their history. The caller rebuilds the alerts from what was committed
+    (:attr:`Stored.alerts_from_apdb`), so each DiaSource is stored and alerted
+    once. DiaObjects written by other detectors of the same visit run (same
+    ``time_mjd``) are not a conflict.
+
+    Which of two overlapping visits stores first is not fixed: when the later
+    visit stored first, the earlier one's re-load finds the later visit's
+    sources and its detector fails with :class:`~core.errors.OutOfOrderError`
+    (nothing stored; the visit's other detectors go on).
+
+    Raises
+    ------
+    StaleLoadError
+        The footprint changed again after each of the re-associations, or the
+        association was made without the source-filter stage (no
+        :class:`Prefiltered` to re-associate from).
+    """
+    guard = loaded.guard
+    for n in range(MAX_REASSOCIATIONS + 1):
+        try:
+            result = store_detector(
+                visit, detector, config, associated, forced, time_mjd, guard=guard
+            )
+            return Stored(result=result, reassociations=n, associated=associated)
+        except StaleLoadError as exc:
+            if n == MAX_REASSOCIATIONS or associated.prefiltered is None:
+                raise
+            _LOG.warning("%s; re-associating (%d of %d)", exc, n + 1, MAX_REASSOCIATIONS)
+        loaded = load_detector(root, visit, detector, config)
+        guard = loaded.guard
+        associated = associate_detector(loaded, associated.prefiltered, config, time_mjd)
+        good = good_objects(loaded, associated, config)
+        forced = forced_detector(root, visit, detector, config, associated, time_mjd, objects=good)
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 def write_qa_detector(

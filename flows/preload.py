@@ -61,7 +61,7 @@ import pandas as pd
 from astropy.time import Time
 from prefect import flow, get_run_logger
 
-from apdb import Polygon
+from apdb import Polygon, RegionGuard
 from core.bundle import VisitInfo, visit_path
 from core.errors import InputError
 from core.nextvisit import NEXT_VISIT_FILE, NextVisit, parse_next_visit
@@ -349,6 +349,7 @@ def load_from_preload(
         return None
     apdb = D.get_apdb(config)
     objects = apdb.get_objects(real)
+    guard = RegionGuard.of(real, objects)
     n_region = len(objects)
     keep = D._in_bbox(bundle, objects["ra"].to_numpy(), objects["dec"].to_numpy())
     objects = objects[keep].reset_index(drop=True)
@@ -381,6 +382,7 @@ def load_from_preload(
         forced=forced[forced["midpointMjdTai"].to_numpy() < t].reset_index(drop=True),
         n_in_region=n_region,
         n_outside_bbox=int(n_region - keep.sum()),
+        guard=guard,
     )
 
 

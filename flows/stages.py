@@ -235,10 +235,17 @@ def _forced(ctx: StageContext, det: int, *, loaded, associated):
     return forced, {"forced": len(forced), "not_good": len(associated.all_objects) - len(good)}
 
 
-def _store(ctx: StageContext, det: int, *, associated, forced):
+def _store(ctx: StageContext, det: int, *, loaded, associated, forced):
     n_qa = D.write_qa_detector(ctx.visit, det, ctx.config, associated)
-    r = D.store_detector(ctx.visit, det, ctx.config, associated, forced, ctx.time_mjd)
-    return r, {
+    stored = D.store_guarded(
+        ctx.root, ctx.visit, det, ctx.config, loaded, associated, forced, ctx.time_mjd
+    )
+    if stored.reassociations and stored.associated is not None:
+        # the QA tables follow the association that was stored
+        n_qa = D.write_qa_detector(ctx.visit, det, ctx.config, stored.associated)
+    r = stored.result
+    # The value lives until produce: without the association's frames.
+    return D.Stored(r, stored.reassociations), {
         "qa_tables": n_qa,
         "ss_sources": 0
         if r.already_stored or associated.ss_sources is None
@@ -247,6 +254,7 @@ def _store(ctx: StageContext, det: int, *, associated, forced):
         "sources": r.n_sources,
         "forced": r.n_forced_sources,
         "already_stored": int(r.already_stored),
+        "reassociated": stored.reassociations,
     }
 
 
@@ -263,12 +271,14 @@ def _package(ctx: StageContext, det: int, *, loaded, associated, forced, cutouts
 
 
 def _produce(ctx: StageContext, det: int, *, batch, stored=None):
-    if stored is not None and stored.already_stored and ctx.config.packaging.do_package:
+    if stored is not None and stored.alerts_from_apdb and ctx.config.packaging.do_package:
         # The detector was committed before this store ran: by an earlier attempt
         # whose result was lost (a retried store, a Dask worker that died and whose
         # group was recomputed). The recomputed association saw the APDB with this
         # visit already in it, so the alerts are rebuilt from what was committed,
-        # as for a detector recovered at flow start.
+        # as for a detector recovered at flow start. Or the store re-made the
+        # association because an overlapping visit stored into the footprint after
+        # this load (D.store_guarded): the packaged alerts are of the first one.
         batch = D.recover_detector(ctx.root, ctx.visit, det, ctx.config)
     return produce_detector(ctx.visit, det, ctx.config, batch)
 
@@ -287,7 +297,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("ssoassociate", _ssoassociate, {"calibrated": "calibrate"}),
     Stage("associate", _associate, {"loaded": "load", "prefiltered": "ssoassociate"}),
     Stage("forced", _forced, {"loaded": "load", "associated": "associate"}),
-    Stage("store", _store, {"associated": "associate", "forced": "forced"}),
+    Stage("store", _store, {"loaded": "load", "associated": "associate", "forced": "forced"}),
     Stage("cutout", _cutout, {"associated": "associate"}),
     Stage(
         "package",

@@ -1,8 +1,9 @@
 """Column reads, row selection and frame assembly for the science stages' pandas frames.
 
-Only public pandas API is used here, so a pandas release cannot silently
-change what these functions return or break them. Each function pins down one
-behaviour the stages rely on, which the public one-liners leave implicit:
+Public pandas API only, but for the column read below (checked at import
+against the public read, so a pandas release can slow it down but not change
+what it returns). Each function pins down one behaviour the stages rely on,
+which the public one-liners leave implicit:
 
 - :func:`column_values` gives the column's array without a copy: a read-only
   numpy view for numpy dtypes (as under copy-on-write, on every pandas

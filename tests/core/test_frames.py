@@ -196,7 +196,7 @@ def test_frame_from_columns_index_and_lengths():
 
 
 def test_the_block_manager_read_is_taken_on_this_pandas(monkeypatch):
-    """The one private pandas use must still be taken (it saves ~6 % of a visit's CPU).
+    """The one private pandas use must still be taken (it saves ~13-22 % of a visit's worker CPU, bench/RESULTS.md).
 
     Fails on a pandas release whose block manager no longer answers as the
     public read does: then :func:`column_values` is correct but slow, and the

@@ -51,6 +51,7 @@ from alerts.index import object_key
 from alerts.packet import AlertBatch, AlertSchema, wire_header
 from alerts.store import DeadLetterStore, mask_field, refuse_secrets
 from core.errors import ConfigError, InputError
+from core.extras import import_extra
 
 __all__ = [
     "KafkaConfig",
@@ -268,7 +269,7 @@ def _send(batch: AlertBatch, config: KafkaConfig) -> tuple[np.ndarray, dict[str,
     errors: dict[str, int] = {}
     if n == 0:
         return delivered, errors, 0
-    from confluent_kafka import Producer  # the [kafka] extra; only a Kafka run needs it
+    Producer = import_extra("confluent_kafka", "kafka", "Kafka output").Producer
 
     try:
         producer = Producer(producer_config(config))

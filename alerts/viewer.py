@@ -31,6 +31,7 @@ from astropy.visualization import AsinhStretch, ImageNormalize, ManualInterval, 
 
 from alerts.store import read_alert_file
 from core.errors import InputError
+from core.extras import import_extra
 
 __all__ = [
     "BAND_COLORS",
@@ -566,6 +567,7 @@ def render_alert(alert: Mapping, path: str, source: str = "", dpi: int = 100) ->
     -------
     Rendered
     """
+    import_extra("matplotlib", "viewer", "Drawing an alert")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -105,6 +105,7 @@ from apdb.config import ApdbConfig
 from apdb.interface import Apdb, BulkLoadResult, MergeResult, RegionGuard, StoreResult
 from apdb.region import Region
 from core.errors import ApdbError, InputError, SchemaVersionError, StaleLoadError, TransientError
+from core.extras import import_extra
 
 __all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
 
@@ -886,6 +887,8 @@ class ApdbSql(Apdb):
                 cur.close()
 
             return engine
+        if url.get_driver_name() == "psycopg":
+            import_extra("psycopg", "postgresql", "A PostgreSQL APDB")
         engine = sa.create_engine(
             url,
             pool_size=config.pool_size,

@@ -7,6 +7,7 @@ import io
 
 import numpy as np
 
+from core.extras import import_extra
 from flows.stages import STAGES
 
 __all__ = ["FILTER_COUNTS", "filter_totals", "png_data_uri", "visit_figure_png"]
@@ -38,8 +39,7 @@ def filter_totals(rows: list[dict]) -> dict[str, int]:
 
 def visit_figure_png(result: dict) -> bytes:
     """A PNG with two panels: per-stage time per detector, and the alert-count histogram."""
-    import matplotlib
-
+    matplotlib = import_extra("matplotlib", "viewer", "The visit picture")
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 

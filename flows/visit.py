@@ -30,6 +30,7 @@ from prefect.states import Completed
 
 from core.bundle import VisitInfo, read_visit_info
 from core.errors import InputError
+from core.extras import import_extra
 from flows import detector as D
 from flows.config import OrchestrationConfig, PipelineConfig
 from flows.produce import finished_detectors, record_visit
@@ -535,8 +536,7 @@ def _task_runner(spec: str, max_workers: int):
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=max_workers)
-    from prefect_dask import DaskTaskRunner
-
+    DaskTaskRunner = import_extra("prefect_dask", "dask", f"Task runner {spec!r}").DaskTaskRunner
     if spec.startswith("dask="):
         return DaskTaskRunner(address=spec.split("=", 1)[1])
     return DaskTaskRunner(cluster_kwargs=local_cluster_kwargs())
@@ -551,7 +551,8 @@ def local_cluster_kwargs() -> dict[str, Any]:
     :func:`_placement`) and ship their inputs across; a group still moves when
     its worker is lost.
     """
-    import dask
+    dask = import_extra("dask", "dask", "The local Dask cluster")
+    import_extra("distributed", "dask", "The local Dask cluster")
     from distributed.scheduler import DEFAULT_EXTENSIONS
 
     return {

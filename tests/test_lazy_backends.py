@@ -40,7 +40,7 @@ def loaded_after(code: str) -> list[str]:
     script = textwrap.dedent(code) + textwrap.dedent(
         f"""
         import json, sys
-        print(json.dumps([m for m in {BACKENDS!r} if m in sys.modules]))
+        print(json.dumps([m for m in {BACKENDS!r} if sys.modules.get(m) is not None]))
         """
     )
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -105,3 +105,49 @@ def test_error_mapping_recognises_psycopg_errors_once_loaded():
     mapped = _translate(psycopg.errors.UndefinedTable("no table"), "read", "pg")
     assert isinstance(mapped, ApdbError) and not isinstance(mapped, TransientError)
     assert isinstance(_translate(sqlite3.DatabaseError("malformed"), "read", "a.db"), ApdbError)
+
+
+#: run first: the optional backends as if not installed (a default install); a
+#: ``None`` in ``sys.modules`` makes their import fail and ``find_spec`` say absent
+BLOCK_BACKENDS = f"""
+import sys
+for _name in {BACKENDS!r}:
+    sys.modules[_name] = None
+"""
+
+
+def test_the_default_run_needs_no_optional_backend(tmp_path):
+    """``python -m flows.visit`` (SQLite, local files, threads) with no extra installed."""
+    code = BLOCK_BACKENDS + textwrap.dedent(
+        f"""
+        from flows.visit import main
+        rc = main(["--workdir", {str(tmp_path)!r}, "--sim-visits", "1",
+                   "--sim-detectors", "2", "--sim-sources", "15"])
+        assert rc == 0, rc
+        """
+    )
+    assert loaded_after(code) == []
+    assert list((tmp_path / "alerts").glob("*.avro")), "the default run wrote no alerts"
+
+
+def test_kafka_output_without_its_package_names_the_extra():
+    code = BLOCK_BACKENDS + textwrap.dedent(
+        """
+        import numpy as np
+        from alerts.kafka import KafkaConfig, _send
+        from core.errors import ConfigError
+
+        class Batch:
+            def __len__(self):
+                return 1
+
+        try:
+            _send(Batch(), KafkaConfig(servers="127.0.0.1:1", topic="t"))
+        except ConfigError as exc:
+            assert "pip install 'diapipe[kafka]'" in str(exc), exc
+            assert "Kafka output" in str(exc), exc
+        else:
+            raise AssertionError("no ConfigError")
+        """
+    )
+    assert loaded_after(code) == []

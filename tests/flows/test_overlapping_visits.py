@@ -18,21 +18,12 @@ import sqlalchemy as sa
 
 from alerts.store import read_alert_file
 from core.bundle import read_visit_info
-from flows import detector as D
-from flows import preload as P
 from flows.stages import PIPELINE, GroupResult, StageContext, run_group, run_table
 from flows.visit import _now_mjd_tai, run_visit_plain
 from tests.apdb.conftest import fresh_pg_database
 from tests.conftest import V0, V1, make_config
 
-
-@pytest.fixture(autouse=True)
-def _empty_cache():
-    P.forget_preloads()
-    D.forget_bundles()
-    yield
-    P.forget_preloads()
-    D.forget_bundles()
+pytestmark = pytest.mark.usefixtures("empty_process_caches")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -18,14 +18,7 @@ from flows import preload as P
 from flows.visit import run_visit_plain
 from tests.conftest import V0, V1, V2, make_config
 
-
-@pytest.fixture(autouse=True)
-def _empty_cache():
-    P.forget_preloads()
-    D.forget_bundles()
-    yield
-    P.forget_preloads()
-    D.forget_bundles()
+pytestmark = pytest.mark.usefixtures("empty_process_caches")
 
 
 def _dets(survey_root: str) -> list[int]:

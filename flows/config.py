@@ -189,10 +189,18 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
     preload_cache_mb: int = Field(
         2048,
         ge=0,
-        description="Memory (MiB) per process for preloaded detectors (DataFrame bytes, "
-        "pandas memory_usage deep). Oldest preloads are dropped first; a detector larger than "
-        "the whole budget is not kept; 0 keeps none. The cache is per process: only a visit "
-        "processed in the process that ran preload_visit finds it (docs/realtime.md).",
+        description="Budget (MiB) for preloaded detectors: DataFrame bytes (pandas "
+        "memory_usage deep) per process in memory, or file bytes under preload_dir. Oldest "
+        "preloads are dropped first; a detector larger than the whole budget is not kept; 0 "
+        "keeps none (docs/realtime.md).",
+    )
+    preload_dir: str | None = Field(
+        None,
+        description="Local directory where preload_visit keeps each detector's preload as "
+        "files (Arrow IPC + JSON), so that a visit processed in another process on this "
+        "machine finds it: a deployment run, a Dask worker. Bounded by preload_cache_mb; a "
+        "preload is deleted when used. None keeps preloads in the memory of the process that "
+        "ran preload_visit (docs/realtime.md).",
     )
     cache_expiration_hours: float = Field(
         48.0,

@@ -4,8 +4,9 @@
 exposure ends: for every detector whose predicted corners the message gives
 (:meth:`core.nextvisit.NextVisit.corners`) it reads the DiaObjects inside the
 predicted footprint padded by ``orchestration.preload_pad_arcsec`` (20″, as
-Rubin's Prompt Processing) and their DiaSource history, and keeps them in a
-per-process cache bounded by ``orchestration.preload_cache_mb``.
+Rubin's Prompt Processing) and their DiaSource history, and keeps them (in
+memory or in ``orchestration.preload_dir``, below) within
+``orchestration.preload_cache_mb``.
 
 When the visit is processed, :func:`load_from_preload` (called at the top of
 :func:`flows.detector.load_detector`) takes the detector's preload and uses it
@@ -37,23 +38,28 @@ without one. Each detector's load reports ``preload_used`` (0/1) and, when
 used, ``preload_refreshed`` (objects whose history was read again) and
 ``preload_reused`` in its counts (:func:`pop_outcome`).
 
-Where the cache is found: the cache lives in the memory of the process that
-ran :func:`preload_visit`. A visit processed later in the same process finds
-it (a long-lived service calling both flows, ``process_visit`` on the thread
-runner in that process). It is *not* found by a Dask worker process, nor by a
-deployment run: Prefect runs every flow run of a worker or of ``serve`` in its
-own subprocess, so a ``preload-on-next`` run's cache ends with the run. Then
-the load runs as without preload (``preload_used`` 0), which is correct, only
+Where the preload is kept: with ``orchestration.preload_dir`` set, as files in
+that local directory (:class:`PreloadDir`), where any process of the machine
+finds it: the ``visit-on-ready`` deployment's run and its Dask workers, while
+``preload-on-next`` ran in another process (Prefect runs every flow run of a
+worker or of ``serve`` in its own subprocess). Without it, in the memory of the
+process that ran :func:`preload_visit`: only a visit processed later in that
+same process finds it (a long-lived service calling both flows). A detector
+that finds no preload loads as without one (``preload_used`` 0): correct, only
 not faster.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -70,6 +76,7 @@ from flows.config import PipelineConfig
 
 __all__ = [
     "WINDOW_MARGIN_DAYS",
+    "PreloadDir",
     "Preloaded",
     "cached_preloads",
     "forget_preloads",
@@ -117,7 +124,7 @@ def _nbytes(*frames: pd.DataFrame) -> int:
 
 
 def _keep(entry: Preloaded, budget_bytes: int) -> int:
-    """Put ``entry`` in the cache within ``budget_bytes``; returns how many were evicted."""
+    """Put ``entry`` in this process's cache within ``budget_bytes``; returns how many were evicted."""
     key = (entry.visit, entry.detector)
     evicted = 0
     with _lock:
@@ -131,6 +138,159 @@ def _keep(entry: Preloaded, budget_bytes: int) -> int:
             total -= old.nbytes
             evicted += 1
     return evicted
+
+
+class PreloadDir:
+    """Preloads kept as files in one local directory, for another process to take.
+
+    Each detector's preload is three files named ``{visit}_{detector}``:
+    ``.objects.arrow`` and ``.sources.arrow`` (Arrow IPC, uncompressed, with
+    pandas' metadata, so the frames read back with their dtypes) and ``.json``
+    (what the rows were loaded for, :class:`Preloaded` without the frames).
+    Every file is written under a temporary name and renamed into place, the
+    JSON last, so an entry without its JSON is incomplete and never read.
+
+    Taking an entry renames its JSON to a name unique to the taker first: of
+    two processes taking the same detector, one gets it and the other finds
+    nothing, so a preload is used at most once. A taken entry's files are
+    deleted. Entries older than ``preload_max_age_s`` can never be used and
+    are deleted whenever an entry is added; the rest are kept within the byte
+    budget, oldest dropped first.
+
+    The directory must be on a file system every process that processes the
+    visit sees (local disk for one machine's Prefect worker and Dask workers).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    def _stem(self, visit: int, detector: int) -> Path:
+        return self.root / f"{int(visit)}_{int(detector)}"
+
+    def _files(self, stem: Path) -> list[Path]:
+        return [stem.with_name(stem.name + ext) for ext in (".json", *_ARROW_PARTS.values())]
+
+    def _entries(self) -> list[tuple[float, Path, int]]:
+        """(loaded_at, stem, bytes) of every complete entry, oldest first."""
+        out = []
+        for meta in self.root.glob("*_*.json"):
+            try:
+                info = json.loads(meta.read_text())
+                stem = meta.with_suffix("")
+                size = sum(f.stat().st_size for f in self._files(stem))
+            except (OSError, ValueError):
+                continue  # being taken or written by another process
+            out.append((float(info["loaded_at"]), stem, size))
+        return sorted(out, key=lambda e: e[0])
+
+    def keys(self) -> list[tuple[int, int]]:
+        """(visit, detector) of every complete entry, oldest first."""
+        return [tuple(int(x) for x in stem.name.split("_")) for _, stem, _ in self._entries()]
+
+    def _remove(self, stem: Path) -> None:
+        for f in self._files(stem):
+            f.unlink(missing_ok=True)
+
+    def keep(self, entry: Preloaded, budget_bytes: int, max_age_s: float) -> tuple[bool, int]:
+        """Write ``entry``; returns (kept within ``budget_bytes``, entries evicted)."""
+        import pyarrow as pa
+        import pyarrow.feather as feather
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        stem = self._stem(entry.visit, entry.detector)
+        self._remove(stem)
+        tmp = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        size = 0
+        object_columns = {}
+        for attr, ext in _ARROW_PARTS.items():
+            frame = getattr(entry, attr)
+            object_columns[attr] = [c for c in frame.columns if frame[c].dtype == object]
+            path = stem.with_name(stem.name + ext)
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            feather.write_feather(table, f"{path}{tmp}", compression="uncompressed")
+            os.replace(f"{path}{tmp}", path)
+            size += path.stat().st_size
+        meta = stem.with_name(stem.name + ".json")
+        info = {
+            "visit": entry.visit,
+            "detector": entry.detector,
+            "polygon_ra": entry.polygon.ra.tolist(),
+            "polygon_dec": entry.polygon.dec.tolist(),
+            "since_mjd": entry.since_mjd,
+            "expected_mjd": entry.expected_mjd,
+            "apdb_url": entry.apdb_url,
+            "history_days": entry.history_days,
+            "loaded_at": entry.loaded_at,
+            "nbytes": size,
+            # Arrow reads strings back as pandas' string dtype: these are cast back
+            "object_columns": object_columns,
+        }
+        Path(f"{meta}{tmp}").write_text(json.dumps(info))
+        os.replace(f"{meta}{tmp}", meta)
+        if size > budget_bytes:
+            self._remove(stem)
+            return False, 0
+        now = time.time()
+        evicted = 0
+        entries = self._entries()
+        total = sum(n for _, _, n in entries)
+        for loaded_at, old, n in entries:
+            if old == stem:
+                continue
+            if total <= budget_bytes and now - loaded_at <= max_age_s:
+                break
+            self._remove(old)
+            total -= n
+            evicted += 1
+        return True, evicted
+
+    def take(self, visit: int, detector: int) -> Preloaded | None:
+        """The entry of (visit, detector), removed from the directory; None if there is none."""
+        import pyarrow.feather as feather
+
+        stem = self._stem(visit, detector)
+        meta = stem.with_name(stem.name + ".json")
+        claimed = meta.with_name(f"{meta.name}.taken-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(meta, claimed)
+        except FileNotFoundError:
+            return None
+        try:
+            info = json.loads(claimed.read_text())
+            frames = {}
+            for attr, ext in _ARROW_PARTS.items():
+                frame = feather.read_feather(stem.with_name(stem.name + ext))
+                cols = info["object_columns"][attr]
+                if cols:
+                    frame = frame.astype(dict.fromkeys(cols, object))
+                frames[attr] = frame
+            return Preloaded(
+                visit=int(info["visit"]),
+                detector=int(info["detector"]),
+                polygon=Polygon(info["polygon_ra"], info["polygon_dec"]),
+                since_mjd=float(info["since_mjd"]),
+                expected_mjd=float(info["expected_mjd"]),
+                apdb_url=str(info["apdb_url"]),
+                history_days=float(info["history_days"]),
+                loaded_at=float(info["loaded_at"]),
+                nbytes=int(info["nbytes"]),
+                **frames,
+            )
+        except (OSError, ValueError, KeyError, InputError) as exc:
+            log.warning("visit %s detector %s: preload file unreadable: %s", visit, detector, exc)
+            return None
+        finally:
+            claimed.unlink(missing_ok=True)
+            self._remove(stem)
+
+
+#: The frames of a :class:`Preloaded` and the file ending each is kept under in a PreloadDir.
+_ARROW_PARTS = {"objects": ".objects.arrow", "sources": ".sources.arrow"}
+
+
+def _preload_dir(config: PipelineConfig) -> PreloadDir | None:
+    where = config.orchestration.preload_dir
+    return PreloadDir(where) if where else None
 
 
 def cached_preloads() -> list[tuple[int, int]]:
@@ -237,6 +397,7 @@ def preload_message(nv: NextVisit, config: PipelineConfig, logger=log) -> dict:
     """The body of :func:`preload_visit` for a parsed message (no Prefect needed)."""
     t0 = time.perf_counter()
     budget = config.orchestration.preload_cache_mb * 2**20
+    spool = _preload_dir(config)
     done: list[Preloaded] = []
     skipped: list[int] = []
     evicted = 0
@@ -250,8 +411,13 @@ def preload_message(nv: NextVisit, config: PipelineConfig, logger=log) -> dict:
             logger.warning("visit %s detector %s: not preloaded: %s", nv.visit, det, exc)
             skipped.append(det)
             continue
-        evicted += _keep(entry, budget)
-        if (nv.visit, det) not in cached_preloads():
+        if spool is None:
+            evicted += _keep(entry, budget)
+            kept_it = (nv.visit, det) in cached_preloads()
+        else:
+            kept_it, n = spool.keep(entry, budget, config.orchestration.preload_max_age_s)
+            evicted += n
+        if not kept_it:
             logger.warning(
                 "visit %s detector %s: preload of %.1f MiB exceeds preload_cache_mb",
                 nv.visit,
@@ -261,7 +427,8 @@ def preload_message(nv: NextVisit, config: PipelineConfig, logger=log) -> dict:
             skipped.append(det)
             continue
         done.append(entry)
-    kept = set(cached_preloads())  # a later detector may have evicted an earlier one
+    # a later detector may have evicted an earlier one
+    kept = set(cached_preloads() if spool is None else spool.keys())
     skipped += [e.detector for e in done if (e.visit, e.detector) not in kept]
     done = [e for e in done if (e.visit, e.detector) in kept]
     n_obj = sum(len(e.objects) for e in done)
@@ -292,9 +459,13 @@ def preload_message(nv: NextVisit, config: PipelineConfig, logger=log) -> dict:
     }
 
 
-def _take(visit: int, detector: int) -> Preloaded | None:
+def _take(visit: int, detector: int, config: PipelineConfig) -> Preloaded | None:
     with _lock:
-        return _cache.pop((int(visit), int(detector)), None)
+        entry = _cache.pop((int(visit), int(detector)), None)
+    spool = _preload_dir(config)
+    if entry is None and spool is not None:
+        entry = spool.take(visit, detector)
+    return entry
 
 
 def _record(visit: int, detector: int, counts: dict[str, int]) -> None:
@@ -336,7 +507,7 @@ def load_from_preload(
     core.errors.OutOfOrderError
         As :func:`flows.detector.load_detector`.
     """
-    entry = _take(visit.visit, detector)
+    entry = _take(visit.visit, detector, config)
     if entry is None:
         _record(visit.visit, detector, {"preload_used": 0})
         return None

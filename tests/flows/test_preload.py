@@ -237,3 +237,88 @@ def test_preload_flow_from_the_file_then_process_visit_in_the_same_process(surve
     assert result["preload_used_fraction"] == 1.0
     assert [row["load_preload_used"] for row in result["table"]] == [1] * len(result["table"])
     assert P.cached_preloads() == []
+
+
+def _with_dir(config, where) -> object:
+    orch = config.orchestration.model_copy(update={"preload_dir": str(where)})
+    return config.model_copy(update={"orchestration": orch})
+
+
+PRELOAD_ELSEWHERE = """
+import json, sys
+from core.nextvisit import parse_next_visit
+from flows.config import PipelineConfig
+from flows.preload import preload_message
+config = PipelineConfig.model_validate(json.loads(sys.argv[1]))
+print(json.dumps(preload_message(parse_next_visit(json.loads(sys.argv[2])), config)))
+"""
+
+
+def test_preload_written_by_another_process_is_found_in_the_directory(survey_root, tmp_path):
+    """A deployment run preloads in its own process: the visit's load finds the files."""
+    import json
+    import subprocess
+    import sys
+
+    config = _with_dir(make_config(tmp_path), tmp_path / "preload")
+    assert run_visit_plain(survey_root, V0, config)["failed"] == {}
+    args = [json.dumps(config.model_dump(mode="json")), json.dumps(_message(1).to_json_dict())]
+    run = subprocess.run(
+        [sys.executable, "-c", PRELOAD_ELSEWHERE, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["preloaded"] == _dets(survey_root)
+    assert P.cached_preloads() == [], "nothing in this process's memory"
+    spool = P.PreloadDir(tmp_path / "preload")
+    assert sorted(spool.keys()) == [(V1, d) for d in _dets(survey_root)]
+
+    info = read_visit_info(survey_root, V1)
+    for det in _dets(survey_root):
+        with_preload = D.load_detector(survey_root, info, det, config)
+        assert P.pop_outcome(V1, det)["preload_used"] == 1
+        assert (V1, det) not in spool.keys(), "a preload is used once"
+        _assert_same_load(with_preload, D.load_detector(survey_root, info, det, config))
+        assert P.pop_outcome(V1, det) == {"preload_used": 0}
+    assert list((tmp_path / "preload").iterdir()) == [], "used preloads leave no file"
+
+
+def test_preload_directory_is_bounded_taken_once_and_skips_incomplete_entries(
+    survey_root, tmp_path
+):
+    config = make_config(tmp_path)
+    assert run_visit_plain(survey_root, V0, config)["failed"] == {}
+    message = _message(1)
+    d0, d1, d2, d3 = _dets(survey_root)
+    entries = {d: P.preload_detector(message, d, config) for d in (d0, d1, d2, d3)}
+    scratch = P.PreloadDir(tmp_path / "scratch")
+    for e in entries.values():
+        scratch.keep(e, 2**30, 300.0)
+    size = {int(stem.name.split("_")[1]): n for _, stem, n in scratch._entries()}
+    spool = P.PreloadDir(tmp_path / "preload")
+    for d in (d0, d1):
+        assert spool.keep(entries[d], 2**30, 300.0) == (True, 0)
+    # Room for two entries: writing a third drops the oldest.
+    budget = size[d1] + size[d2]
+    assert spool.keep(entries[d2], budget, 300.0) == (True, 1)
+    assert spool.keys() == [(V1, d1), (V1, d2)]
+    # An entry past the age limit is dropped whenever another is written.
+    old = dataclasses.replace(entries[d3], loaded_at=time.time() - 1000.0)
+    spool.keep(old, 2**30, 300.0)
+    assert spool.keep(entries[d0], 2**30, 300.0) == (True, 1)
+    assert (V1, d3) not in spool.keys()
+    # Larger than the whole budget: not kept, nothing else dropped.
+    assert spool.keep(entries[d3], 10, 300.0) == (False, 0)
+    assert sorted(spool.keys()) == [(V1, d0), (V1, d1), (V1, d2)]
+
+    # Taken once, equal to what was written.
+    got = spool.take(V1, d1)
+    pd.testing.assert_frame_equal(got.objects, entries[d1].objects)
+    pd.testing.assert_frame_equal(got.sources, entries[d1].sources)
+    assert list(got.polygon.ra) == list(entries[d1].polygon.ra)
+    assert spool.take(V1, d1) is None
+    # An entry whose JSON is not there (still being written) is not read.
+    (tmp_path / "preload" / f"{V1}_{d2}.json").unlink()
+    assert spool.take(V1, d2) is None and (V1, d2) not in spool.keys()

@@ -216,6 +216,11 @@ def _read_long(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
+def record_dia_source_id(record: bytes) -> int:
+    """The ``diaSourceId`` of one alert record (Avro binary, unframed): its first field."""
+    return _read_long(record, 0)[0]
+
+
 def iter_container_payloads(data: bytes, source: str = "") -> tuple[dict, Iterator[bytes]]:
     """Split a container file into its header metadata and raw record payloads.
 

@@ -296,19 +296,32 @@ class Night:
         return self._runs(VISIT_DEPLOYMENT if kind == "visit" else PRELOAD_DEPLOYMENT)
 
     def detector_table(self, run: Run) -> list[dict]:
-        """The visit run's per-detector table artifact (``visit-{visit}-detectors``)."""
+        """The visit run's per-detector table artifact (``visit-{visit}-detectors``).
+
+        A run whose configuration asks for Dask processes the visit in a
+        subflow (:func:`flows.visit.process_visit`): its artifact is the subflow's.
+        """
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import (
             ArtifactFilter,
             ArtifactFilterFlowRunId,
             ArtifactFilterKey,
+            FlowRunFilter,
+            FlowRunFilterParentFlowRunId,
         )
 
-        flt = ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[run.flow_run_id]),
-            key=ArtifactFilterKey(any_=[f"visit-{run.visit}-detectors"]),
-        )
         with get_client(sync_client=True) as client:
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.flow_run_id])
+                )
+            )
+            flt = ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(
+                    any_=[run.flow_run_id, *(c.id for c in children)]
+                ),
+                key=ArtifactFilterKey(any_=[f"visit-{run.visit}-detectors"]),
+            )
             found = client.read_artifacts(artifact_filter=flt, limit=5)
         if not found:
             return []

@@ -181,7 +181,12 @@ def process_visit(
         # A deployment run starts the flow on its default (thread) runner; the
         # config asks for another, so the visit runs as a subflow on that one.
         logger.info("visit %s: running as a subflow on task runner %r", visit, runner_spec)
-        sub = process_visit.with_options(
+        # The subflow is this module's flow under its package name: a deployment run loads
+        # this file as a module of another name, and every task run sent to Dask carries
+        # its flow, which a scheduler or worker started elsewhere could not unpickle.
+        from flows.visit import process_visit as canonical
+
+        sub = canonical.with_options(
             task_runner=_task_runner(runner_spec, config.orchestration.max_workers)
         )
         inner = sub(

@@ -123,6 +123,31 @@ def test_dask_runs_each_group_in_one_worker_process(survey_root, tmp_path):
         assert len(set(workers)) == 2, f"two groups, two workers: {workers}"
 
 
+def test_flow_loaded_from_its_file_runs_on_a_standing_dask_cluster(survey_root, tmp_path):
+    """As a deployment run loads it (``flows/visit.py:process_visit``), on a running cluster.
+
+    Loaded from the file, flows/visit.py is a module of another name, which the
+    scheduler and workers of a cluster started before (``task_runner:
+    dask=tcp://...``) cannot import: nothing they unpickle may come from it.
+    """
+    from pathlib import Path
+
+    from distributed import LocalCluster
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.visit import local_cluster_kwargs
+
+    repo = Path(__file__).resolve().parents[2]
+    with LocalCluster(**local_cluster_kwargs()) as cluster:
+        loaded = load_flow_from_entrypoint(f"{repo}/flows/visit.py:process_visit")
+        assert loaded.fn.__module__ != "flows.visit", "loaded under another name"
+        runner = f"dask={cluster.scheduler_address}"
+        config = make_config(tmp_path, task_runner=runner, cache=False, detectors_per_task=1)
+        state = loaded(survey_root, V0, _first_two(survey_root), config, return_state=True)
+    assert state.name == "Completed", state.message
+    assert state.result()["alerts"] > 0
+
+
 def test_flow_called_directly_honours_the_configured_dask_runner(survey_root, tmp_path):
     """A deployment run starts the flow on threads; a Dask config moves it to a subflow on Dask."""
     config = make_config(tmp_path, task_runner="dask", cache=False, detectors_per_task=1)

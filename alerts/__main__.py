@@ -22,7 +22,8 @@ get DIASOURCEID [--store DIR] [--out FILE]
     alert files); print its summary, or write it to FILE as a one-alert Avro
     file. Exit status 1 when no alert has that id.
 night NIGHT [--store DIR]
-    Print the night's manifest (UTC date ``YYYY-MM-DD``) as JSON: visits,
+    Print the night's manifest (the night's ``day_obs``, ``YYYY-MM-DD`` or
+    ``YYYYMMDD``: the observing day rolls over at 12:00 TAI) as JSON: visits,
     alerts per band, acknowledged and dead-lettered, new DiaObjects,
     solar-system alerts, failed detectors, latency.
 replay-night NIGHT --to SERVERS --topic T [--store DIR] [--cadence S] [--speed X]
@@ -52,6 +53,11 @@ import sys
 from alerts.kafka import KafkaConfig, replay_dead_letters
 from alerts.store import DeadLetterStore, check_against_receipt
 from core.errors import InputError
+
+_NIGHT_HELP = (
+    "the night's day_obs, YYYY-MM-DD or YYYYMMDD (exposure start in TAI minus 12 h; "
+    "an LSSTCam visit id's first eight digits)"
+)
 
 
 class _UsageError(Exception):
@@ -274,12 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_get)
 
     p = sub.add_parser("night", help="print a night's manifest (alerts, Kafka, failures) as JSON")
-    p.add_argument("night", metavar="NIGHT", help="UTC date YYYY-MM-DD")
+    p.add_argument("night", metavar="NIGHT", help=_NIGHT_HELP)
     store(p)
     p.set_defaults(func=_night)
 
     p = sub.add_parser("replay-night", help="re-publish a night's alerts visit by visit")
-    p.add_argument("night", metavar="NIGHT", help="UTC date YYYY-MM-DD")
+    p.add_argument("night", metavar="NIGHT", help=_NIGHT_HELP)
     p.add_argument("--to", required=True, metavar="SERVERS", help="Kafka bootstrap servers")
     p.add_argument("--topic", required=True, help="topic ({major}/{minor} filled from the schema)")
     p.add_argument(

@@ -1,12 +1,22 @@
 """Per-night manifest and statistics of the alerts produced, for brokers to reconcile against.
 
 When a visit finishes, the flow records it in the alert store as
-``manifests/{night}/{visit}.json`` (``night``: the UTC date of the visit's
-midpoint, ``YYYY-MM-DD``), written atomically and only by that visit, so two
-visits finishing at once never write the same file. A night's summary is
-merged from its visit files when it is read (:func:`read_night`, ``python -m
-alerts night NIGHT``); nothing holds a night-wide file that concurrent visits
-would have to update.
+``manifests/{night}/{visit}.json``, written atomically and only by that
+visit, so two visits finishing at once never write the same file. A night's
+summary is merged from its visit files when it is read (:func:`read_night`,
+``python -m alerts night NIGHT``); nothing holds a night-wide file that
+concurrent visits would have to update.
+
+``night`` is Rubin's observing day, ``day_obs``, written ``YYYY-MM-DD``: the
+date of the exposure's start (midpoint − half the exposure time) minus 12 h,
+in TAI (obs_lsst ``LsstBaseTranslator._ROLLOVER_TIME``, SITCOMTN-032). A
+night in Chile (about 23:00 to 11:00 UTC) so keeps one ``day_obs`` across UTC
+midnight, and a visit taken after UTC midnight belongs to the night before,
+as LSSTCam numbers it: its visit id is ``day_obs·10⁵ + seq_num``
+(:mod:`core.ids`), so for LSSTCam visits ``night`` is the id's first eight
+digits. The 12 h TAI rollover is Rubin's; an observatory far from Chile's
+longitude (ZTF at Palomar, UTC−8, observes until ~14:00 UTC) would split its
+nights at it.
 
 The counts of a visit come from the detectors' receipts (written after their
 alert file and after Kafka acknowledged every alert or the rest went to the
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import re
 import time
@@ -47,6 +58,8 @@ import numpy as np
 from core.errors import InputError
 
 __all__ = [
+    "DAY_OBS_ROLLOVER_DAYS",
+    "day_obs_of",
     "manifest_url",
     "night_markdown",
     "night_of",
@@ -56,15 +69,56 @@ __all__ = [
     "write_visit_manifest",
 ]
 
-_NIGHT = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+#: ``day_obs`` rolls over at 12:00 TAI (obs_lsst ``_ROLLOVER_TIME``), in days.
+DAY_OBS_ROLLOVER_DAYS = 0.5
+_MJD_EPOCH = dt.date(1858, 11, 17)  # MJD 0
+_NIGHT = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$|^(\d{4})(\d{2})(\d{2})$")
 _PERCENTILES = (50, 90, 99)
 
 
-def night_of(mjd_tai: float) -> str:
-    """The UTC date (``YYYY-MM-DD``) of a TAI MJD."""
-    from astropy.time import Time
+def _day_obs_date(mjd_tai: float, exposure_time_s: float) -> dt.date:
+    start = float(mjd_tai) - float(exposure_time_s) / 2 / 86400.0
+    if not math.isfinite(start):
+        raise InputError(
+            f"visit midpointMjdTai {mjd_tai!r}, exposureTime {exposure_time_s!r}: "
+            "no observing night for a non-finite time"
+        )
+    return _MJD_EPOCH + dt.timedelta(days=math.floor(start - DAY_OBS_ROLLOVER_DAYS))
 
-    return Time(float(mjd_tai), format="mjd", scale="tai").utc.datetime.date().isoformat()
+
+def day_obs_of(mjd_tai: float, exposure_time_s: float = 0.0) -> int:
+    """Rubin's ``day_obs`` (``YYYYMMDD``) of an exposure: its start in TAI, minus 12 h.
+
+    Parameters
+    ----------
+    mjd_tai : float
+        The exposure's midpoint (``midpointMjdTai``).
+    exposure_time_s : float
+        Its exposure time (s); the start is the midpoint minus half of it.
+
+    Raises
+    ------
+    InputError
+        If the time is not finite.
+    """
+    d = _day_obs_date(mjd_tai, exposure_time_s)
+    return (d.year * 100 + d.month) * 100 + d.day
+
+
+def night_of(mjd_tai: float, exposure_time_s: float = 0.0) -> str:
+    """The manifest night of an exposure: its :func:`day_obs_of` written ``YYYY-MM-DD``."""
+    return _day_obs_date(mjd_tai, exposure_time_s).isoformat()
+
+
+def _night_date(night: str) -> str:
+    """``night`` (``YYYY-MM-DD`` or ``YYYYMMDD``, a day_obs) as ``YYYY-MM-DD``, or InputError."""
+    m = _NIGHT.match(night)
+    if not m:
+        raise InputError(f"night {night!r}: expected the night's day_obs as YYYY-MM-DD or YYYYMMDD")
+    try:
+        return dt.date(*(int(g) for g in m.groups() if g is not None)).isoformat()
+    except ValueError as exc:
+        raise InputError(f"night {night!r}: {exc}") from None
 
 
 def _exposure_end_unix(mjd_tai: float, exposure_s: float) -> float:
@@ -108,6 +162,7 @@ def visit_entry(
     new_objects : mapping
         Detector → DiaObjects created by association (None when unknown).
     """
+    night = night_of(visit.midpointMjdTai, float(visit.exposureTime))
     end = _exposure_end_unix(visit.midpointMjdTai, float(visit.exposureTime))
     detectors: dict[str, dict[str, Any]] = {}
     for r in sorted(receipts, key=lambda r: int(r["detector"])):
@@ -127,7 +182,8 @@ def visit_entry(
     new = [d["new_objects"] for d in rows]
     return {
         "visit": int(visit.visit),
-        "night": night_of(visit.midpointMjdTai),
+        "night": night,
+        "day_obs": int(night.replace("-", "")),
         "band": visit.band,
         "midpointMjdTai": float(visit.midpointMjdTai),
         "alerts": alerts,
@@ -158,17 +214,15 @@ def write_visit_manifest(
 def read_night(location: str, night: str, storage_options: dict | None = None) -> dict[str, Any]:
     """The summary of ``night``, merged from its visit records (no visits: ``visits == []``).
 
+    ``night`` is a ``day_obs``, as ``YYYY-MM-DD`` or ``YYYYMMDD`` (the first
+    eight digits of an LSSTCam visit id); the summary names it ``YYYY-MM-DD``.
+
     Raises
     ------
     InputError
-        If ``night`` is not ``YYYY-MM-DD``.
+        If ``night`` is not such a date.
     """
-    if not _NIGHT.match(night):
-        raise InputError(f"night {night!r}: expected the UTC date as YYYY-MM-DD")
-    try:
-        dt.date.fromisoformat(night)
-    except ValueError as exc:
-        raise InputError(f"night {night!r}: {exc}") from None
+    night = _night_date(night)
     fs, path = fsspec.core.url_to_fs(
         f"{location.rstrip('/')}/manifests/{night}", **(storage_options or {})
     )
@@ -253,5 +307,5 @@ def publish_night_artifact(summary: Mapping[str, Any]) -> None:
     create_markdown_artifact(
         key=f"night-{summary['night']}",
         markdown=night_markdown(summary),
-        description=f"Alerts of night {summary['night']} (UTC), merged from its visits.",
+        description=f"Alerts of night {summary['night']} (day_obs), merged from its visits.",
     )

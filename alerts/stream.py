@@ -3,7 +3,7 @@
 ``python -m alerts get`` and ``python -m alerts replay-night`` (docs/alert-stream.md).
 
 A night replay sends the alert files of the night's visits (from the night
-manifest, :mod:`alerts.manifest`) in the order of the visits' midpoints,
+manifest, :mod:`alerts.manifest`: a night is a ``day_obs``) in the order of the visits' midpoints,
 waiting between visits as long as the survey did (``cadence=None``) or
 ``cadence`` seconds, divided by ``speed``. It keeps its state under
 ``{store}/replays/{topic}/{night}/``:
@@ -91,6 +91,7 @@ def replay_night(
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    night = summary["night"]  # YYYY-MM-DD however it was given: one replay state per night
     visits = [v for v in summary["visits"] if v["files"]]
     if not visits:
         print(f"error: night {night}: no alerts in {store}", file=sys.stderr)

@@ -60,6 +60,44 @@ def test_score_association_closed_form():
     assert s["n_bogus_new"] == 1 and s["n_moving_new"] == 2
 
 
+def test_completeness_of_the_passed_detections_is_scored_apart_from_all_injected():
+    """D's second detection (11) was dropped by the reliability filter; E's third (14)
+    passed it but association left it out (e.g. a non-finite position)."""
+    from bench.quality import score_association_both
+
+    truth = pd.concat(
+        [
+            _truth(),
+            pd.DataFrame(
+                {"diaSourceId": [12, 13, 14], "truthId": 50, "kind": "variable"},
+            ),
+        ],
+        ignore_index=True,
+    )
+    stored = pd.concat(
+        [
+            _stored(),
+            pd.DataFrame(
+                {"diaSourceId": [12, 13], "diaObjectId": [12, 12], "midpointMjdTai": [1.0, 2.0]}
+            ),
+        ],
+        ignore_index=True,
+    )
+    passed = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14])
+    every, kept = score_association_both(stored, truth, passed)
+    # all injected: A, B, D, E eligible; A complete; B split; D and E lost a detection
+    assert every["n_true_objects_2plus"] == 4
+    assert every["completeness"] == pytest.approx(3 / 4)
+    assert every["completeness_all_detections"] == pytest.approx(1 / 4)
+    # passed the filters: D has one passed detection left and is not eligible
+    assert kept["n_true_objects_2plus"] == 3
+    assert kept["completeness"] == pytest.approx(2 / 3)  # A, E in one DiaObject; B split
+    assert kept["completeness_all_detections"] == pytest.approx(1 / 3)  # E lost 14
+    assert kept["purity"] == every["purity"] and kept["n_new"] == every["n_new"]
+    with pytest.raises(ValueError, match="1 stored DiaSource.*did not pass"):
+        score_association_both(stored, truth, passed[passed != 13])
+
+
 def test_score_association_rejects_foreign_ids():
     stored = pd.concat(
         [
@@ -120,9 +158,13 @@ def test_small_simulated_survey_meets_quality_targets(tmp_path):
     )
     h = out["headline"]
     a = out["association"]
+    kept = out["association_passed_cuts"]
     assert a["n_dia_objects"] > 80 and a["n_true_objects_2plus"] > 20
     assert h["purity"] >= 0.98
-    assert h["completeness"] >= 0.95
+    assert h["completeness"] == kept["completeness"] >= 0.95
+    assert h["completeness_kept_detections"] == kept["completeness_all_detections"]
+    assert h["completeness_all_detections"] == a["completeness_all_detections"]
+    assert set(out["definitions"]) == set(h)
     assert h["false_new_fraction"] <= 0.02
     assert out["static_forced_pulls"]["diff"]["n"] > 300
     assert abs(h["pull_mean"]) < 0.1

@@ -458,14 +458,20 @@ def _arrow_table(frame: pd.DataFrame):
     if schema is None:  # a dtype pyarrow cannot name from an empty frame
         return pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
     arrays = []
-    for name, target in zip(frame.columns, schema, strict=True):
+    fields = list(schema)
+    for i, (name, target) in enumerate(zip(frame.columns, schema, strict=True)):
         values = column_values(frame, name)
         if isinstance(values, np.ndarray) and values.dtype != object:
             arr = pa.array(values)
         else:
             arr = pa.array(values, from_pandas=True)
-        arrays.append(arr if arr.type == target.type else arr.cast(target.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+        if pa.types.is_null(target.type) and not pa.types.is_null(arr.type):
+            # an object column: its empty frame names no type, the values do (strings, ...)
+            fields[i] = target.with_type(arr.type)
+        elif arr.type != target.type:
+            arr = arr.cast(target.type)
+        arrays.append(arr)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=schema.metadata))
 
 
 @functools.lru_cache(maxsize=64)

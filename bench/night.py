@@ -88,7 +88,9 @@ def trigger(name, **extra):
 ready = trigger("visit-on-ready", shutter_close_utc="{{ event.payload.completed_utc }}")
 serve(
     process_visit.to_deployment(
-        name="night-visit", triggers=[ready], parameters={"config": config}
+        name="night-visit",
+        triggers=[ready],
+        parameters={"config": config},
     ),
     preload_visit.to_deployment(
         name="night-preload",
@@ -667,6 +669,8 @@ def run_night(args, *, log=print) -> dict:
         "lost": lost,
         "duplicated": dup,
         "failed_visits": sum(r["state"] != "Completed" for r in rows),
+        # not stored, so not in lost/duplicated: their DiaSources never reached the APDB
+        "failed_detectors": sum(r["failed_detectors"] for r in rows),
         "preload_used_fraction": round(
             statistics.fmean(r["preload_used_fraction"] for r in rows), 4
         )

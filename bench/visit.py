@@ -103,7 +103,8 @@ class PeakRss:
             for child in self._proc.children(recursive=True):
                 with contextlib.suppress(Exception):
                     c = child.cpu_times()
-                    total += c.user + c.system
+                    # with what it reaped: a serve process's finished flow-run subprocesses
+                    total += c.user + c.system + c.children_user + c.children_system
         return total
 
     def cpu_by_process(self) -> dict[str, float]:

@@ -194,6 +194,14 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
         "preloads are dropped first; a detector larger than the whole budget is not kept; 0 "
         "keeps none (docs/realtime.md).",
     )
+    wait_for_earlier_s: float = Field(
+        300.0,
+        ge=0,
+        description="Before its first load, a visit waits at most this long (s) until every "
+        "earlier, overlapping visit of its night under the same bundle root is stored, so "
+        "visits processed at once store in the order they were taken (a detector loading "
+        "after a later visit stored its region is refused). 0: no wait (flows/order.py).",
+    )
     preload_dir: str | None = Field(
         None,
         description="Local directory where preload_visit keeps each detector's preload as "

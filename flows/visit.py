@@ -33,6 +33,7 @@ from core.errors import InputError
 from core.extras import import_extra
 from flows import detector as D
 from flows.config import OrchestrationConfig, PipelineConfig
+from flows.order import wait_for_earlier_visits
 from flows.produce import finished_detectors, record_visit
 from flows.report import FILTER_COUNTS, filter_totals, png_data_uri, visit_figure_png
 from flows.stages import (
@@ -67,7 +68,9 @@ class VisitResult(dict):
     ``shutter_close_utc``, ``source``; :mod:`flows.timing`),
     ``preload_used_fraction`` (of the detectors loaded by this run, the
     fraction whose load used a preload, :mod:`flows.preload`; 0.0 when none
-    was loaded).
+    was loaded), ``waited_for_earlier`` (``waited_s``, ``waited_for``,
+    ``timed_out``: the wait for earlier overlapping visits to be stored,
+    :mod:`flows.order`; absent when nothing was left to load).
     """
 
 
@@ -222,6 +225,7 @@ def process_visit(
         config.apdb.safe_url(),
     )
     prune_cache(config.orchestration)
+    order = wait_for_earlier_visits(bundle_root, info, config, logger) if todo else None
     ctx = StageContext(bundle_root, info, config, _now_mjd_tai())
     size = config.orchestration.detectors_per_task
     groups = [("visit", g) for g in _chunks(todo, size)]
@@ -238,6 +242,8 @@ def process_visit(
     result = _collect(info, [g for _, g in groups], outcomes, time.perf_counter() - t_start)
     result["skipped"] = skipped
     result["recovered"] = recover
+    if order is not None:
+        result["waited_for_earlier"] = order
     result["succeeded"] = sorted(set(result["succeeded"]) | set(skipped))
     result["detectors"] = dets
     add_latency(result, close)
@@ -519,6 +525,7 @@ def run_visit_plain(
     info = read_visit_info(bundle_root, visit)
     dets = select_detectors(bundle_root, info, detectors)
     close = shutter_close(bundle_root, info)
+    order = wait_for_earlier_visits(bundle_root, info, config)
     ctx = StageContext(bundle_root, info, config, _now_mjd_tai())
     groups = _chunks(dets, config.orchestration.detectors_per_task)
     run = functools.partial(run_table, TABLES["visit"], ctx)
@@ -529,6 +536,7 @@ def run_visit_plain(
             outcomes = list(pool.map(run, groups))
     D.forget_bundles()
     result = _collect(info, groups, outcomes, time.perf_counter() - t_start)
+    result["waited_for_earlier"] = order
     add_latency(result, close)
     return result
 

@@ -6,26 +6,26 @@ depend on a later visit), and a re-run is refused again, so its DiaSources
 would never be stored. Visits processed at once (several runs of the
 ``visit-on-ready`` deployment, one Dask cluster) reach their loads in any
 order. So before its first load a visit waits, for at most
-``orchestration.wait_for_earlier_s``, until every *earlier, overlapping* visit
-of its night under the same bundle root is stored:
+``orchestration.wait_for_earlier_s`` (*W*), until every *earlier, overlapping,
+recent* visit under the same bundle root is stored:
 
-* earlier: the same ``day_obs`` and a smaller ``seq_num`` (LSSTCam visit
-  numbers ``day_obs·10⁵ + seq_num``, :mod:`core.ids`); the nearest
-  :data:`NEAREST` such visits are looked at, as more cannot be in flight;
+* earlier: a smaller visit number (LSSTCam numbers ``day_obs·10⁵ + seq_num``
+  grow with time, :mod:`core.ids`); the nearest :data:`NEAREST` such visits
+  are looked at, as more cannot be in flight;
 * overlapping: boresights closer than :data:`OVERLAP_DEG` (LSSTCam's field,
   9.6 deg², is ~3.5° across: two visits farther apart share no sky);
-* delivered: ``visit.json`` is there and, under the completion contract,
-  the bundle is complete (:mod:`core.completion`); a bundle still arriving is
-  waited for too, as its visit will be processed;
-* stored: the APDB holds a marker for each of its detectors.
+* recent: delivered under the completion contract (:mod:`core.completion`:
+  the watcher's and the simulator's bundles), and complete for at most *W*
+  (a bundle still arriving counts from its marker). An older one failed or
+  was abandoned and is not waited for, so one detector that fails every
+  time holds back at most the visits that follow it within *W*; a bundle
+  without a marker has no arrival time and is not waited for;
+* not stored: the APDB lacks the marker of one of its detectors.
 
 Visit k+1 therefore loads once visit k has stored, while k still cuts,
 packages and produces its alerts: the two overlap, and the APDB sees them in
-order. An earlier visit that never completes (a detector that fails every
-time, a bundle that is never finished) holds the later one back for the
-whole wait; after it the later visit goes on, and the earlier one's
-remaining detectors are refused when they come (logged). 0 turns the wait
-off.
+order. After the wait the later visit goes on; an earlier one's detectors
+that load after it stored are refused (logged). 0 turns the wait off.
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from datetime import UTC, datetime
 
 import fsspec
 
 from core.bundle import VisitInfo, read_visit_info
 from core.completion import COMPLETE_FILE, check_complete
-from core.ids import SEQ_NUM_RADIX
 from flows.config import PipelineConfig
 
 __all__ = ["NEAREST", "OVERLAP_DEG", "unstored_earlier_visits", "wait_for_earlier_visits"]
@@ -60,26 +60,31 @@ def _separation_deg(ra1: float, dec1: float, ra2: float, dec2: float) -> float:
 
 def _earlier_candidates(bundle_root: str, visit: int) -> list[int]:
     fs, _, (path,) = fsspec.get_fs_token_paths(bundle_root)
-    night, seq = divmod(int(visit), SEQ_NUM_RADIX)
-    if seq <= 1 or not fs.exists(path):
+    if not fs.exists(path):
         return []
     found = []
     for p in fs.ls(path, detail=False):
         name = p.rstrip("/").rsplit("/", 1)[-1]
-        if name.isdigit():
-            v = int(name)
-            if v // SEQ_NUM_RADIX == night and v < visit:
-                found.append(v)
+        if name.isdigit() and int(name) < visit:
+            found.append(int(name))
     return sorted(found)[-NEAREST:]
+
+
+def _age_s(fs, path: str) -> float:
+    modified = fs.modified(path)
+    if modified.tzinfo is None:
+        modified = modified.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - modified).total_seconds()
 
 
 def unstored_earlier_visits(
     bundle_root: str, info: VisitInfo, config: PipelineConfig, apdb=None
 ) -> list[int]:
-    """Earlier, overlapping visits of ``info``'s night with a detector not yet stored."""
+    """Earlier, overlapping, recent visits under the root with a detector not yet stored."""
     from flows.detector import get_apdb
 
     apdb = apdb or get_apdb(config)
+    limit = config.orchestration.wait_for_earlier_s
     fs, _, (path,) = fsspec.get_fs_token_paths(bundle_root)
     out = []
     for v in _earlier_candidates(bundle_root, info.visit):
@@ -88,18 +93,24 @@ def unstored_earlier_visits(
             if not fs.exists(f"{folder}/visit.json"):
                 continue
             other = read_visit_info(bundle_root, v)
-        except Exception as exc:  # a visit.json still being written, or broken
+            sep = _separation_deg(
+                info.boresightRa, info.boresightDec, other.boresightRa, other.boresightDec
+            )
+            if sep >= OVERLAP_DEG or not set(other.detectors) - apdb.done_detectors(v):
+                continue
+            marker = f"{folder}/{COMPLETE_FILE}"
+            if not fs.exists(marker):
+                continue  # delivered outside the completion contract: no arrival time
+            done = check_complete(bundle_root, v)
+            age = (
+                _age_s(fs, marker)
+                if done is None
+                else (datetime.now(UTC) - done.completed_at).total_seconds()
+            )
+        except Exception as exc:  # a visit.json or marker still being written, or broken
             log.debug("visit %s: earlier visit %s not read: %s", info.visit, v, exc)
             continue
-        sep = _separation_deg(
-            info.boresightRa, info.boresightDec, other.boresightRa, other.boresightDec
-        )
-        if sep >= OVERLAP_DEG:
-            continue
-        if fs.exists(f"{folder}/{COMPLETE_FILE}") and check_complete(bundle_root, v) is None:
-            out.append(v)  # still arriving: it will be processed
-            continue
-        if set(other.detectors) - apdb.done_detectors(v):
+        if age <= limit:  # older: failed or abandoned long ago, not in flight
             out.append(v)
     return out
 
@@ -107,10 +118,12 @@ def unstored_earlier_visits(
 def wait_for_earlier_visits(
     bundle_root: str, info: VisitInfo, config: PipelineConfig, logger=log
 ) -> dict:
-    """Wait until :func:`unstored_earlier_visits` is empty or the wait is over.
+    """Wait until the visits :func:`unstored_earlier_visits` gives now are stored, or the wait is over.
 
     Returns ``{"waited_s", "waited_for" (visits), "timed_out"}``.
     """
+    from flows.detector import get_apdb
+
     limit = config.orchestration.wait_for_earlier_s
     t0 = time.monotonic()
     if limit <= 0:
@@ -122,9 +135,11 @@ def wait_for_earlier_visits(
             info.visit,
             pending,
         )
+    apdb = get_apdb(config)
+    wanted = {v: set(read_visit_info(bundle_root, v).detectors) for v in pending}
     while pending and time.monotonic() - t0 < limit:
         time.sleep(_POLL_S)
-        pending = unstored_earlier_visits(bundle_root, info, config)
+        pending = [v for v in pending if wanted[v] - apdb.done_detectors(v)]
     waited = round(time.monotonic() - t0, 3)
     if pending:
         logger.warning(

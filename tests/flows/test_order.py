@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from core.completion import mark_complete
 from flows.detector import get_apdb
 from flows.order import unstored_earlier_visits
 from flows.visit import run_visit_plain
@@ -15,7 +16,7 @@ from tests.conftest import make_config
 
 @pytest.fixture(scope="module")
 def night_root(tmp_path_factory) -> tuple[str, list[int]]:
-    """Two visits of one field 40 s apart (the same day_obs), 2 detectors each."""
+    """Two visits of one field 40 s apart, 2 detectors each, delivered with their markers."""
     from sim.config import SurveyConfig
     from sim.survey import Survey
 
@@ -30,9 +31,10 @@ def night_root(tmp_path_factory) -> tuple[str, list[int]]:
         )
     )
     root = tmp_path_factory.mktemp("night")
+    numbers = [survey.config.visit_number(k) for k in range(2)]
     for k in range(2):
         survey.write_visit(str(root), k)
-    numbers = [survey.config.visit_number(k) for k in range(2)]
+        mark_complete(str(root), numbers[k])
     assert numbers[1] == numbers[0] + 1, "one night, consecutive seq_num"
     return str(root), numbers
 
@@ -62,11 +64,15 @@ def test_the_wait_ends_and_the_later_visit_goes_on(night_root, tmp_path):
     base = make_config(tmp_path, cache=False)
     orch = base.orchestration.model_copy(update={"wait_for_earlier_s": 1.0})
     config = base.model_copy(update={"orchestration": orch})
+    mark_complete(root, first)  # arrived just now: within the 1 s looked back
     result = run_visit_plain(root, second, config)
     assert result["failed"] == {}
     assert result["waited_for_earlier"]["timed_out"] is True
     assert result["waited_for_earlier"]["waited_for"] == [first]
     assert result["waited_for_earlier"]["waited_s"] >= 1.0
+    # Complete for longer than the wait: failed or abandoned, not waited for.
+    time.sleep(1.1)
+    assert unstored_earlier_visits(root, _info(root, second), config) == []
 
 
 def _info(root: str, visit: int):

@@ -15,11 +15,14 @@ recent* visit under the same bundle root is stored:
 * overlapping: boresights closer than :data:`OVERLAP_DEG` (LSSTCam's field,
   9.6 deg², is ~3.5° across: two visits farther apart share no sky);
 * recent: delivered under the completion contract (:mod:`core.completion`:
-  the watcher's and the simulator's bundles), and complete for at most *W*
-  (a bundle still arriving counts from its marker). An older one failed or
-  was abandoned and is not waited for, so one detector that fails every
-  time holds back at most the visits that follow it within *W*; a bundle
-  without a marker has no arrival time and is not waited for;
+  the watcher's and the simulator's bundles) at most *W* before this visit's
+  own bundle was complete (a bundle still arriving counts from its marker;
+  this visit, without a marker, from now). Arrivals are compared with each
+  other, not with the clock, so a backlog does not make an earlier visit
+  look abandoned. One that arrived longer before failed or was abandoned
+  and is not waited for, so a detector that fails every time holds back
+  only the visits that arrive within *W* after it; a bundle without a
+  marker has no arrival time and is not waited for;
 * not stored: the APDB lacks the marker of one of its detectors.
 
 Visit k+1 therefore loads once visit k has stored, while k still cuts,
@@ -70,11 +73,9 @@ def _earlier_candidates(bundle_root: str, visit: int) -> list[int]:
     return sorted(found)[-NEAREST:]
 
 
-def _age_s(fs, path: str) -> float:
+def _modified(fs, path: str) -> datetime:
     modified = fs.modified(path)
-    if modified.tzinfo is None:
-        modified = modified.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - modified).total_seconds()
+    return modified if modified.tzinfo is not None else modified.replace(tzinfo=UTC)
 
 
 def unstored_earlier_visits(
@@ -86,6 +87,11 @@ def unstored_earlier_visits(
     apdb = apdb or get_apdb(config)
     limit = config.orchestration.wait_for_earlier_s
     fs, _, (path,) = fsspec.get_fs_token_paths(bundle_root)
+    try:  # arrivals are compared with this visit's own, so a backlog does not age them
+        mine = check_complete(bundle_root, info.visit)
+    except Exception:
+        mine = None
+    arrived = mine.completed_at if mine is not None else datetime.now(UTC)
     out = []
     for v in _earlier_candidates(bundle_root, info.visit):
         folder = f"{path.rstrip('/')}/{v}"
@@ -102,11 +108,8 @@ def unstored_earlier_visits(
             if not fs.exists(marker):
                 continue  # delivered outside the completion contract: no arrival time
             done = check_complete(bundle_root, v)
-            age = (
-                _age_s(fs, marker)
-                if done is None
-                else (datetime.now(UTC) - done.completed_at).total_seconds()
-            )
+            theirs = _modified(fs, marker) if done is None else done.completed_at
+            age = (arrived - theirs).total_seconds()
         except Exception as exc:  # a visit.json or marker still being written, or broken
             log.debug("visit %s: earlier visit %s not read: %s", info.visit, v, exc)
             continue

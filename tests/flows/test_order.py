@@ -64,14 +64,17 @@ def test_the_wait_ends_and_the_later_visit_goes_on(night_root, tmp_path):
     base = make_config(tmp_path, cache=False)
     orch = base.orchestration.model_copy(update={"wait_for_earlier_s": 1.0})
     config = base.model_copy(update={"orchestration": orch})
-    mark_complete(root, first)  # arrived just now: within the 1 s looked back
+    # the earlier one arrived just before the later one: within the 1 s looked back
+    mark_complete(root, first)
+    mark_complete(root, second)
     result = run_visit_plain(root, second, config)
     assert result["failed"] == {}
     assert result["waited_for_earlier"]["timed_out"] is True
     assert result["waited_for_earlier"]["waited_for"] == [first]
     assert result["waited_for_earlier"]["waited_s"] >= 1.0
-    # Complete for longer than the wait: failed or abandoned, not waited for.
+    # Arrived longer than the wait before the later one: failed or abandoned, not waited for.
     time.sleep(1.1)
+    mark_complete(root, second)
     assert unstored_earlier_visits(root, _info(root, second), config) == []
 
 

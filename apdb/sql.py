@@ -112,7 +112,7 @@ __all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
 _LOG = logging.getLogger(__name__)
 
 #: Version of this table layout; a different major version cannot be opened.
-IMPLEMENTATION_VERSION = "2.0.0"
+IMPLEMENTATION_VERSION = "2.1.0"
 
 MARKER_TABLE = "ApdbVisitDetector"
 LAST_TABLE = "DiaObjectLast"
@@ -170,8 +170,42 @@ def _sdm_columns(table: str) -> list[sa.Column]:
     ]
 
 
-def build_metadata() -> sa.MetaData:
-    """The SQLAlchemy tables of the APDB, generated from the SDM schema."""
+#: The packed reads (:meth:`ApdbSql._select_packed`) each scan one covering index:
+#: table → (index name, key columns). The index also holds the string columns
+#: and the ``payload`` the read returns, so a read never visits the table rows.
+COVERING_INDEXES = {
+    LAST_TABLE: ("IDX_DiaObjectLast_pixelId_payload", (PIXEL_COLUMN,)),
+    "DiaSource": ("IDX_DiaSource_diaObjectId_payload", ("diaObjectId", "midpointMjdTai")),
+    "DiaForcedSource": (
+        "IDX_DiaForcedSource_diaObjectId_payload",
+        ("diaObjectId", "midpointMjdTai"),
+    ),
+}
+
+
+def covering_index(table: str, dialect: str) -> sa.Index:
+    """The covering index of a packed table (:data:`COVERING_INDEXES`) for ``dialect``.
+
+    PostgreSQL keeps the string columns and the payload as ``INCLUDE`` columns
+    (in the leaf pages only, read by an index-only scan); SQLite, which has no
+    ``INCLUDE``, as trailing key columns, which its planner reads the same way
+    (a "covering index"). One DiaObject's history is then contiguous in the
+    index, in time order, while the table rows stay in insertion order.
+    """
+    name, keys = COVERING_INDEXES[table]
+    sdm_table = "DiaObject" if table == LAST_TABLE else table
+    extra = [*_Packing(sdm_table).text, PAYLOAD_COLUMN]
+    if dialect == "postgresql":
+        return sa.Index(name, *keys, postgresql_include=extra)
+    return sa.Index(name, *keys, *extra)
+
+
+def build_metadata(dialect: str = "sqlite") -> sa.MetaData:
+    """The SQLAlchemy tables of the APDB, generated from the SDM schema.
+
+    ``dialect`` ('sqlite' or 'postgresql') only changes how the covering
+    indexes are declared (:func:`covering_index`).
+    """
     md = sa.MetaData()
     sa.Table(
         "DiaObject",
@@ -187,7 +221,7 @@ def build_metadata() -> sa.MetaData:
         sa.Column(PIXEL_COLUMN, sa.BigInteger, nullable=False),
         sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint(*sdm.primary_key("DiaObjectLast")),
-        sa.Index("IDX_DiaObjectLast_pixelId", PIXEL_COLUMN),
+        covering_index(LAST_TABLE, dialect),
     )
     sa.Table(
         "DiaSource",
@@ -196,7 +230,7 @@ def build_metadata() -> sa.MetaData:
         sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint(*sdm.primary_key("DiaSource")),
         sa.Index("IDX_DiaSource_visitDetector", "visit", "detector"),
-        sa.Index("IDX_DiaSource_diaObjectId", "diaObjectId", "midpointMjdTai"),
+        covering_index("DiaSource", dialect),
     )
     sa.Table(
         "DiaForcedSource",
@@ -205,7 +239,7 @@ def build_metadata() -> sa.MetaData:
         sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint(*sdm.primary_key("DiaForcedSource")),
         sa.Index("IDX_DiaForcedSource_visitDetector", "visit", "detector"),
-        sa.Index("IDX_DiaForcedSource_diaObjectId", "diaObjectId", "midpointMjdTai"),
+        covering_index("DiaForcedSource", dialect),
         sqlite_with_rowid=False,
     )
     sa.Table(
@@ -989,8 +1023,8 @@ class ApdbSql(Apdb):
             self._create_schema()
 
     def _create_schema(self) -> None:
-        md = build_metadata()
         dialect = self._engine.dialect
+        md = build_metadata(dialect.name)
         statements = []
         for table in md.sorted_tables:
             statements.append(str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)))
@@ -1087,7 +1121,10 @@ class ApdbSql(Apdb):
     # ------------------------------------------------------------------ reads
 
     def _select(self, table: str, columns: Sequence[str], where: str, params: list, what: str):
-        sql = f"SELECT {', '.join(_q(c) for c in columns)} FROM {_q(table)} WHERE {where}"
+        return self._select_from(_q(table), columns, f"WHERE {where}", params, what)
+
+    def _select_from(self, source: str, columns: Sequence[str], where: str, params, what: str):
+        sql = f"SELECT {', '.join(_q(c) for c in columns)} FROM {source} {where}"
         with self._connection(what) as conn:
             cur = conn.cursor()
             cur.execute(sql, params)
@@ -1096,39 +1133,42 @@ class ApdbSql(Apdb):
     def get_objects(self, region: Region) -> pd.DataFrame:
         """The latest version of every DiaObject inside ``region`` (all SDM columns).
 
-        Rows come from the ``pixelId`` ranges covering ``region`` (the index)
-        and are then filtered exactly with ``region.contains``.
+        Rows come from the ``pixelId`` ranges covering ``region``, one range
+        scan of the covering index each (``UNION ALL``: the ranges are
+        disjoint), and are then filtered exactly with ``region.contains``.
         """
         ranges = region.pixel_ranges(self.order, self.config.max_pixel_ranges)
         if len(ranges) == 0:
             return sdm.empty_frame("DiaObject")
-        ph = self._ph
-        pix = _q(PIXEL_COLUMN)
-        where = " OR ".join([f"({pix} >= {ph} AND {pix} < {ph})"] * len(ranges))
-        df = self._select_packed(
-            LAST_TABLE, "DiaObject", where, ranges.ravel().tolist(), "get_objects"
-        )
+        ph, pix = self._ph, _q(PIXEL_COLUMN)
+        packing = self._packing["DiaObject"]
+        cols = ", ".join(_q(c) for c in [PAYLOAD_COLUMN, *packing.text])
+        scan = f"SELECT {cols} FROM {_q(LAST_TABLE)} WHERE {pix} >= {ph} AND {pix} < {ph}"
+        source = "(" + " UNION ALL ".join([scan] * len(ranges)) + ") AS ranged"
+        df = self._select_packed(source, "DiaObject", "", ranges.ravel().tolist(), "get_objects")
         if len(df):
             inside = region.contains(df["ra"].to_numpy(), df["dec"].to_numpy())
             if not inside.all():
                 df = df.loc[inside].reset_index(drop=True)
         return df
 
-    def _select_packed(self, table: str, sdm_table: str, where: str, params: list, what: str):
-        """Rows of ``table`` as an SDM frame, decoded from their packed payloads.
+    def _select_packed(self, source: str, sdm_table: str, where: str, params: list, what: str):
+        """Rows of ``source`` (FROM item) and ``where`` (SQL clause or "") as an SDM frame.
 
-        The rows come back aggregated, as one result row: the payloads
-        concatenated by the server (``group_concat`` / ``string_agg``) and each
-        string column as one array (``json_group_array`` / ``array_agg``), all
-        in the same row order. A row-per-row fetch would create a tuple and a
-        ``bytes`` per row, which costs more than the decode (and, with ~15,000
-        rows a detector, frequent garbage collections). A result too large for
-        one value (SQLite's and PostgreSQL's limit is 1 GB) is read row by row.
+        The frame is decoded from the rows' packed payloads. They come back
+        aggregated, as one result row: the payloads concatenated by the server
+        (``group_concat`` / ``string_agg``) and each string column as one
+        array (``json_group_array`` / ``array_agg``), all in the same row
+        order. A row-per-row fetch would create a tuple and a ``bytes`` per
+        row, which costs more than the decode (and, with ~15,000 rows a
+        detector, frequent garbage collections). A result too large for one
+        value (SQLite's and PostgreSQL's limit is 1 GB) is read row by row.
         """
         packing = self._packing[sdm_table]
-        got = self._select_aggregated(table, packing, where, params, what)
+        got = self._select_aggregated(source, packing, where, params, what)
         if got is None:
-            rows = self._select(table, [PAYLOAD_COLUMN, *packing.text], where, params, what)
+            names = [PAYLOAD_COLUMN, *packing.text]
+            rows = self._select_from(source, names, where, params, what)
             columns = list(zip(*rows, strict=True)) or [()] * (1 + len(packing.text))
             got = (
                 b"".join(columns[0]),
@@ -1137,7 +1177,7 @@ class ApdbSql(Apdb):
             )
         return packing.unpack(*got)
 
-    def _select_aggregated(self, table: str, packing: _Packing, where: str, params: list, what):
+    def _select_aggregated(self, source: str, packing: _Packing, where: str, params: list, what):
         """(payloads concatenated, row count, string columns) in one result row, or None.
 
         None when the database cannot build a value that large.
@@ -1150,7 +1190,7 @@ class ApdbSql(Apdb):
         else:
             blob = f"string_agg({_q(PAYLOAD_COLUMN)}, ''::bytea)"
             texts = [f"array_agg({_q(c)})" for c in packing.text]
-        sql = f"SELECT count(*), {', '.join([blob, *texts])} FROM {_q(table)} WHERE {where}"
+        sql = f"SELECT count(*), {', '.join([blob, *texts])} FROM {source} {where}"
         with self._connection(what) as conn:
             cur = conn.cursor()
             try:
@@ -1185,7 +1225,7 @@ class ApdbSql(Apdb):
                 raise InputError(f"{table} query: since_mjd must be finite, got {since_mjd}")
             where += f' AND "midpointMjdTai" >= {self._ph}'
             params.append(float(since_mjd))
-        return self._select_packed(table, table, where, params, f"read {table}")
+        return self._select_packed(_q(table), table, f"WHERE {where}", params, f"read {table}")
 
     def get_sources(self, object_ids, since_mjd: float | None) -> pd.DataFrame:
         """DiaSources of ``object_ids`` with ``midpointMjdTai >= since_mjd`` (MJD TAI).

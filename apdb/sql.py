@@ -12,8 +12,8 @@ columns:
 * writes bind whole columns: ``executemany`` on SQLite, binary ``COPY ...
   FROM STDIN`` (psycopg 3) on PostgreSQL; all-null columns are left out;
 * long DiaObject ID lists go to the server as one parameter: a JSON array
-  expanded by ``json_each`` on SQLite, ``= ANY(%s)`` on a bigint array on
-  PostgreSQL — no chunking, no 999-parameter limit.
+  expanded by ``json_each`` on SQLite, ``= ANY(%s::int8[])`` on a bigint array
+  literal on PostgreSQL — no chunking, no 999-parameter limit.
 
 Layout
 ------
@@ -88,6 +88,7 @@ import logging
 import os
 import sqlite3
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -107,7 +108,7 @@ from apdb.region import Region
 from core.errors import ApdbError, InputError, SchemaVersionError, StaleLoadError, TransientError
 from core.extras import import_extra
 
-__all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
+__all__ = ["FAST_UNPACK", "IMPLEMENTATION_VERSION", "ApdbSql"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -118,6 +119,14 @@ MARKER_TABLE = "ApdbVisitDetector"
 LAST_TABLE = "DiaObjectLast"
 PIXEL_COLUMN = "pixelId"
 PAYLOAD_COLUMN = "payload"
+
+#: SQLite memory-mapped I/O: as much of the file as SQLite allows (it caps the request at
+#: its compile-time SQLITE_MAX_MMAP_SIZE, 2 GB by default). Reads of mapped pages skip
+#: the copy into SQLite's page cache: ~20 % of a detector's history read, warm.
+SQLITE_MMAP_BYTES = 2**40
+
+#: A pooled PostgreSQL connection idle for this long (s) is pinged before it is used.
+PING_AFTER_IDLE_S = 1.0
 
 #: HEALPix order of the PostgreSQL region locks of a guarded store (0.23 deg pixels:
 #: an LSSTCam detector touches about four).
@@ -380,6 +389,28 @@ class _Packing:
         self.dtype = np.dtype(fields)
         digest = hashlib.sha1(repr((fields, self.text)).encode()).hexdigest()[:16]
         self.signature = f"{self.dtype.itemsize}:{digest}"
+        # the block structure unpack() builds: (dtype, column positions, names) for the
+        # plain columns of each numpy dtype and the nullable columns of each dtype
+        plain: dict[str, list[tuple[int, str]]] = {}
+        masked: dict[str, list[tuple[int, str]]] = {}
+        text_places = []
+        for place, col in enumerate(self.columns):
+            if col.name in self.text:
+                text_places.append(place)
+            elif col.dtype in _NULLABLE_INT or col.dtype == "boolean":
+                masked.setdefault(col.dtype, []).append((place, col.name))
+            else:
+                plain.setdefault(col.dtype, []).append((place, col.name))
+        self._numpy_blocks = [
+            (np.dtype(dtype), np.array([p for p, _ in cols]), [c for _, c in cols])
+            for dtype, cols in plain.items()
+        ]
+        self._masked_blocks = [
+            (dtype, [np.array([p]) for p, _ in cols], [c for _, c in cols])
+            for dtype, cols in masked.items()
+        ]
+        self._text_places = np.array(text_places)
+        self._empty_columns = sdm.empty_frame(table).columns
 
     def pack(self, arrays: Mapping[str, Any], n: int) -> list[bytes]:
         """One ``bytes`` payload per row from the converted column arrays."""
@@ -402,6 +433,15 @@ class _Packing:
 
         ``buf`` holds the rows' payloads one after another; ``text`` the string
         columns, in the same row order.
+
+        With pandas' ``create_dataframe_from_blocks`` (:data:`FAST_UNPACK`) the
+        frame is assembled from one 2-D block per numpy dtype (the columns of a
+        dtype copied into it field by field), one extension array per nullable
+        column and one object block for the strings; otherwise, and as the
+        reference it is tested against, column by column
+        (:meth:`unpack_by_column`). Both give equal frames; the blocks spare
+        pandas' per-column checks and consolidation (~2 ms for a detector's
+        5,000 DiaSources).
         """
         if n == 0:
             return sdm.empty_frame(self.table)
@@ -411,6 +451,39 @@ class _Packing:
                 f"{self.dtype.itemsize}-byte layout {self.signature}"
             )
         rec = np.frombuffer(buf, dtype=self.dtype)
+        if _from_blocks is None:
+            return self._by_column(rec, text)
+        blocks: list[tuple[Any, np.ndarray]] = []
+        for dtype, places, names in self._numpy_blocks:
+            block = np.empty((len(names), n), dtype=dtype)
+            for i, name in enumerate(names):
+                block[i] = rec[name]
+            blocks.append((block, places))
+        for sdm_dtype, masked_places, masked_names in self._masked_blocks:
+            values = np.empty((len(masked_names), n), dtype=_MASKED_VALUES[sdm_dtype])
+            null = np.empty((len(masked_names), n), dtype=bool)
+            for i, name in enumerate(masked_names):
+                values[i] = rec[name]
+                np.equal(rec["valid:" + name], 0, out=null[i])
+            array_type = (
+                pd.arrays.BooleanArray if sdm_dtype == "boolean" else pd.arrays.IntegerArray
+            )
+            for i, place in enumerate(masked_places):
+                blocks.append((array_type(values[i], null[i]), place))
+        if self.text:
+            block = np.empty((len(self.text), n), dtype=object)
+            for i, name in enumerate(self.text):
+                block[i] = text[name]
+            blocks.append((block, self._text_places))
+        return _from_blocks(blocks, index=pd.RangeIndex(n), columns=self._empty_columns.copy())
+
+    def unpack_by_column(self, buf: bytes, n: int, text: dict[str, Sequence]) -> pd.DataFrame:
+        """:meth:`unpack` through the DataFrame constructor, one column at a time."""
+        if n == 0:
+            return sdm.empty_frame(self.table)
+        return self._by_column(np.frombuffer(buf, dtype=self.dtype), text)
+
+    def _by_column(self, rec: np.ndarray, text: dict[str, Sequence]) -> pd.DataFrame:
         data: dict[str, object] = {}
         for col in self.columns:
             name, dtype = col.name, col.dtype
@@ -428,6 +501,21 @@ class _Packing:
             else:
                 data[name] = rec[name].astype(dtype)
         return pd.DataFrame(data)
+
+
+#: numpy dtype of the values under the mask of each nullable SDM dtype.
+_MASKED_VALUES: dict[str, Any] = {
+    "boolean": np.bool_,
+    **{d: np.dtype(d.lower()) for d in _NULLABLE_INT},
+}
+
+try:  # pandas >= 3.0
+    from pandas.api.internals import create_dataframe_from_blocks as _from_blocks
+except ImportError:  # pragma: no cover - older pandas: the DataFrame constructor
+    _from_blocks = None
+
+#: Whether :meth:`_Packing.unpack` assembles frames from blocks (pandas >= 3.0).
+FAST_UNPACK = _from_blocks is not None
 
 
 _INT_RANGE = {name: np.iinfo(name) for name in _INT}
@@ -913,11 +1001,11 @@ class ApdbSql(Apdb):
                 cur.execute("PRAGMA cache_size = -32768")
                 cur.execute("PRAGMA temp_store = MEMORY")
                 if read_only:  # the journal mode is the file's; changing it is a write
-                    cur.execute("PRAGMA mmap_size = 268435456")
+                    cur.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_BYTES}")
                 elif not memory:
                     cur.execute("PRAGMA journal_mode = WAL")
                     cur.execute("PRAGMA synchronous = NORMAL")
-                    cur.execute("PRAGMA mmap_size = 268435456")
+                    cur.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_BYTES}")
                 cur.close()
 
             return engine
@@ -928,10 +1016,31 @@ class ApdbSql(Apdb):
             pool_size=config.pool_size,
             max_overflow=config.max_overflow,
             pool_timeout=config.pool_timeout_s,
-            pool_pre_ping=True,
             connect_args={"connect_timeout": config.connect_timeout_s},
         )
         lock_ms, statement_ms = int(config.lock_timeout_ms), int(config.statement_timeout_ms)
+
+        # Pessimistic disconnect handling, as pool_pre_ping but only for a connection
+        # that sat in the pool for PING_AFTER_IDLE_S or more: a detector's three reads
+        # and its store then cost no extra round trip each. A connection that failed
+        # (closed) is replaced without one; DisconnectionError makes the pool discard
+        # the connection and check out another.
+        @event.listens_for(engine, "checkin")
+        def _on_checkin(_dbapi_conn, record):
+            record.info["idle_since"] = time.monotonic()
+
+        @event.listens_for(engine, "checkout")
+        def _on_checkout(dbapi_conn, record, _proxy):
+            if dbapi_conn.closed:
+                raise sa.exc.DisconnectionError("connection closed")
+            since = record.info.pop("idle_since", None)
+            if since is None or time.monotonic() - since < PING_AFTER_IDLE_S:
+                return
+            try:
+                dbapi_conn.autocommit = True
+                dbapi_conn.execute("SELECT 1")
+            except Exception as exc:
+                raise sa.exc.DisconnectionError(f"ping failed: {exc}") from exc
 
         @event.listens_for(engine, "connect")
         def _on_pg_connect(dbapi_conn, _record):
@@ -953,7 +1062,13 @@ class ApdbSql(Apdb):
             proxy = self._engine.raw_connection()
             try:
                 conn = driver_connection(proxy)
-                if write and self.dialect == "sqlite":
+                if self.dialect != "sqlite":
+                    # Reads in autocommit: no BEGIN and ROLLBACK round trips around each
+                    # one (under READ COMMITTED every statement reads its own snapshot
+                    # anyway). Set on every checkout, so that a connection some read left
+                    # in autocommit never runs a write outside its transaction.
+                    conn.autocommit = not write
+                elif write:
                     conn.execute("BEGIN IMMEDIATE")
                 try:
                     yield conn
@@ -1214,12 +1329,9 @@ class ApdbSql(Apdb):
         ids = _ids_array(object_ids, f"{table} query")
         if ids.size == 0:
             return sdm.empty_frame(table)
-        if self.dialect == "sqlite":
-            where = '"diaObjectId" IN (SELECT value FROM json_each(?))'
-            params: list = ["[" + ",".join(map(str, ids.tolist())) + "]"]
-        else:
-            where = '"diaObjectId" = ANY(%s)'
-            params = [ids.tolist()]
+        test, param = self._id_filter(ids)
+        where = f'"diaObjectId" {test}'
+        params: list = [param]
         if since_mjd is not None:
             if not np.isfinite(since_mjd):
                 raise InputError(f"{table} query: since_mjd must be finite, got {since_mjd}")
@@ -1254,13 +1366,8 @@ class ApdbSql(Apdb):
         if ids.size == 0:
             return sdm.empty_frame("DiaObject")
         names = list(self._dtypes["DiaObject"])
-        if self.dialect == "sqlite":
-            where = '"diaObjectId" IN (SELECT value FROM json_each(?))'
-            params: list = [json.dumps(ids.tolist())]
-        else:
-            where = '"diaObjectId" = ANY(%s)'
-            params = [ids.tolist()]
-        rows = self._select("DiaObject", names, where, params, "read DiaObject")
+        test, param = self._id_filter(ids)
+        rows = self._select("DiaObject", names, f'"diaObjectId" {test}', [param], "read DiaObject")
         return _frame(rows, names, self._dtypes["DiaObject"])
 
     # ------------------------------------------------------------------ markers
@@ -1670,12 +1777,17 @@ class ApdbSql(Apdb):
                 f"nothing written, the detector must be loaded and associated again"
             )
 
-    def _id_filter(self, ids: np.ndarray) -> tuple[str, object]:
+    def _id_filter(self, ids: np.ndarray) -> tuple[str, str]:
+        """SQL test and its one parameter for "diaObjectId in ``ids``" (int64 array).
+
+        The IDs go as one text parameter: a JSON array expanded by ``json_each``
+        on SQLite, a bigint array literal on PostgreSQL (the driver's adaptation
+        of a list of Python ints costs ~1 ms per 1,000 IDs).
+        """
+        text = ",".join(map(str, ids.tolist()))
         if self.dialect == "sqlite":
-            return "IN (SELECT value FROM json_each(?))", "[" + ",".join(
-                map(str, ids.tolist())
-            ) + "]"
-        return "= ANY(%s)", ids.tolist()
+            return "IN (SELECT value FROM json_each(?))", f"[{text}]"
+        return "= ANY(%s::int8[])", f"{{{text}}}"
 
     def _write_objects(self, cur, ids, time_mjd, objs, obj_rows, last_rows) -> int:
         """Close the open versions of ``ids``, replace them in the last table, add rows."""

@@ -1189,6 +1189,15 @@ class ApdbSql(Apdb):
                 f"APDB {self._url}: metadata version:ApdbSql is {have_impl!r}, this code "
                 f"writes layout {IMPLEMENTATION_VERSION} (major versions must match){hint}"
             )
+        if _version_tuple(have_impl) < _version_tuple(IMPLEMENTATION_VERSION):
+            _LOG.warning(
+                "APDB %s: layout %s is older than this code's %s; it is read and written "
+                "as it is, and 'python -m apdb migrate URL' upgrades it (see apdb/migrate.py "
+                "for what changes)",
+                self._url,
+                have_impl,
+                IMPLEMENTATION_VERSION,
+            )
         if "config:healpix_order" not in meta:
             raise SchemaVersionError(f"APDB {self._url}: metadata lacks config:healpix_order")
         for table, packing in self._packing.items():
@@ -1215,16 +1224,17 @@ class ApdbSql(Apdb):
     def optimize(self) -> None:
         """Make a freshly filled database fast to read: planner statistics, WAL folded in.
 
-        Runs ``ANALYZE`` (both backends) and, on SQLite, a WAL checkpoint that
-        truncates the log. Meant after :meth:`bulk_load` or :meth:`migrate`.
+        Runs ``ANALYZE`` and, on SQLite, a WAL checkpoint that truncates the
+        log; on PostgreSQL ``VACUUM (ANALYZE)``, which also sets the visibility
+        map that lets the bulk reads' index-only scans skip the table rows.
+        Meant after :meth:`bulk_load` or :meth:`migrate`.
         """
         with self._connection("optimize") as conn:
             if self.dialect == "sqlite":
                 conn.execute("ANALYZE")
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             else:
-                conn.autocommit = True
-                conn.execute("ANALYZE")
+                conn.execute("VACUUM (ANALYZE)")
 
     def close(self) -> None:
         """Close every pooled connection."""
@@ -1255,19 +1265,32 @@ class ApdbSql(Apdb):
         ranges = region.pixel_ranges(self.order, self.config.max_pixel_ranges)
         if len(ranges) == 0:
             return sdm.empty_frame("DiaObject")
-        ph, pix = self._ph, _q(PIXEL_COLUMN)
-        packing = self._packing["DiaObject"]
-        cols = ", ".join(_q(c) for c in [PAYLOAD_COLUMN, *packing.text])
-        scan = f"SELECT {cols} FROM {_q(LAST_TABLE)} WHERE {pix} >= {ph} AND {pix} < {ph}"
-        source = "(" + " UNION ALL ".join([scan] * len(ranges)) + ") AS ranged"
-        df = self._select_packed(source, "DiaObject", "", ranges.ravel().tolist(), "get_objects")
+        df = self._select_packed(*self._objects_read(ranges), "DiaObject", "get_objects")
         if len(df):
             inside = region.contains(df["ra"].to_numpy(), df["dec"].to_numpy())
             if not inside.all():
                 df = df.loc[inside].reset_index(drop=True)
         return df
 
-    def _select_packed(self, source: str, sdm_table: str, where: str, params: list, what: str):
+    def _objects_read(self, ranges: np.ndarray) -> tuple[str, str, list]:
+        """(FROM item, WHERE clause, parameters) of the DiaObjectLast rows in pixel ``ranges``."""
+        ph, pix = self._ph, _q(PIXEL_COLUMN)
+        cols = ", ".join(_q(c) for c in [PAYLOAD_COLUMN, *self._packing["DiaObject"].text])
+        scan = f"SELECT {cols} FROM {_q(LAST_TABLE)} WHERE {pix} >= {ph} AND {pix} < {ph}"
+        source = "(" + " UNION ALL ".join([scan] * len(ranges)) + ") AS ranged"
+        return source, "", ranges.ravel().tolist()
+
+    def _history_read(self, table: str, ids: np.ndarray, since_mjd) -> tuple[str, str, list]:
+        """(FROM item, WHERE clause, parameters) of the history rows of ``ids`` since a time."""
+        test, param = self._id_filter(ids)
+        where = f'WHERE "diaObjectId" {test}'
+        params: list = [param]
+        if since_mjd is not None:
+            where += f' AND "midpointMjdTai" >= {self._ph}'
+            params.append(float(since_mjd))
+        return _q(table), where, params
+
+    def _select_packed(self, source: str, where: str, params: list, sdm_table: str, what: str):
         """Rows of ``source`` (FROM item) and ``where`` (SQL clause or "") as an SDM frame.
 
         The frame is decoded from the rows' packed payloads. They come back
@@ -1299,13 +1322,7 @@ class ApdbSql(Apdb):
         """
         if not self._aggregate_reads:
             return None
-        if self.dialect == "sqlite":
-            blob = f"CAST(group_concat({_q(PAYLOAD_COLUMN)}, '') AS BLOB)"
-            texts = [f"json_group_array({_q(c)})" for c in packing.text]
-        else:
-            blob = f"string_agg({_q(PAYLOAD_COLUMN)}, ''::bytea)"
-            texts = [f"array_agg({_q(c)})" for c in packing.text]
-        sql = f"SELECT count(*), {', '.join([blob, *texts])} FROM {source} {where}"
+        sql = self._aggregated_sql(source, where, packing)
         with self._connection(what) as conn:
             cur = conn.cursor()
             try:
@@ -1325,19 +1342,25 @@ class ApdbSql(Apdb):
             values = [json.loads(v) for v in values]
         return bytes(row[1]), n, dict(zip(packing.text, values, strict=True))
 
+    def _aggregated_sql(self, source: str, where: str, packing: _Packing) -> str:
+        """The statement of :meth:`_select_aggregated`: count, payloads and string arrays."""
+        if self.dialect == "sqlite":
+            blob = f"CAST(group_concat({_q(PAYLOAD_COLUMN)}, '') AS BLOB)"
+            texts = [f"json_group_array({_q(c)})" for c in packing.text]
+        else:
+            blob = f"string_agg({_q(PAYLOAD_COLUMN)}, ''::bytea)"
+            texts = [f"array_agg({_q(c)})" for c in packing.text]
+        return f"SELECT count(*), {', '.join([blob, *texts])} FROM {source} {where}"
+
     def _get_history(self, table: str, object_ids, since_mjd: float | None) -> pd.DataFrame:
         ids = _ids_array(object_ids, f"{table} query")
         if ids.size == 0:
             return sdm.empty_frame(table)
-        test, param = self._id_filter(ids)
-        where = f'"diaObjectId" {test}'
-        params: list = [param]
-        if since_mjd is not None:
-            if not np.isfinite(since_mjd):
-                raise InputError(f"{table} query: since_mjd must be finite, got {since_mjd}")
-            where += f' AND "midpointMjdTai" >= {self._ph}'
-            params.append(float(since_mjd))
-        return self._select_packed(_q(table), table, f"WHERE {where}", params, f"read {table}")
+        if since_mjd is not None and not np.isfinite(since_mjd):
+            raise InputError(f"{table} query: since_mjd must be finite, got {since_mjd}")
+        return self._select_packed(
+            *self._history_read(table, ids, since_mjd), table, f"read {table}"
+        )
 
     def get_sources(self, object_ids, since_mjd: float | None) -> pd.DataFrame:
         """DiaSources of ``object_ids`` with ``midpointMjdTai >= since_mjd`` (MJD TAI).

@@ -23,21 +23,34 @@ Layout
 ``DiaObjectLast``
     The latest version of each DiaObject: the SDM ``DiaObjectLast`` columns,
     plus ``pixelId`` (the HEALPix nest pixel of (ra, dec) at the database's
-    order, indexed) and ``payload`` (the whole SDM ``DiaObject`` row, packed).
-    A region query reads the pixel ranges covering the region, decodes the
-    payloads and then filters exactly.
+    order) and ``payload`` (the whole SDM ``DiaObject`` row, packed). A
+    region query scans the pixel ranges covering the region in the covering
+    index on ``pixelId``, decodes the payloads and then filters exactly.
 ``DiaSource``, ``DiaForcedSource``
-    SDM columns plus ``payload``; indexed on ``(diaObjectId, midpointMjdTai)``
-    (DiaSource) and by the SDM primary key ``(diaObjectId, visit, detector)``
-    (DiaForcedSource, stored in key order on SQLite) with an index on
-    ``(diaObjectId, midpointMjdTai)``, so a history read seeks to the window
-    start instead of reading every year of an object's forced photometry.
-``ApdbVisitDetector``
+    SDM columns plus ``payload``; primary keys ``diaSourceId`` and the SDM
+    ``(diaObjectId, visit, detector)`` (DiaForcedSource, stored in key order on
+    SQLite). The history read goes through a covering index on
+    ``(diaObjectId, midpointMjdTai)`` that also holds the string columns and the
+    payload: it seeks to the window start of each object and reads that
+    object's rows one after another from the index, never the table, whose
+    rows lie in the order the visits stored them.
+``ApdbVisitDetector````ApdbVisitDetector``
     One row per stored (visit, detector), written in the same transaction as
     the data: the idempotency marker, with the row counts written.
 ``metadata``
     SDM ``metadata`` (name, value): ``version:schema`` (SDM version),
     ``version:ApdbSql`` (this layout), ``config:healpix_order``.
+
+Covering indexes (layout 2.1)
+----------------------------
+:data:`COVERING_INDEXES`: PostgreSQL keeps the extra columns as ``INCLUDE``
+columns (index-only scans, which need the visibility map that ``VACUUM`` sets:
+:meth:`ApdbSql.optimize` after a bulk load, autovacuum later), SQLite as
+trailing key columns. They replace the plain indexes of layout 2.0 and cost a
+second copy of each payload on disk (the 12-month ``bench visit`` database:
++48 % on SQLite, +46 % on PostgreSQL). A history row read through a plain index
+was an index probe plus a random table-row read; ``bench/RESULTS.md`` (section
+"apdb-load") has what a detector's load costs with each layout.
 
 Packed payloads
 ---------------
@@ -124,6 +137,20 @@ PAYLOAD_COLUMN = "payload"
 #: its compile-time SQLITE_MAX_MMAP_SIZE, 2 GB by default). Reads of mapped pages skip
 #: the copy into SQLite's page cache: ~20 % of a detector's history read, warm.
 SQLITE_MMAP_BYTES = 2**40
+
+#: SQLite WAL pages after which a commit checkpoints (SQLite's default is 1,000). A
+#: detector's store dirties ~1,000-2,000 pages of the history indexes (its objects'
+#: entries lie all over them), so with the default every store ran a checkpoint and
+#: its fsync; at 16,384 (128 MiB of WAL) one checkpoint writes many stores' pages,
+#: each once: a store costs half as much, averaged over the checkpoints.
+SQLITE_WAL_CHECKPOINT_PAGES = 16384
+
+#: PostgreSQL ``random_page_cost`` of the APDB's sessions (the server default, 4, models
+#: spinning disks). A history read probes the covering index once per DiaObject; with
+#: 4 the planner prefers a sequential scan of the whole table to ~10,000 probes, ~2x
+#: slower when the table is in memory, as an APDB serving alerts must be. 1.1 is the
+#: usual value for SSDs and cached data.
+PG_RANDOM_PAGE_COST = 1.1
 
 #: A pooled PostgreSQL connection idle for this long (s) is pinged before it is used.
 PING_AFTER_IDLE_S = 1.0
@@ -1005,6 +1032,7 @@ class ApdbSql(Apdb):
                 elif not memory:
                     cur.execute("PRAGMA journal_mode = WAL")
                     cur.execute("PRAGMA synchronous = NORMAL")
+                    cur.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_WAL_CHECKPOINT_PAGES}")
                     cur.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_BYTES}")
                 cur.close()
 
@@ -1049,6 +1077,7 @@ class ApdbSql(Apdb):
             with dbapi_conn.cursor() as cur:
                 cur.execute(f"SET lock_timeout = {lock_ms}")
                 cur.execute(f"SET statement_timeout = {statement_ms}")
+                cur.execute(f"SET random_page_cost = {PG_RANDOM_PAGE_COST}")
                 if read_only:
                     cur.execute("SET default_transaction_read_only = on")
             dbapi_conn.commit()

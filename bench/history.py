@@ -615,9 +615,9 @@ def prepare(
     else:
         from apdb.migrate import migrate
 
-        done = migrate(url)  # a template of an older layout: upgraded in place
-        if done.steps:
-            log(done.describe())
+        upgrade = migrate(url)  # a template of an older layout: upgraded in place
+        if upgrade.steps:
+            log(upgrade.describe())
     stats = {**stats, f"load_{backend}_s": float(marker.read_text())}
     stats["frames_s"] = float((frames_dir / "done").read_text())
     stats["bundle_s"] = float(done.read_text())

@@ -121,7 +121,7 @@ from apdb.region import Region
 from core.errors import ApdbError, InputError, SchemaVersionError, StaleLoadError, TransientError
 from core.extras import import_extra
 
-__all__ = ["FAST_UNPACK", "IMPLEMENTATION_VERSION", "ApdbSql"]
+__all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
 
 _LOG = logging.getLogger(__name__)
 
@@ -416,28 +416,6 @@ class _Packing:
         self.dtype = np.dtype(fields)
         digest = hashlib.sha1(repr((fields, self.text)).encode()).hexdigest()[:16]
         self.signature = f"{self.dtype.itemsize}:{digest}"
-        # the block structure unpack() builds: (dtype, column positions, names) for the
-        # plain columns of each numpy dtype and the nullable columns of each dtype
-        plain: dict[str, list[tuple[int, str]]] = {}
-        masked: dict[str, list[tuple[int, str]]] = {}
-        text_places = []
-        for place, col in enumerate(self.columns):
-            if col.name in self.text:
-                text_places.append(place)
-            elif col.dtype in _NULLABLE_INT or col.dtype == "boolean":
-                masked.setdefault(col.dtype, []).append((place, col.name))
-            else:
-                plain.setdefault(col.dtype, []).append((place, col.name))
-        self._numpy_blocks = [
-            (np.dtype(dtype), np.array([p for p, _ in cols]), [c for _, c in cols])
-            for dtype, cols in plain.items()
-        ]
-        self._masked_blocks = [
-            (dtype, [np.array([p]) for p, _ in cols], [c for _, c in cols])
-            for dtype, cols in masked.items()
-        ]
-        self._text_places = np.array(text_places)
-        self._empty_columns = sdm.empty_frame(table).columns
 
     def pack(self, arrays: Mapping[str, Any], n: int) -> list[bytes]:
         """One ``bytes`` payload per row from the converted column arrays."""
@@ -460,15 +438,6 @@ class _Packing:
 
         ``buf`` holds the rows' payloads one after another; ``text`` the string
         columns, in the same row order.
-
-        With pandas' ``create_dataframe_from_blocks`` (:data:`FAST_UNPACK`) the
-        frame is assembled from one 2-D block per numpy dtype (the columns of a
-        dtype copied into it field by field), one extension array per nullable
-        column and one object block for the strings; otherwise, and as the
-        reference it is tested against, column by column
-        (:meth:`unpack_by_column`). Both give equal frames; the blocks spare
-        pandas' per-column checks and consolidation (~2 ms for a detector's
-        5,000 DiaSources).
         """
         if n == 0:
             return sdm.empty_frame(self.table)
@@ -478,39 +447,6 @@ class _Packing:
                 f"{self.dtype.itemsize}-byte layout {self.signature}"
             )
         rec = np.frombuffer(buf, dtype=self.dtype)
-        if _from_blocks is None:
-            return self._by_column(rec, text)
-        blocks: list[tuple[Any, np.ndarray]] = []
-        for dtype, places, names in self._numpy_blocks:
-            block = np.empty((len(names), n), dtype=dtype)
-            for i, name in enumerate(names):
-                block[i] = rec[name]
-            blocks.append((block, places))
-        for sdm_dtype, masked_places, masked_names in self._masked_blocks:
-            values = np.empty((len(masked_names), n), dtype=_MASKED_VALUES[sdm_dtype])
-            null = np.empty((len(masked_names), n), dtype=bool)
-            for i, name in enumerate(masked_names):
-                values[i] = rec[name]
-                np.equal(rec["valid:" + name], 0, out=null[i])
-            array_type = (
-                pd.arrays.BooleanArray if sdm_dtype == "boolean" else pd.arrays.IntegerArray
-            )
-            for i, place in enumerate(masked_places):
-                blocks.append((array_type(values[i], null[i]), place))
-        if self.text:
-            block = np.empty((len(self.text), n), dtype=object)
-            for i, name in enumerate(self.text):
-                block[i] = text[name]
-            blocks.append((block, self._text_places))
-        return _from_blocks(blocks, index=pd.RangeIndex(n), columns=self._empty_columns.copy())
-
-    def unpack_by_column(self, buf: bytes, n: int, text: dict[str, Sequence]) -> pd.DataFrame:
-        """:meth:`unpack` through the DataFrame constructor, one column at a time."""
-        if n == 0:
-            return sdm.empty_frame(self.table)
-        return self._by_column(np.frombuffer(buf, dtype=self.dtype), text)
-
-    def _by_column(self, rec: np.ndarray, text: dict[str, Sequence]) -> pd.DataFrame:
         data: dict[str, object] = {}
         for col in self.columns:
             name, dtype = col.name, col.dtype
@@ -528,21 +464,6 @@ class _Packing:
             else:
                 data[name] = rec[name].astype(dtype)
         return pd.DataFrame(data)
-
-
-#: numpy dtype of the values under the mask of each nullable SDM dtype.
-_MASKED_VALUES: dict[str, Any] = {
-    "boolean": np.bool_,
-    **{d: np.dtype(d.lower()) for d in _NULLABLE_INT},
-}
-
-try:  # pandas >= 3.0
-    from pandas.api.internals import create_dataframe_from_blocks as _from_blocks
-except ImportError:  # pragma: no cover - older pandas: the DataFrame constructor
-    _from_blocks = None
-
-#: Whether :meth:`_Packing.unpack` assembles frames from blocks (pandas >= 3.0).
-FAST_UNPACK = _from_blocks is not None
 
 
 _INT_RANGE = {name: np.iinfo(name) for name in _INT}

@@ -5,6 +5,8 @@ Each :class:`Step` takes the layout from one ``version:ApdbSql`` to the next;
 :data:`apdb.sql.IMPLEMENTATION_VERSION`, and :func:`migrate` runs them all and
 rewrites the version in **one transaction** (DDL is transactional on SQLite
 and PostgreSQL), so a failure or an interruption leaves the database as it was.
+On PostgreSQL a ``VACUUM (ANALYZE)`` of the tables whose indexes a step rebuilt
+follows the commit (:attr:`Step.vacuum`).
 
 Refused, with nothing changed (:class:`core.errors.ApdbError` or
 :class:`core.errors.SchemaVersionError`):
@@ -53,6 +55,10 @@ class Step:
         is half-migrated.
     statements : callable
         ``dialect name → list of SQL statements``.
+    vacuum : tuple of str
+        Tables a PostgreSQL ``VACUUM (ANALYZE)`` runs on after the migration
+        has committed (VACUUM cannot run inside a transaction); their
+        visibility map is what lets an index-only scan skip the table.
     """
 
     source: str
@@ -60,6 +66,7 @@ class Step:
     description: str
     creates: tuple[str, ...]
     statements: Callable[[str], list[str]]
+    vacuum: tuple[str, ...] = ()
 
 
 def _forced_time_index(dialect: str) -> list[str]:
@@ -69,13 +76,18 @@ def _forced_time_index(dialect: str) -> list[str]:
     ]
 
 
+def _dialect(name: str) -> sa.Dialect:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.dialect() if name == "postgresql" else sqlite.dialect()
+
+
 def _ss_source_table(dialect: str) -> list[str]:
     """The SDM ``SSSource`` table and its index, as the current layout defines them."""
-    from sqlalchemy.dialects import postgresql, sqlite
     from sqlalchemy.schema import CreateIndex, CreateTable
 
-    d = postgresql.dialect() if dialect == "postgresql" else sqlite.dialect()
-    table = apdb_sql.build_metadata().tables["SSSource"]
+    d = _dialect(dialect)
+    table = apdb_sql.build_metadata(dialect).tables["SSSource"]
     return [str(CreateTable(table).compile(dialect=d)).strip()] + [
         str(CreateIndex(ix).compile(dialect=d)).strip() for ix in sorted(table.indexes, key=str)
     ]
@@ -83,6 +95,31 @@ def _ss_source_table(dialect: str) -> list[str]:
 
 def _layout_2_0_0(dialect: str) -> list[str]:
     return _forced_time_index(dialect) + _ss_source_table(dialect)
+
+
+#: The (diaObjectId, midpointMjdTai) and pixelId indexes of layout 2.0.0, which the
+#: covering indexes of 2.1.0 replace (same leading key columns).
+_REPLACED_2_1_0 = {
+    apdb_sql.LAST_TABLE: "IDX_DiaObjectLast_pixelId",
+    "DiaSource": "IDX_DiaSource_diaObjectId",
+    "DiaForcedSource": "IDX_DiaForcedSource_diaObjectId",
+}
+
+
+def _layout_2_1_0(dialect: str) -> list[str]:
+    """The covering indexes of the packed reads, in place of the plain ones."""
+    from sqlalchemy.schema import CreateIndex
+
+    d = _dialect(dialect)
+    statements = []
+    for table, old in _REPLACED_2_1_0.items():
+        index = apdb_sql.build_metadata(dialect).tables[table].indexes
+        (new,) = (ix for ix in index if ix.name == apdb_sql.COVERING_INDEXES[table][0])
+        statements.append(str(CreateIndex(new).compile(dialect=d)).strip())
+        statements.append(f'DROP INDEX "{old}"')
+    if dialect == "sqlite":
+        statements.append("ANALYZE")
+    return statements
 
 
 #: Every upgrade, oldest first.
@@ -95,6 +132,19 @@ STEPS: tuple[Step, ...] = (
         "the SDM SSSource table (solar-system sources, stored with their DiaSources)",
         ("IDX_DiaForcedSource_diaObjectId", "SSSource", "IDX_SSSource_ssObjectId"),
         _layout_2_0_0,
+    ),
+    Step(
+        "2.0.0",
+        "2.1.0",
+        "DiaObjectLast, DiaSource, DiaForcedSource: covering indexes on pixelId and "
+        "(diaObjectId, midpointMjdTai) that also hold the payload and string columns "
+        "(PostgreSQL INCLUDE), replacing the plain ones, so a detector's load reads "
+        "one object's history contiguously from the index instead of one table row at "
+        "a time; on PostgreSQL a VACUUM (ANALYZE) follows the commit, so that "
+        "index-only scans need not visit the table",
+        tuple(name for name, _ in apdb_sql.COVERING_INDEXES.values()),
+        _layout_2_1_0,
+        vacuum=(apdb_sql.LAST_TABLE, "DiaSource", "DiaForcedSource"),
     ),
 )
 
@@ -123,7 +173,17 @@ class Plan:
         lines.append(
             f"    UPDATE metadata SET value = '{self.target}' WHERE name = 'version:ApdbSql';"
         )
+        if self.vacuum:
+            lines.append("  then, committed, outside the transaction:")
+            lines.extend(f'    VACUUM (ANALYZE) "{table}";' for table in self.vacuum)
         return "\n".join(lines)
+
+    @property
+    def vacuum(self) -> tuple[str, ...]:
+        """Tables vacuumed after the commit (PostgreSQL only; see :attr:`Step.vacuum`)."""
+        if self.dialect != "postgresql":
+            return ()
+        return tuple(dict.fromkeys(t for step in self.steps for t in step.vacuum))
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -189,8 +249,12 @@ def migrate(config: ApdbConfig | str, *, lock_timeout_s: float = 5.0) -> Plan:
                     dbapi.execute("BEGIN IMMEDIATE")
                 else:
                     dbapi.execute(f"SET lock_timeout = {int(lock_timeout_s * 1000)}")
+                    # an index build over years of history may take longer than the
+                    # configured statement_timeout; the lock_timeout still applies
+                    dbapi.execute("SET statement_timeout = 0")
                     dbapi.execute(
-                        'LOCK TABLE "metadata", "DiaForcedSource" IN SHARE ROW EXCLUSIVE MODE'
+                        'LOCK TABLE "metadata", "DiaObjectLast", "DiaSource", "DiaForcedSource" '
+                        "IN SHARE ROW EXCLUSIVE MODE"
                     )
             except apdb_sql.psycopg_errors("UndefinedTable") as exc:
                 dbapi.rollback()
@@ -226,6 +290,11 @@ def migrate(config: ApdbConfig | str, *, lock_timeout_s: float = 5.0) -> Plan:
             except BaseException:
                 dbapi.rollback()
                 raise
+            if the_plan.vacuum:
+                with apdb_sql._mapped_errors("vacuum after migration", url):
+                    dbapi.autocommit = True
+                    for table in the_plan.vacuum:
+                        dbapi.execute(f'VACUUM (ANALYZE) "{table}"')
         finally:
             proxy.close()
     finally:

@@ -80,7 +80,8 @@ class Region(ABC):
         Returns
         -------
         numpy.ndarray
-            int64 array of shape ``(n, 2)``: ``[start, stop)`` at ``order``.
+            int64 array of shape ``(n, 2)``: ``[start, stop)`` at ``order``,
+            sorted and disjoint.
         """
         if not 0 <= order <= MAX_ORDER:
             raise InputError(f"HEALPix order must be within [0, {MAX_ORDER}], got {order}")
@@ -92,7 +93,7 @@ class Region(ABC):
             ranges = _merge(np.stack([ranges[:, 0] >> 2, (ranges[:, 1] + 3) >> 2], axis=1))
             query -= 1
         shift = 2 * (order - query)
-        return (ranges.astype(np.int64) << shift).reshape(-1, 2)
+        return (_merge(ranges).astype(np.int64) << shift).reshape(-1, 2)
 
 
 def _merge(ranges: np.ndarray) -> np.ndarray:

@@ -531,6 +531,9 @@ def prepare(
 ) -> Prepared:
     """Build (or find in the cache) the bundle of the new visit and the APDB template.
 
+    A cached template of an older APDB layout is upgraded in place
+    (:func:`apdb.migrate.migrate`).
+
     Parameters
     ----------
     spec : HistorySpec
@@ -609,6 +612,12 @@ def prepare(
         seconds = time.perf_counter() - t0
         marker.write_text(f"{seconds:.1f}\n")
         log(f"  {seconds:.1f} s")
+    else:
+        from apdb.migrate import migrate
+
+        upgrade = migrate(url)  # a template of an older layout: upgraded in place
+        if upgrade.steps:
+            log(upgrade.describe())
     stats = {**stats, f"load_{backend}_s": float(marker.read_text())}
     stats["frames_s"] = float((frames_dir / "done").read_text())
     stats["bundle_s"] = float(done.read_text())

@@ -272,8 +272,13 @@ def test_restore_of_same_visit_detector_adds_nothing(db):
     assert db.row_counts() == counts
 
 
-def test_failure_inside_the_transaction_rolls_everything_back(db):
+@pytest.mark.parametrize("optimized", [False, True], ids=["fresh", "after-optimize"])
+def test_failure_inside_the_transaction_rolls_everything_back(db, optimized):
+    """Also after optimize() (a VACUUM outside any transaction on PostgreSQL), which
+    must leave the pooled connections transactional."""
     store_detector(db, 1, 0, [1], 60.0, 0.0, 60000.0, source_base=500)
+    if optimized:
+        db.optimize()
     counts = db.row_counts()
     # diaSourceId 500 exists: the DiaSource insert fails after the marker and the
     # objects were written in the same transaction; the error names the collision.
@@ -506,6 +511,48 @@ def test_aggregate_too_large_for_sqlite_is_read_row_by_row(tmp_path, caplog):
         assert db.get_objects(Circle(40.025, -19.975, 0.2))["diaObjectId"].nunique() == 60
     finally:
         db.close()
+
+
+def _plan_text(db, sql: str, params: list) -> str:
+    """The query plan of ``sql``; on PostgreSQL with sequential and bitmap scans off, so
+    that a tiny table is read the way a large one is (through an index if any fits)."""
+    with db._connection("explain") as conn:
+        cur = conn.cursor()
+        if db.dialect == "sqlite":
+            cur.execute("EXPLAIN QUERY PLAN " + sql, params)
+            return "\n".join(str(r[-1]) for r in cur.fetchall())
+        cur.execute("SET enable_seqscan = off")
+        cur.execute("SET enable_bitmapscan = off")
+        try:
+            cur.execute("EXPLAIN " + sql, params)
+            return "\n".join(r[0] for r in cur.fetchall())
+        finally:
+            cur.execute("RESET enable_seqscan")
+            cur.execute("RESET enable_bitmapscan")
+
+
+def test_bulk_reads_never_visit_the_table_rows(db):
+    """The three bulk reads are answered from their covering index alone."""
+    from apdb.sql import COVERING_INDEXES, LAST_TABLE
+
+    ids = _store_strings_case(db)
+    db.optimize()  # PostgreSQL: VACUUM sets the visibility map index-only scans need
+    ranges = Circle(40.025, -19.975, 0.2).pixel_ranges(db.order, db.config.max_pixel_ranges)
+    reads = {
+        LAST_TABLE: (db._objects_read(ranges), "DiaObject"),
+        "DiaSource": (db._history_read("DiaSource", ids, 60000.0), "DiaSource"),
+        "DiaForcedSource": (db._history_read("DiaForcedSource", ids, None), "DiaForcedSource"),
+    }
+    for table, ((source, where, params), sdm_table) in reads.items():
+        sql = db._aggregated_sql(source, where, db._packing[sdm_table])
+        plan = _plan_text(db, sql, params)
+        index = COVERING_INDEXES[table][0]
+        if db.dialect == "sqlite":
+            reads = [line for line in plan.splitlines() if f" {table} " in f" {line} "]
+            assert reads and all(f"USING COVERING INDEX {index}" in r for r in reads), plan
+        else:
+            assert f'Index Only Scan using "{index}"' in plan, plan
+            assert "Seq Scan" not in plan and "Index Scan" not in plan, plan
 
 
 # --------------------------------------------------------------------------- de-duplication

@@ -1,9 +1,11 @@
-"""``python -m apdb migrate``: a database of layout 1.0.0 (main at 1bd0c70) is upgraded.
+"""``python -m apdb migrate``: databases of the earlier layouts are upgraded.
 
-The fixture ``data/layout-1.0.0.sqlite3`` was made and filled by ``apdb/sql.py``
-of commit 1bd0c70 (``data/make_layout_1_0_0.py``, with :func:`store_fixture`);
-``data/layout-1.0.0-postgresql.sql`` is that code's PostgreSQL DDL, filled in
-the test with the same rows copied from the SQLite file.
+The fixtures ``data/layout-<version>.sqlite3`` were made and filled by
+``apdb/sql.py`` of the commit that wrote that layout, with :func:`store_fixture`:
+1.0.0 by main at 1bd0c70 (``data/make_layout_1_0_0.py``), 2.0.0 (before the
+covering indexes) by 91f7b4d (``data/make_layout_2_0_0.py``);
+``data/layout-<version>-postgresql.sql`` is that code's PostgreSQL DDL, filled
+in the test with the same rows copied from the SQLite file.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from apdb import Circle, Polygon
 from apdb.__main__ import main as cli
 from apdb.config import ApdbConfig
 from apdb.migrate import migrate, plan
-from apdb.sql import IMPLEMENTATION_VERSION, TABLES, ApdbSql
+from apdb.sql import COVERING_INDEXES, IMPLEMENTATION_VERSION, TABLES, ApdbSql
 from core.errors import ApdbError, SchemaVersionError
 from tests.apdb.conftest import store_detector
 
 DATA = Path(__file__).parent / "data"
 OLD = "1.0.0"
+#: Every earlier layout with a fixture; each migrates to the current one.
+LAYOUTS = ("1.0.0", "2.0.0")
 
 #: (visit, detector, object IDs, ra, dec, mjd) stored into the fixture, in order.
 FIXTURE = (
@@ -42,20 +46,20 @@ def store_fixture(db) -> None:
         store_detector(db, visit, detector, ids, ra, dec, mjd)
 
 
-def _old_sqlite(tmp_path) -> str:
+def _old_sqlite(tmp_path, version: str = OLD) -> str:
     path = tmp_path / "old.sqlite3"
-    shutil.copyfile(DATA / "layout-1.0.0.sqlite3", path)
+    shutil.copyfile(DATA / f"layout-{version}.sqlite3", path)
     return str(path)
 
 
-def _old_postgresql(pg_url) -> str:
-    """The 1.0.0 PostgreSQL DDL, filled row by row from the SQLite fixture."""
+def _old_postgresql(pg_url, version: str = OLD) -> str:
+    """The PostgreSQL DDL of ``version``, filled row by row from its SQLite fixture."""
     url = sa.make_url(pg_url).set(drivername="postgresql")
-    src = sqlite3.connect(DATA / "layout-1.0.0.sqlite3")
+    src = sqlite3.connect(DATA / f"layout-{version}.sqlite3")
     with psycopg.connect(url.render_as_string(hide_password=False)) as conn:
         for name in TABLES:
             conn.execute(f'DROP TABLE IF EXISTS "{name}"')
-        for stmt in (DATA / "layout-1.0.0-postgresql.sql").read_text().splitlines():
+        for stmt in (DATA / f"layout-{version}-postgresql.sql").read_text().splitlines():
             if stmt.strip():
                 conn.execute(stmt)
         old_tables = {
@@ -88,11 +92,28 @@ def _old_postgresql(pg_url) -> str:
     return pg_url
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+
+
+@pytest.fixture(params=BACKENDS)
 def old_url(request, tmp_path):
+    """A database of layout 1.0.0 (the oldest) on each backend."""
     if request.param == "sqlite":
         return _old_sqlite(tmp_path)
     return _old_postgresql(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture(params=LAYOUTS)
+def layout(request):
+    return request.param
+
+
+@pytest.fixture(params=BACKENDS)
+def layout_url(request, tmp_path, layout):
+    """A database of each earlier layout on each backend."""
+    if request.param == "sqlite":
+        return _old_sqlite(tmp_path, layout)
+    return _old_postgresql(request.getfixturevalue("pg_url"), layout)
 
 
 def _version(url: str) -> str:
@@ -105,15 +126,23 @@ def _version(url: str) -> str:
     return got
 
 
-def test_old_layout_is_refused_until_migrated_then_reads_back_intact(old_url, capsys):
-    with pytest.raises(SchemaVersionError, match="python -m apdb migrate URL"):
-        ApdbSql(ApdbConfig(url=old_url, auto_create=False))
+def test_old_layout_migrates_then_reads_back_intact(layout_url, layout, capsys):
+    old_url = layout_url
+    if layout.split(".")[0] != IMPLEMENTATION_VERSION.split(".")[0]:
+        with pytest.raises(SchemaVersionError, match="python -m apdb migrate URL"):
+            ApdbSql(ApdbConfig(url=old_url, auto_create=False))
     assert cli(["migrate", old_url, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert f"layout {OLD} -> {IMPLEMENTATION_VERSION}" in out and "nothing changed" in out
-    assert _version(old_url) == OLD
+    assert f"layout {layout} -> {IMPLEMENTATION_VERSION}" in out and "nothing changed" in out
+    assert _version(old_url) == layout
     assert cli(["migrate", old_url]) == 0
     assert f"migrated to layout {IMPLEMENTATION_VERSION}" in capsys.readouterr().out
+    assert _indexes(old_url) >= {name for name, _ in COVERING_INDEXES.values()}
+    assert not _indexes(old_url) & {
+        "IDX_DiaObjectLast_pixelId",
+        "IDX_DiaSource_diaObjectId",
+        "IDX_DiaForcedSource_diaObjectId",
+    }, "the plain indexes the covering ones replace are dropped"
     with ApdbSql(ApdbConfig(url=old_url, auto_create=False)) as db:
         assert db.metadata["version:ApdbSql"] == IMPLEMENTATION_VERSION
         objects = db.get_objects(Circle(10.01, 20.01, 0.1)).sort_values("diaObjectId")
@@ -135,6 +164,37 @@ def test_old_layout_is_refused_until_migrated_then_reads_back_intact(old_url, ca
         assert store_detector(db, 5, 3, [11], 10.0, 20.0, 60009.0).n_objects_updated == 1
     assert cli(["migrate", old_url]) == 0
     assert "nothing to do" in capsys.readouterr().out
+
+
+def _indexes(url: str) -> set[str]:
+    engine = sa.create_engine(ApdbConfig(url=url).sqlalchemy_url())
+    inspector = sa.inspect(engine)
+    names = {ix["name"] for table in COVERING_INDEXES for ix in inspector.get_indexes(table)}
+    engine.dispose()
+    return names
+
+
+def test_layout_2_0_0_opens_with_a_warning_before_it_is_migrated(tmp_path, caplog):
+    """Same major version: readable as it is (without its covering indexes), with a hint."""
+    import logging
+
+    url = _old_sqlite(tmp_path, "2.0.0")
+    with caplog.at_level(logging.WARNING, logger="apdb.sql"):
+        with ApdbSql(ApdbConfig(url=url, auto_create=False)) as db:
+            assert len(db.get_sources([11, 12, 13, 14], None)) == 6
+    assert "layout 2.0.0 is older" in caplog.text and "python -m apdb migrate URL" in caplog.text
+    assert _version(url) == "2.0.0"
+
+
+def test_half_migrated_2_0_0_is_refused(tmp_path):
+    url = _old_sqlite(tmp_path, "2.0.0")
+    with sqlite3.connect(url) as conn:
+        conn.execute(
+            'CREATE INDEX "IDX_DiaSource_diaObjectId_payload" ON "DiaSource" ("diaObjectId")'
+        )
+    with pytest.raises(ApdbError, match="half-migrated.*IDX_DiaSource_diaObjectId_payload"):
+        migrate(url)
+    assert _version(url) == "2.0.0"
 
 
 def test_newer_layout_is_refused(old_url):

@@ -42,16 +42,17 @@ def fill(db) -> None:
     store_fixture(db)
 
 
-def main(path: str) -> None:
+def write_fixtures(old, version: str) -> None:
+    """``layout-<version>.sqlite3`` and ``layout-<version>-postgresql.sql`` from module ``old``."""
     from sqlalchemy.schema import CreateIndex, CreateTable
 
     from apdb.config import ApdbConfig
 
-    old = load_old(path)
-    target = HERE / "layout-1.0.0.sqlite3"
+    target = HERE / f"layout-{version}.sqlite3"
     for suffix in ("", "-wal", "-shm"):
         Path(str(target) + suffix).unlink(missing_ok=True)
     db = old.ApdbSql(ApdbConfig(url=str(target)))
+    assert db.metadata["version:ApdbSql"] == version, db.metadata
     fill(db)
     meta = dict(db.metadata)
     with db._connection("checkpoint") as conn:
@@ -67,7 +68,11 @@ def main(path: str) -> None:
             lines.append(str(CreateIndex(index).compile(dialect=dialect)).replace("\n", " "))
     for name, value in sorted(meta.items()):
         lines.append(f'INSERT INTO "metadata" ("name", "value") VALUES (\'{name}\', \'{value}\')')
-    (HERE / "layout-1.0.0-postgresql.sql").write_text("\n".join(lines) + "\n")
+    (HERE / f"layout-{version}-postgresql.sql").write_text("\n".join(lines) + "\n")
+
+
+def main(path: str) -> None:
+    write_fixtures(load_old(path), "1.0.0")
 
 
 if __name__ == "__main__":

@@ -394,6 +394,9 @@ def parser(prog: str = "python -m bench night") -> argparse.ArgumentParser:
     p.add_argument("--apdb", choices=("sqlite", "postgresql"), default="sqlite")
     p.add_argument("--runner", default="dask", help="dask (a standing local cluster) | thread")
     p.add_argument("--limit", type=int, default=3, help="flow runs served at once")
+    p.add_argument(
+        "--detectors-per-task", type=int, default=None, help="orchestration.detectors_per_task"
+    )
     p.add_argument("--pointing-error", type=float, default=2.0, help="arcsec, next-visit message")
     p.add_argument("--no-kafka", action="store_true", help="alerts to the file store only")
     p.add_argument("--keep", action="store_true", help="keep bundles and alerts of each visit")
@@ -504,7 +507,7 @@ def _start_tansu(work: Path):
             time.sleep(0.05)
 
 
-def _config(url: str, work: Path, runner: str, kafka_servers: str | None):
+def _config(url: str, work: Path, runner: str, kafka_servers: str | None, group: int | None):
     from flows.config import PipelineConfig
 
     output = {
@@ -521,6 +524,8 @@ def _config(url: str, work: Path, runner: str, kafka_servers: str | None):
             "preload_dir": str(work / "preload"),
         },
     }
+    if group:
+        doc["orchestration"]["detectors_per_task"] = group
     if kafka_servers is not None:
         doc["kafka"] = {"servers": kafka_servers, "topic": "diapipe-night"}
     return PipelineConfig.model_validate(doc)
@@ -586,7 +591,7 @@ def run_night(args, *, log=print) -> dict:
         if runner == "dask":
             cluster, _ = start_cluster()
             runner = f"dask={cluster.scheduler_address}"
-        config = _config(url, work, runner, servers)
+        config = _config(url, work, runner, servers, args.detectors_per_task)
         with Night(work, config, limit=args.limit) as night, PeakRss(interval=0.5) as rss:
             log(f"night of {args.visits} visits, cadence {args.cadence:g} s, APDB {args.apdb}")
             t0 = time.time() + 2.0

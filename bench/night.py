@@ -297,6 +297,55 @@ class Night:
         """Every flow run of ``kind`` so far (the client's objects)."""
         return self._runs(VISIT_DEPLOYMENT if kind == "visit" else PRELOAD_DEPLOYMENT)
 
+    def timeline(self, run: Run, origin: datetime) -> dict:
+        """Where a visit run's time went: seconds after ``origin`` (its shutter close).
+
+        ``flow_start``/``flow_end``: the deployment run; ``subflow_start``: the
+        Dask subflow, if any; then, per task kind (``visit``/``recover``: the
+        group task runs, ``load``, ``store``, ``produce``, ...), the first start
+        and the last end of its task runs, as ``{kind}_first``/``{kind}_last``.
+        """
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import (
+            FlowRunFilter,
+            FlowRunFilterId,
+            FlowRunFilterParentFlowRunId,
+        )
+
+        def since(t) -> float | None:
+            return None if t is None else round((t - origin).total_seconds(), 1)
+
+        out: dict[str, float | None] = {
+            "flow_start": since(run.start),
+            "flow_end": since(run.end),
+        }
+        with get_client(sync_client=True) as client:
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.flow_run_id])
+                )
+            )
+            if children:
+                out["subflow_start"] = since(min(c.start_time for c in children if c.start_time))
+            ids = [run.flow_run_id, *(str(c.id) for c in children)]
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)), limit=200
+            )
+        first: dict[str, float] = {}
+        last: dict[str, float] = {}
+        for t in tasks:
+            kind = t.name.split("-", 1)[0]
+            if t.start_time is not None:
+                s = since(t.start_time)
+                first[kind] = min(first.get(kind, s), s)
+            if t.end_time is not None:
+                e = since(t.end_time)
+                last[kind] = max(last.get(kind, e), e)
+        for kind in sorted(first.keys() | last.keys()):
+            out[f"{kind}_first"] = first.get(kind)
+            out[f"{kind}_last"] = last.get(kind)
+        return out
+
     def detector_table(self, run: Run) -> list[dict]:
         """The visit run's per-detector table artifact (``visit-{visit}-detectors``).
 
@@ -531,6 +580,19 @@ def _config(url: str, work: Path, runner: str, kafka_servers: str | None, group:
     return PipelineConfig.model_validate(doc)
 
 
+def _preload_times(night: Night, visit: int, origin: datetime) -> dict:
+    """The visit's preload run, seconds after ``origin``; empty when it has none."""
+    try:
+        run = night.wait("preload", visit, wait_s=5.0)
+    except TimeoutError:
+        return {}
+    return {
+        f"preload_{k}": round((t - origin).total_seconds(), 1)
+        for k, t in (("start", run.start), ("end", run.end))
+        if t is not None
+    }
+
+
 def _slope(xs: list[float], ys: list[float]) -> float:
     if len(xs) < 2:
         return 0.0
@@ -632,6 +694,10 @@ def run_night(args, *, log=print) -> dict:
                         "detectors": len(table),
                         "failed_detectors": sum(r.get("status") == "failed" for r in table),
                         "preload_used_fraction": sum(used) / len(used) if used else 0.0,
+                        "timeline": {
+                            **night.timeline(run, released[i]),
+                            **_preload_times(night, number, released[i]),
+                        },
                     }
                 )
                 log(f"  visit {number}: {rows[-1]}")

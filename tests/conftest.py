@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
@@ -32,6 +33,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _no_lingering_kafka_producer():
+    """A test's cached Kafka producers end with it (its broker is gone; they would reconnect)."""
+    yield
+    kafka = sys.modules.get("alerts.kafka")
+    if kafka is not None:
+        kafka.close_producers()
 
 
 @pytest.fixture(scope="session")

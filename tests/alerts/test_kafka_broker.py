@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import confluent_kafka
 import pytest
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -168,3 +169,42 @@ def test_broker_down_dead_letters_replay_all_delivered(broker, batches, tmp_path
     by_key = {source_id(m): m.value()[5:] for m in got}
     for sid, payload in zip(second.dia_source_ids.tolist(), second.payloads, strict=True):
         assert by_key[sid] == payload
+
+
+def test_one_producer_serves_every_batch_until_a_failure(broker, batches, tmp_path, monkeypatch):
+    """A process connects once, not per detector; a failed producer is replaced."""
+    made = []
+
+    class CountingProducer(confluent_kafka.Producer):
+        def __init__(self, conf):
+            super().__init__(conf)
+            made.append(self)
+
+    monkeypatch.setattr(confluent_kafka, "Producer", CountingProducer)
+    first, second = batches
+    broker.create_topic("alerts")
+    config = KafkaConfig(servers=broker.servers, topic="alerts", delivery_timeout_ms=4000)
+    dead = DeadLetterStore(str(tmp_path / "dead"))
+    for batch in (first, second, first):
+        r = produce_alerts(batch, config, dead)
+        assert (r.n_delivered, r.n_failed) == (len(batch), 0)
+    assert len(made) == 1
+    got = consume_all(broker.servers, "alerts", 2 * len(first) + len(second))
+    assert len(got) == 2 * len(first) + len(second)
+
+    # another configuration is another producer
+    other = KafkaConfig(servers=broker.servers, topic="alerts", linger_ms=1)
+    assert produce_alerts(second, other, dead).n_failed == 0
+    assert len(made) == 2
+
+    # a batch that fails retires its producer: the next batch starts afresh and is delivered
+    broker.stop()
+    down = produce_alerts(second, config, dead)
+    assert (down.n_delivered, down.n_failed) == (0, len(second))
+    broker.start()
+    broker.create_topic("alerts")
+    again = produce_alerts(first, config, dead)
+    assert (again.n_delivered, again.n_failed) == (len(first), 0)
+    assert len(made) == 3
+    got = consume_all(broker.servers, "alerts", len(first))
+    assert sorted(source_id(m) for m in got) == sorted(first.dia_source_ids.tolist())

@@ -580,6 +580,16 @@ def _config(url: str, work: Path, runner: str, kafka_servers: str | None, group:
     return PipelineConfig.model_validate(doc)
 
 
+def _stage_seconds(table: list[dict]) -> dict[str, float]:
+    """Per stage, the seconds summed over the visit's detectors (its table artifact)."""
+    out: dict[str, float] = {}
+    for row in table:
+        for k, v in row.items():
+            if k.endswith("_ms") and v not in ("", None):
+                out[k[:-3]] = out.get(k[:-3], 0.0) + float(v) / 1000
+    return {k: round(v, 2) for k, v in out.items()}
+
+
 def _preload_times(night: Night, visit: int, origin: datetime) -> dict:
     """The visit's preload run, seconds after ``origin``; empty when it has none."""
     try:
@@ -694,6 +704,7 @@ def run_night(args, *, log=print) -> dict:
                         "detectors": len(table),
                         "failed_detectors": sum(r.get("status") == "failed" for r in table),
                         "preload_used_fraction": sum(used) / len(used) if used else 0.0,
+                        "stage_s": _stage_seconds(table),
                         "timeline": {
                             **night.timeline(run, released[i]),
                             **_preload_times(night, number, released[i]),

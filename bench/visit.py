@@ -108,7 +108,11 @@ class PeakRss:
         return total
 
     def cpu_by_process(self) -> dict[str, float]:
-        """CPU seconds by kind of process: this one, the Prefect API server, workers."""
+        """CPU seconds by kind of process: this one, the Prefect API server, workers, ...
+
+        A process's reaped children count with it (a ``serve`` process's finished
+        flow-run subprocesses), so the kinds add up to :meth:`cpu_seconds`.
+        """
         out: dict[str, float] = {}
         procs = [self._proc]
         with contextlib.suppress(Exception):
@@ -124,9 +128,12 @@ class PeakRss:
                     if "uvicorn" in cmd or "prefect.server" in cmd
                     else "workers"
                     if "spawn_main" in cmd or "multiprocessing" in cmd
+                    else "serve and its flow-run subprocesses"
+                    if "serve(" in cmd
                     else "other"
                 )
-                out[kind] = out.get(kind, 0.0) + t.user + t.system
+                own = t.user + t.system + t.children_user + t.children_system
+                out[kind] = out.get(kind, 0.0) + own
         return out
 
     def __enter__(self):

@@ -76,6 +76,7 @@ from flows.preload import preload_visit
 from flows.visit import process_visit
 
 root, config, repo, limit = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+preload = sys.argv[5] == "1"
 doc = yaml.safe_load((Path(repo) / "prefect.yaml").read_text())
 deps = {d["name"]: d for d in doc["deployments"]}
 
@@ -86,19 +87,22 @@ def trigger(name, **extra):
     return DeploymentEventTrigger(**raw)
 
 ready = trigger("visit-on-ready", shutter_close_utc="{{ event.payload.completed_utc }}")
-serve(
+deployments = [
     process_visit.to_deployment(
         name="night-visit",
         triggers=[ready],
         parameters={"config": config},
-    ),
-    preload_visit.to_deployment(
-        name="night-preload",
-        triggers=[trigger("preload-on-next")],
-        parameters={"bundle_root": root, "config": config},
-    ),
-    limit=limit,
-)
+    )
+]
+if preload:
+    deployments.append(
+        preload_visit.to_deployment(
+            name="night-preload",
+            triggers=[trigger("preload-on-next")],
+            parameters={"bundle_root": root, "config": config},
+        )
+    )
+serve(*deployments, limit=limit)
 """
 
 VISIT_DEPLOYMENT = "process-visit/night-visit"
@@ -129,6 +133,8 @@ class Night:
         should be set, or no preload is handed over.
     limit : int
         Flow runs the serve process runs at once (visits and preloads).
+    preload : bool
+        Serve the ``preload-on-next`` deployment (else next-visit events start nothing).
 
     Use as a context manager; the Prefect API must be reachable through the
     current settings (``PREFECT_API_URL``).
@@ -137,6 +143,7 @@ class Night:
     work: Path
     config: object
     limit: int = 4
+    preload: bool = True
     poll_s: float = 0.5
     root: str = field(init=False)
     _proc: subprocess.Popen | None = field(default=None, init=False)
@@ -161,7 +168,16 @@ class Night:
         cfg = json.dumps(self.config.model_dump(mode="json"))
         self._log = (self.work / "serve.log").open("ab")
         self._proc = subprocess.Popen(
-            [sys.executable, "-c", SERVE, self.root, cfg, str(REPO), str(self.limit)],
+            [
+                sys.executable,
+                "-c",
+                SERVE,
+                self.root,
+                cfg,
+                str(REPO),
+                str(self.limit),
+                "1" if self.preload else "0",
+            ],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -196,7 +212,7 @@ class Night:
     def _wait_for_triggers(self, wait_s: float = 180.0) -> None:
         from prefect.client.orchestration import get_client
 
-        want = {VISIT_DEPLOYMENT, PRELOAD_DEPLOYMENT}
+        want = {VISIT_DEPLOYMENT, PRELOAD_DEPLOYMENT} if self.preload else {VISIT_DEPLOYMENT}
         deadline = time.monotonic() + wait_s
         with get_client(sync_client=True) as client:
             while True:
@@ -448,6 +464,9 @@ def parser(prog: str = "python -m bench night") -> argparse.ArgumentParser:
     )
     p.add_argument("--pointing-error", type=float, default=2.0, help="arcsec, next-visit message")
     p.add_argument("--no-kafka", action="store_true", help="alerts to the file store only")
+    p.add_argument(
+        "--no-preload", action="store_true", help="serve no preload deployment: loads at visit time"
+    )
     p.add_argument("--keep", action="store_true", help="keep bundles and alerts of each visit")
     p.add_argument("--prior-visits", type=int, default=120, help="visits of history")
     p.add_argument("--detectors", type=int, default=189, help="detectors per visit")
@@ -592,6 +611,8 @@ def _stage_seconds(table: list[dict]) -> dict[str, float]:
 
 def _preload_times(night: Night, visit: int, origin: datetime) -> dict:
     """The visit's preload run, seconds after ``origin``; empty when it has none."""
+    if not night.preload:
+        return {}
     try:
         run = night.wait("preload", visit, wait_s=5.0)
     except TimeoutError:
@@ -664,7 +685,10 @@ def run_night(args, *, log=print) -> dict:
             cluster, _ = start_cluster()
             runner = f"dask={cluster.scheduler_address}"
         config = _config(url, work, runner, servers, args.detectors_per_task)
-        with Night(work, config, limit=args.limit) as night, PeakRss(interval=0.5) as rss:
+        with (
+            Night(work, config, limit=args.limit, preload=not args.no_preload) as night,
+            PeakRss(interval=0.5) as rss,
+        ):
             log(f"night of {args.visits} visits, cadence {args.cadence:g} s, APDB {args.apdb}")
             t0 = time.time() + 2.0
             plan = []

@@ -520,6 +520,7 @@ class _Consumer:
         )
         self._consumer.subscribe([topic])
         self.ids: Counter = Counter()
+        self.errors: Counter = Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="night-consumer", daemon=True)
         self._thread.start()
@@ -532,6 +533,8 @@ class _Consumer:
                 if msg.error() is None:
                     # Confluent wire format: magic byte and schema id, then the record
                     self.ids[record_dia_source_id(msg.value()[5:])] += 1
+                else:
+                    self.errors[msg.error().name()] += 1
         self._consumer.close()
 
     def seen(self) -> int:
@@ -540,6 +543,41 @@ class _Consumer:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
+
+
+def read_topic(servers: str, topic: str, timeout_s: float = 120.0) -> Counter:
+    """Every message of ``topic`` now, read from the start of each partition: diaSourceId → count.
+
+    What the broker holds, independent of the live consumer's group and timing.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from alerts.store import record_dia_source_id
+
+    c = Consumer(
+        {
+            "bootstrap.servers": servers,
+            "group.id": f"diapipe-bench-night-check-{time.time_ns()}",
+            "enable.auto.commit": False,
+            "fetch.max.bytes": 52_428_800,
+            "max.partition.fetch.bytes": 52_428_800,
+        }
+    )
+    try:
+        parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        high = {p: c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in parts}
+        c.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in parts])
+        ids: Counter = Counter()
+        pos = dict.fromkeys(parts, 0)
+        deadline = time.monotonic() + timeout_s
+        while any(pos[p] < high[p] for p in parts) and time.monotonic() < deadline:
+            for msg in c.consume(1000, timeout=0.5):
+                if msg.error() is None:
+                    ids[record_dia_source_id(msg.value()[5:])] += 1
+                    pos[msg.partition()] = msg.offset() + 1
+        return ids
+    finally:
+        c.close()
 
 
 def _start_tansu(work: Path):
@@ -742,8 +780,15 @@ def run_night(args, *, log=print) -> dict:
                 while consumer.seen() < want and time.monotonic() < deadline:
                     time.sleep(0.5)
                 time.sleep(2.0)  # any duplicate still on its way
+        # Kafka is verified against what the broker holds at the end (a fresh read of
+        # every partition); the live consumer's count is reported beside it.
+        held = read_topic(servers, "diapipe-night") if consumer is not None else None
         for row in rows:
-            check = verify_visit(config, row["visit"], consumer.ids if consumer else None)
+            check = verify_visit(config, row["visit"], held)
+            if consumer is not None:
+                live = verify_visit(config, row["visit"], consumer.ids)
+                check["live_consumer_lost"] = live["kafka_lost"]
+                check["live_consumer_duplicated"] = live["kafka_duplicated"]
             row.update(check)
             if not args.keep:
                 shutil.rmtree(Path(night.root) / str(row["visit"]), ignore_errors=True)
@@ -782,6 +827,8 @@ def run_night(args, *, log=print) -> dict:
         )
         if rows
         else 0.0,
+        "live_consumer_lost": sum(r.get("live_consumer_lost", 0) for r in rows),
+        "live_consumer_errors": dict(consumer.errors) if consumer is not None else {},
         "peak_rss_gib": round(rss.peak / 2**30, 2),
         "cpu_s_per_visit": round(rss.cpu / max(1, len(rows)), 1),
     }

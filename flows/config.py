@@ -129,9 +129,9 @@ class OrchestrationConfig(BaseModel, frozen=True, extra="forbid"):
         48,
         ge=1,
         description="Detectors handled by one task run of each stage. 1 gives one task run per "
-        "detector and stage (most visible: 9 x 189 = 1,701 task runs a visit, at ~20-30 ms of "
-        "Prefect bookkeeping each here); 48 gives 4 groups x 9 stages = 36 task runs for LSSTCam's "
-        "189 detectors, the fastest setting measured on 2 cores (bench/RESULTS.md, 'visit').",
+        "detector and stage (most visible: 9 x 189 = 1,701 task runs a visit); 48 gives 4 groups "
+        "x 9 stages = 36 task runs for LSSTCam's 189 detectors, one group per worker at a time "
+        "on 2 workers (the setting of bench/RESULTS.md, 'visit' and 'night').",
     )
     bundle_cache_mb: int = Field(
         4096,

@@ -830,6 +830,7 @@ def run_night(args, *, log=print) -> dict:
         "live_consumer_lost": sum(r.get("live_consumer_lost", 0) for r in rows),
         "live_consumer_errors": dict(consumer.errors) if consumer is not None else {},
         "peak_rss_gib": round(rss.peak / 2**30, 2),
+        "peak_rss_anon_gib": round(rss.peak_anon / 2**30, 2),
         "cpu_s_per_visit": round(rss.cpu / max(1, len(rows)), 1),
     }
     return {

@@ -209,7 +209,10 @@ def process_visit(
     info: VisitInfo = read_visit_info(bundle_root, visit)
     dets = select_detectors(bundle_root, info, detectors)
     close = shutter_close(bundle_root, info, shutter_close_utc)
-    # Fail fast, before any work, when the APDB cannot be reached.
+    # Fail fast, before any work, when the APDB cannot be reached or the Kafka client the
+    # output needs is not installed (else every detector would fail on it, one by one).
+    if config.output.do_produce_alerts:
+        import_extra("confluent_kafka", "kafka", "Kafka output")
     stored = D.get_apdb(config).done_detectors(info.visit) & set(dets)
     produced = finished_detectors(config, info.visit) & set(dets)
     skipped = sorted(stored & produced)  # finished before: nothing to do

@@ -151,3 +151,27 @@ def test_kafka_output_without_its_package_names_the_extra():
         """
     )
     assert loaded_after(code) == []
+
+
+def test_a_visit_asking_for_kafka_without_its_package_fails_before_any_work(tmp_path):
+    """The flow stops at its start with the extra named; no detector is loaded or stored."""
+    code = BLOCK_BACKENDS + textwrap.dedent(
+        f"""
+        import contextlib, io, sys
+        from flows.visit import main
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            rc = main(["--workdir", {str(tmp_path)!r}, "--sim-visits", "1",
+                       "--sim-detectors", "2", "--sim-sources", "15",
+                       "--kafka", "127.0.0.1:1", "--topic", "t"])
+        sys.stdout.write(err.getvalue())
+        assert rc != 0, rc
+        """
+    )
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Kafka output needs the 'kafka' extra" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert not list((tmp_path / "alerts").glob("*.avro")), "alerts written before the check"

@@ -37,9 +37,9 @@ serving a night connects, fetches metadata and (idempotence) obtains its
 producer id once, not once per detector. Starting a producer costs ~0.6 s of
 waiting per batch against a local broker, ~0.06 s for a reused one
 (bench/RESULTS.md, "night"). A producer that saw any failure — an error
-delivery report, a purge after the flush timeout — is closed and dropped
-after its batch, so the next batch starts from a fresh connection and
-producer id; so is one idle for :data:`PRODUCER_IDLE_S`. Concurrent batches
+delivery report, a purge after the flush timeout — is dropped after its
+batch, so the next batch starts from a fresh connection and producer id;
+one idle for :data:`PRODUCER_IDLE_S` is closed. Concurrent batches
 (the thread runner) share the producer: each one's ``flush`` also waits for
 the others' messages, and a purge fails the others' undelivered messages too,
 which then go to their own dead letters like any failure.

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import re
 import time
@@ -56,6 +55,7 @@ import fsspec
 import numpy as np
 
 from core.errors import InputError
+from core.ids import DAY_OBS_ROLLOVER_DAYS, day_obs_date, day_obs_of
 
 __all__ = [
     "DAY_OBS_ROLLOVER_DAYS",
@@ -69,45 +69,13 @@ __all__ = [
     "write_visit_manifest",
 ]
 
-#: ``day_obs`` rolls over at 12:00 TAI (obs_lsst ``_ROLLOVER_TIME``), in days.
-DAY_OBS_ROLLOVER_DAYS = 0.5
-_MJD_EPOCH = dt.date(1858, 11, 17)  # MJD 0
 _NIGHT = re.compile(r"^(\d{4})-(\d{2})-(\d{2})$|^(\d{4})(\d{2})(\d{2})$")
 _PERCENTILES = (50, 90, 99)
 
 
-def _day_obs_date(mjd_tai: float, exposure_time_s: float) -> dt.date:
-    start = float(mjd_tai) - float(exposure_time_s) / 2 / 86400.0
-    if not math.isfinite(start):
-        raise InputError(
-            f"visit midpointMjdTai {mjd_tai!r}, exposureTime {exposure_time_s!r}: "
-            "no observing night for a non-finite time"
-        )
-    return _MJD_EPOCH + dt.timedelta(days=math.floor(start - DAY_OBS_ROLLOVER_DAYS))
-
-
-def day_obs_of(mjd_tai: float, exposure_time_s: float = 0.0) -> int:
-    """Rubin's ``day_obs`` (``YYYYMMDD``) of an exposure: its start in TAI, minus 12 h.
-
-    Parameters
-    ----------
-    mjd_tai : float
-        The exposure's midpoint (``midpointMjdTai``).
-    exposure_time_s : float
-        Its exposure time (s); the start is the midpoint minus half of it.
-
-    Raises
-    ------
-    InputError
-        If the time is not finite.
-    """
-    d = _day_obs_date(mjd_tai, exposure_time_s)
-    return (d.year * 100 + d.month) * 100 + d.day
-
-
 def night_of(mjd_tai: float, exposure_time_s: float = 0.0) -> str:
     """The manifest night of an exposure: its :func:`day_obs_of` written ``YYYY-MM-DD``."""
-    return _day_obs_date(mjd_tai, exposure_time_s).isoformat()
+    return day_obs_date(mjd_tai, exposure_time_s).isoformat()
 
 
 def _night_date(night: str) -> str:

@@ -34,25 +34,72 @@ table), so the same packing is reused for them. Two ways to pack the visit:
 
 Every field is range-checked; an overflow or an impossible date raises
 :class:`IdOverflowError` naming the field instead of wrapping.
+
+:func:`day_obs_of` gives an exposure's ``day_obs`` from its time: the date of
+its start in TAI minus 12 h (obs_lsst ``LsstBaseTranslator._ROLLOVER_TIME =
+TimeDelta(12*60*60, scale="tai")``, LSE-400, SITCOMTN-032), so one night in
+Chile (UTC−3/−4, about 23:00 to 11:00 UTC) keeps one ``day_obs``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from core.errors import IdOverflowError
+from core.errors import IdOverflowError, InputError
 
-__all__ = ["DAY_OBS_BEGIN", "SEQ_NUM_RADIX", "IdConfig", "IdPacker"]
+__all__ = [
+    "DAY_OBS_BEGIN",
+    "DAY_OBS_ROLLOVER_DAYS",
+    "SEQ_NUM_RADIX",
+    "IdConfig",
+    "IdPacker",
+    "day_obs_date",
+    "day_obs_of",
+]
 
 #: ``seq_num`` runs 0..10⁵ − 1 in an LSSTCam visit id ``day_obs·10⁵ + seq_num``.
 SEQ_NUM_RADIX = 100_000
 #: The first night ``day_obs`` may name (Rubin's ``day_obs_begin``).
 DAY_OBS_BEGIN = dt.date(2010, 1, 1)
 _EPOCH = np.datetime64(DAY_OBS_BEGIN.isoformat(), "D")
+#: ``day_obs`` rolls over at 12:00 TAI, in days (see the module docstring).
+DAY_OBS_ROLLOVER_DAYS = 0.5
+_MJD_EPOCH = dt.date(1858, 11, 17)  # MJD 0
+
+
+def day_obs_date(mjd_tai: float, exposure_time_s: float = 0.0) -> dt.date:
+    """The ``day_obs`` of an exposure as a date: its start in TAI, minus 12 h.
+
+    Parameters
+    ----------
+    mjd_tai : float
+        The exposure's midpoint (``midpointMjdTai``).
+    exposure_time_s : float
+        Its exposure time (s); the start is the midpoint minus half of it.
+
+    Raises
+    ------
+    InputError
+        If the time is not finite.
+    """
+    start = float(mjd_tai) - float(exposure_time_s) / 2 / 86400.0
+    if not math.isfinite(start):
+        raise InputError(
+            f"visit midpointMjdTai {mjd_tai!r}, exposureTime {exposure_time_s!r}: "
+            "no observing night for a non-finite time"
+        )
+    return _MJD_EPOCH + dt.timedelta(days=math.floor(start - DAY_OBS_ROLLOVER_DAYS))
+
+
+def day_obs_of(mjd_tai: float, exposure_time_s: float = 0.0) -> int:
+    """Rubin's ``day_obs`` (``YYYYMMDD``) of an exposure: :func:`day_obs_date` as a number."""
+    d = day_obs_date(mjd_tai, exposure_time_s)
+    return (d.year * 100 + d.month) * 100 + d.day
 
 
 class IdConfig(BaseModel, frozen=True, extra="forbid"):

@@ -23,19 +23,13 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from core.bundle import BANDS
-from core.ids import SEQ_NUM_RADIX
+from core.ids import DAY_OBS_ROLLOVER_DAYS, SEQ_NUM_RADIX, day_obs_date, day_obs_of
 from sim.solarsystem import SolarSystemConfig
 
 __all__ = ["DAY_OBS_ROLLOVER_DAYS", "LSSTCAM_DETECTOR_SIZE", "SurveyConfig"]
 
 #: LSSTCam science CCD size in pixels, (nx, ny).
 LSSTCAM_DETECTOR_SIZE = (4072, 4000)
-
-#: Rubin's observing day (``day_obs``) rolls over at 12:00 TAI: ``day_obs`` is the
-#: date of the exposure's start minus 12 h (obs_lsst ``LsstBaseTranslator._ROLLOVER_TIME
-#: = TimeDelta(12*60*60, scale="tai")``, LSE-400, SITCOMTN-032), so one night in Chile
-#: (UTC−3/−4, about 23:00 to 11:00 UTC) keeps one ``day_obs``. In days.
-DAY_OBS_ROLLOVER_DAYS = 0.5
 
 #: The Modified Julian Date's day 0.
 _MJD_EPOCH = dt.date(1858, 11, 17)
@@ -300,14 +294,12 @@ class SurveyConfig(BaseModel, frozen=True, extra="forbid"):
         return self.start_mjd + _index(k) * self.cadence_days
 
     def _night(self, k: int) -> int:
-        """The MJD of the ``k``-th visit's ``day_obs``: its start, minus the 12 h rollover."""
-        start = self.visit_mjd(k) - self.exposure_time / 2 / 86400.0
-        return math.floor(start - DAY_OBS_ROLLOVER_DAYS)
+        """The MJD of the ``k``-th visit's ``day_obs`` (:func:`core.ids.day_obs_date`)."""
+        return (day_obs_date(self.visit_mjd(k), self.exposure_time) - _MJD_EPOCH).days
 
     def day_obs(self, k: int) -> int:
         """The ``k``-th visit's observing night as YYYYMMDD (Rubin's ``day_obs``, TAI − 12 h)."""
-        date = _MJD_EPOCH + dt.timedelta(days=self._night(k))
-        return (date.year * 100 + date.month) * 100 + date.day
+        return day_obs_of(self.visit_mjd(k), self.exposure_time)
 
     def _first_from(self, night: int) -> int:
         """Index of the first visit whose ``day_obs`` night (MJD) is ``night`` or later."""

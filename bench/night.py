@@ -396,7 +396,9 @@ class Night:
         return json.loads(data) if isinstance(data, str) else list(data)
 
 
-def verify_visit(config, visit: int, kafka_ids: Counter | None = None) -> dict:
+def verify_visit(
+    config, visit: int, kafka_ids: Counter | None = None, live_ids: Counter | None = None
+) -> dict:
     """Each DiaSource stored for ``visit`` alerted exactly once (file store and Kafka).
 
     The stored DiaSources of a detector are counted by its APDB marker
@@ -404,7 +406,8 @@ def verify_visit(config, visit: int, kafka_ids: Counter | None = None) -> dict:
     detector). Returns ``stored``, ``alerted``, ``lost`` (stored, not alerted)
     and ``duplicated`` (alerted more than once, or more alerts than stored);
     for Kafka as well (``kafka_*``) when ``kafka_ids`` (id → messages seen) is
-    given.
+    given, and for a second count of Kafka messages (``live_consumer_*``: the
+    consumer that read during the night) when ``live_ids`` is.
     """
     import fsspec
     import numpy as np
@@ -445,6 +448,8 @@ def verify_visit(config, visit: int, kafka_ids: Counter | None = None) -> dict:
     out["lost"], out["duplicated"] = tally(files)
     if kafka_ids is not None:
         out["kafka_lost"], out["kafka_duplicated"] = tally(kafka_ids)
+    if live_ids is not None:
+        out["live_consumer_lost"], out["live_consumer_duplicated"] = tally(live_ids)
     return out
 
 
@@ -784,12 +789,7 @@ def run_night(args, *, log=print) -> dict:
         # every partition); the live consumer's count is reported beside it.
         held = read_topic(servers, "diapipe-night") if consumer is not None else None
         for row in rows:
-            check = verify_visit(config, row["visit"], held)
-            if consumer is not None:
-                live = verify_visit(config, row["visit"], consumer.ids)
-                check["live_consumer_lost"] = live["kafka_lost"]
-                check["live_consumer_duplicated"] = live["kafka_duplicated"]
-            row.update(check)
+            row.update(verify_visit(config, row["visit"], held, consumer and consumer.ids))
             if not args.keep:
                 shutil.rmtree(Path(night.root) / str(row["visit"]), ignore_errors=True)
                 for p in (work / "alerts").glob(f"{row['visit']}_*"):

@@ -133,11 +133,6 @@ LAST_TABLE = "DiaObjectLast"
 PIXEL_COLUMN = "pixelId"
 PAYLOAD_COLUMN = "payload"
 
-#: SQLite memory-mapped I/O: as much of the file as SQLite allows (it caps the request at
-#: its compile-time SQLITE_MAX_MMAP_SIZE, 2 GB by default). Reads of mapped pages skip
-#: the copy into SQLite's page cache: ~20 % of a detector's history read, warm.
-SQLITE_MMAP_BYTES = 2**40
-
 #: SQLite WAL pages after which a commit checkpoints (SQLite's default is 1,000). A
 #: detector's store dirties ~1,000-2,000 pages of the history indexes (its objects'
 #: entries lie all over them), so with the default every store ran a checkpoint and
@@ -937,6 +932,7 @@ class ApdbSql(Apdb):
                 kwargs["pool_timeout"] = config.pool_timeout_s
             engine = sa.create_engine(url, **kwargs)
             busy = int(config.sqlite_busy_timeout_ms)
+            mmap_bytes = int(config.sqlite_mmap_mb) * 2**20
 
             @event.listens_for(engine, "connect")
             def _on_connect(dbapi_conn, _record):
@@ -949,12 +945,12 @@ class ApdbSql(Apdb):
                 cur.execute("PRAGMA cache_size = -32768")
                 cur.execute("PRAGMA temp_store = MEMORY")
                 if read_only:  # the journal mode is the file's; changing it is a write
-                    cur.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_BYTES}")
+                    cur.execute(f"PRAGMA mmap_size = {mmap_bytes}")
                 elif not memory:
                     cur.execute("PRAGMA journal_mode = WAL")
                     cur.execute("PRAGMA synchronous = NORMAL")
                     cur.execute(f"PRAGMA wal_autocheckpoint = {SQLITE_WAL_CHECKPOINT_PAGES}")
-                    cur.execute(f"PRAGMA mmap_size = {SQLITE_MMAP_BYTES}")
+                    cur.execute(f"PRAGMA mmap_size = {mmap_bytes}")
                 cur.close()
 
             return engine

@@ -47,14 +47,27 @@ def _digest(loaded, h) -> None:
         h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
 
 
-def measure(bundle_root: str, visit: int, url: str, repeat: int, detectors: int | None) -> dict:
-    """Time ``load_detector`` on every detector of ``visit`` against the APDB at ``url``."""
+def measure(
+    bundle_root: str,
+    visit: int,
+    url: str,
+    repeat: int,
+    detectors: int | None,
+    apdb_settings: dict | None = None,
+) -> dict:
+    """Time ``load_detector`` on every detector of ``visit`` against the APDB at ``url``.
+
+    ``apdb_settings``: further ``ApdbConfig`` fields (``sqlite_mmap_mb``).
+    """
     from core.bundle import read_visit_info
     from flows import detector as D
     from flows.config import PipelineConfig
 
     config = PipelineConfig.model_validate(
-        {"apdb": {"url": url, "auto_create": False}, "orchestration": {"bundle_cache_mb": 64}}
+        {
+            "apdb": {"url": url, "auto_create": False, **(apdb_settings or {})},
+            "orchestration": {"bundle_cache_mb": 64},
+        }
     )
     info = read_visit_info(bundle_root, visit)
     dets = list(info.detectors)[:detectors] if detectors else list(info.detectors)
@@ -103,6 +116,9 @@ def main(argv: list[str]) -> dict:
     parser.add_argument("--detectors", type=int, help="only the first N detectors")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--cache-root", type=Path, default=Path(".bench-cache"))
+    parser.add_argument(
+        "--sqlite-mmap-mb", type=int, help="apdb.sqlite_mmap_mb (default: the config's)"
+    )
     args = parser.parse_args(argv)
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
@@ -118,7 +134,12 @@ def main(argv: list[str]) -> dict:
         prepared = prepare(spec, backend, cache_root=args.cache_root)
         url = args.url or fresh_apdb(prepared, backend, "load")
         try:
-            r = measure(prepared.bundle_root, prepared.visit, url, args.repeat, args.detectors)
+            settings = {}
+            if args.sqlite_mmap_mb is not None:
+                settings["sqlite_mmap_mb"] = args.sqlite_mmap_mb
+            r = measure(
+                prepared.bundle_root, prepared.visit, url, args.repeat, args.detectors, settings
+            )
         finally:
             if not args.url:
                 drop_copy(prepared, backend, "load")

@@ -14,9 +14,12 @@ Timed, from the bundle on disk to the alerts on disk and the APDB committed:
 
 Each run starts from its own copy of the built APDB (SQLite file copy,
 PostgreSQL ``CREATE DATABASE ... TEMPLATE``), so both see the same state.
-``overhead_fraction = (prefect − plain) / prefect``. Peak memory is the
-largest resident set size of this process plus its children, sampled every
-50 ms.
+An untimed plain run comes first; then ``--rounds`` rounds of both modes,
+in alternating order, and each mode's figures are those of its median run:
+``overhead_fraction = (prefect − plain) / prefect`` of the two medians. Peak
+memory is the largest sum over this process and its children, sampled every
+0.25 s: of resident set sizes, of proportional set sizes (every 2 s) and of
+resident sets without file-backed pages.
 """
 
 from __future__ import annotations
@@ -74,41 +77,60 @@ def _file_backed_rss(proc) -> int:
     return 0
 
 
-class PeakRss:
-    """Largest RSS (bytes) of this process plus its children while active.
+def _pss(proc) -> int:
+    """``proc``'s proportional set size (bytes): each shared page divided among its sharers."""
+    try:
+        with open(f"/proc/{proc.pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
-    ``peak`` counts every resident page of every process, so a file mapped by
-    several processes (SQLite's memory-mapped APDB, shared libraries) counts
-    once per process; ``peak_anon`` leaves file-backed pages out: the memory
-    the processes hold of their own.
+
+class PeakRss:
+    """Largest memory of this process plus its children while active.
+
+    ``peak`` sums every process's RSS, so a page mapped by several processes
+    (shared libraries: ~0.1 GiB per Python process here; a memory-mapped file)
+    counts once per process; ``peak_pss`` sums proportional set sizes, which
+    count such a page once in all (the memory the processes hold together);
+    ``peak_anon`` leaves file-backed pages out. PSS is read every
+    ``pss_every``-th sample only: the kernel walks a process's page tables for
+    it (~2 ms per GiB).
     """
 
-    def __init__(self, interval: float = 0.25):
+    def __init__(self, interval: float = 0.25, pss_every: int = 8):
         import psutil
 
         self._proc = psutil.Process()
         self.interval = interval
+        self.pss_every = pss_every
         self.peak = 0
         self.peak_anon = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._children: list = []
         self._n = 0
 
     def _sample(self) -> int:
-        total = files = 0
+        total = files = pss = 0
+        with_pss = self._n % self.pss_every == 0
         with contextlib.suppress(Exception):
-            total = self._proc.memory_info().rss
-            files = _file_backed_rss(self._proc)
-            # listing children scans /proc: refresh the list every 2 s only
+            # listing children scans /proc: refresh the list every 8 samples only
             if self._n % 8 == 0:
                 self._children = self._proc.children(recursive=True)
             self._n += 1
-            for child in self._children:
+            for p in [self._proc, *self._children]:
                 with contextlib.suppress(Exception):
-                    total += child.memory_info().rss
-                    files += _file_backed_rss(child)
+                    total += p.memory_info().rss
+                    files += _file_backed_rss(p)
+                    if with_pss:
+                        pss += _pss(p)
         self.peak_anon = max(self.peak_anon, total - files)
+        self.peak_pss = max(self.peak_pss, pss)
         return total
 
     def _run(self):
@@ -192,9 +214,21 @@ def parser(prog: str = "python -m bench visit") -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--detectors-per-task", type=int, default=None)
     p.add_argument("--max-workers", type=int, default=None)
+    p.add_argument(
+        "--sqlite-mmap-mb",
+        type=int,
+        default=None,
+        help="apdb.sqlite_mmap_mb (default: the config's)",
+    )
     p.add_argument("--cache", action="store_true", help="Prefect result caching on (default off)")
     p.add_argument("--no-plain", action="store_true", help="skip the run without Prefect")
     p.add_argument("--no-prefect", action="store_true", help="skip the Prefect run")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="timed runs of each mode, orders alternating"
+    )
+    p.add_argument(
+        "--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run"
+    )
     p.add_argument("--cache-root", type=Path, default=Path(".bench-cache"))
     p.add_argument("--profile", type=Path, help="write a pyinstrument HTML profile of plain run")
     return p
@@ -217,9 +251,12 @@ def make_config(prepared: Prepared, url: str, run: str, args):
         orch["max_workers"] = args.max_workers
     if args.cache:
         orch["result_storage"] = str(prepared.directory / f"results-{run}")
+    apdb = {"url": url, "auto_create": False}
+    if args.sqlite_mmap_mb is not None:
+        apdb["sqlite_mmap_mb"] = args.sqlite_mmap_mb
     return PipelineConfig.model_validate(
         {
-            "apdb": {"url": url, "auto_create": False},
+            "apdb": apdb,
             "output": {
                 "store": {"location": str(prepared.directory / f"alerts-{run}")},
                 "dead_letter_location": str(prepared.directory / f"dead-{run}"),
@@ -266,7 +303,37 @@ def start_cluster():
     cluster = LocalCluster(**local_cluster_kwargs())
     with Client(cluster) as client:
         client.run(_import_pipeline)
+        n_workers = len(client.scheduler_info()["workers"])
+    warm_cluster_task_runs(cluster.scheduler_address, n_workers)
     return cluster, time.perf_counter() - t0
+
+
+def warm_cluster_task_runs(address: str, n_workers: int) -> None:
+    """A Prefect flow on the cluster whose task runs (each with a nested one) reach every worker.
+
+    A worker's first Prefect task run imports the task engine's modules, makes its
+    API client and starts its event and log threads; a cluster that has served
+    one visit has done all that, so the timed visit should not pay it.
+    """
+    from prefect import flow, task
+    from prefect_dask import DaskTaskRunner
+
+    @task
+    def _inner() -> int:
+        return os.getpid()
+
+    @task
+    def _outer(seconds: float) -> int:
+        time.sleep(seconds)  # long enough that the scheduler hands the next one elsewhere
+        return _inner()
+
+    @flow(name="bench-warm-cluster", task_runner=DaskTaskRunner(address=address))
+    def _warm() -> set[int]:
+        return {f.result() for f in [_outer.submit(0.5) for _ in range(2 * n_workers)]}
+
+    pids = _warm()
+    if len(pids) < n_workers:
+        print(f"warning: the warm-up reached {len(pids)} of {n_workers} Dask workers")
 
 
 def start_process_pool():
@@ -302,8 +369,10 @@ def timed_run(prepared: Prepared, backend: str, args, mode: str, executor=None) 
 
     from apdb import make_apdb
     from apdb.config import ApdbConfig
+    from flows.detector import close_apdbs
     from flows.visit import run_visit, run_visit_plain
 
+    close_apdbs()  # this process's client of the previous run's copy, now replaced
     url = fresh_apdb(prepared, backend, mode)
     config = make_config(prepared, url, mode, args)
     out_dir = Path(config.output.store.location)
@@ -347,6 +416,7 @@ def timed_run(prepared: Prepared, backend: str, args, mode: str, executor=None) 
             "stage_seconds": dict(result["stage_seconds"]),
             "peak_rss_gib": mem.peak / 2**30,
             "peak_rss_anon_gib": mem.peak_anon / 2**30,
+            "peak_pss_gib": mem.peak_pss / 2**30,
             "cpu_s": mem.cpu,
             "cpu_s_by_process": {k: round(v, 2) for k, v in mem.cpu_by.items()},
             "load_avg_1min": load,
@@ -367,8 +437,78 @@ def _alerting_objects(apdb, visit: int) -> np.ndarray:
         return np.array([r[0] for r in cur.fetchall()], dtype=np.int64)
 
 
+def _one_run(prepared: Prepared, args, mode: str, runner: str, log) -> dict:
+    """One timed run of ``mode``, with its executor started before and closed after the clock.
+
+    The Dask runner's Prefect run gets a standing cluster (unless ``--cold-cluster``);
+    its plain baseline a two-process pool. Neither exists during the other mode's
+    run, so each run's memory and CPU are its own.
+    """
+    if mode == "prefect":
+        cluster = None
+        run_args = args
+        if runner == "dask" and not args.cold_cluster:
+            cluster, started = start_cluster()
+            run_args = argparse.Namespace(
+                **{**vars(args), "runner": f"dask={cluster.scheduler_address}"}
+            )
+            log(f"standing Dask cluster ready in {started:.1f} s")
+        try:
+            return timed_run(prepared, args.apdb, run_args, "prefect")
+        finally:
+            if cluster is not None:
+                cluster.close()
+                _reap_workers()
+    pool = None
+    if runner.startswith("dask"):
+        # The Dask runner's baseline: the same processes, without Prefect or Dask.
+        pool, _ = start_process_pool()
+    try:
+        return timed_run(prepared, args.apdb, args, "plain", executor=pool)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+            _reap_workers()
+
+
+def _reap_workers(timeout: float = 30.0) -> None:
+    """Wait until the closed executor's worker processes have exited and been reaped.
+
+    A child's CPU time joins this process's ``children_*`` times when it is
+    reaped; reaped during the next run, it would be counted there.
+    """
+    import multiprocessing
+
+    import psutil
+
+    me = psutil.Process()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        multiprocessing.active_children()  # joins (reaps) the finished ones
+        left = []
+        for child in me.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "spawn_main" in " ".join(child.cmdline()):
+                    left.append(child)
+        if not left:
+            return
+        time.sleep(0.1)
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run of median wall time (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+
+
 def run_case(args, *, log=print) -> dict:
-    """Prepare the case, run the requested modes, return every figure."""
+    """Prepare the case, run the requested modes, return every figure.
+
+    With both modes, rounds alternate their order (Prefect first, then plain
+    first, ...), so a drift of the machine over the runs does not fall on one
+    mode; ``overhead_fraction`` compares the median runs. An untimed plain run
+    comes first (``--no-warmup`` skips it): the first visits after the case is
+    ready ran 15–25 % slower in either mode, whichever came first.
+    """
     spec = HistorySpec(seed=args.seed, prior_visits=args.prior_visits, n_detectors=args.detectors)
     t0 = time.perf_counter()
     prepared = prepare(spec, args.apdb, cache_root=args.cache_root, rebuild=args.rebuild, log=log)
@@ -380,38 +520,31 @@ def run_case(args, *, log=print) -> dict:
         "runner": args.runner,
         "build": prepared.stats,
     }
-    runs = {}
-    cluster = None
-    if not args.no_prefect:
+    modes = [m for m, skip in (("prefect", args.no_prefect), ("plain", args.no_plain)) if not skip]
+    runner = "dask" if args.runner == "dask" else args.runner
+    if "prefect" in modes:
         out["prefect_warmup_s"] = warm_prefect()
-        if args.runner == "dask" and not args.cold_cluster:
-            cluster, out["dask_cluster_start_s"] = start_cluster()
-            args.runner = f"dask={cluster.scheduler_address}"
-            log(f"standing Dask cluster {args.runner} ready in {out['dask_cluster_start_s']:.1f} s")
-        try:
-            runs["prefect"] = timed_run(prepared, args.apdb, args, "prefect")
-        finally:
-            if cluster is not None:
-                cluster.close()
-    if not args.no_plain:
-        if args.profile:
-            from pyinstrument import Profiler
+    if args.warmup and modes:
+        t1 = time.perf_counter()
+        _one_run(prepared, args, "plain", runner, log)
+        out["warmup_run_s"] = time.perf_counter() - t1
+        log(f"untimed warm-up run: {out['warmup_run_s']:.1f} s")
+    all_runs: dict[str, list[dict]] = {m: [] for m in modes}
+    for k in range(max(1, args.rounds)):
+        for mode in modes if k % 2 == 0 else modes[::-1]:
+            if args.profile and mode == "plain" and not all_runs["plain"]:
+                from pyinstrument import Profiler
 
-            prof = Profiler(interval=0.005)
-            prof.start()
-        pool = None
-        if args.runner.startswith("dask"):
-            # The Dask runner's baseline: the same processes, without Prefect or Dask.
-            pool, out["process_pool_start_s"] = start_process_pool()
-        try:
-            runs["plain"] = timed_run(prepared, args.apdb, args, "plain", executor=pool)
-        finally:
-            if pool is not None:
-                pool.shutdown()
-        if args.profile:
-            prof.stop()
-            args.profile.write_text(prof.output_html())
-            print(prof.output_text(unicode=False, color=False, show_all=False)[:20000])
+                prof = Profiler(interval=0.005)
+                prof.start()
+                all_runs[mode].append(_one_run(prepared, args, mode, runner, log))
+                prof.stop()
+                args.profile.write_text(prof.output_html())
+                print(prof.output_text(unicode=False, color=False, show_all=False)[:20000])
+            else:
+                all_runs[mode].append(_one_run(prepared, args, mode, runner, log))
+            log(f"round {k + 1} {mode}: {all_runs[mode][-1]['wall_s']:.2f} s")
+    runs = {m: _median_run(rs) for m, rs in all_runs.items()}
     first = next(iter(runs.values()))
     from flows.config import OrchestrationConfig
 
@@ -424,8 +557,14 @@ def run_case(args, *, log=print) -> dict:
     out["alert_history"] = alert_depths(
         prepared, first.pop("_alerting_objects"), _visit_mjd(prepared)
     )
+    for rs in all_runs.values():
+        for r in rs:
+            r.pop("_alerting_objects", None)
+    out["rounds"] = {
+        m: [{k: r[k] for k in ("wall_s", "cpu_s", "peak_rss_gib", "peak_pss_gib")} for r in rs]
+        for m, rs in all_runs.items()
+    }
     for r in runs.values():
-        r.pop("_alerting_objects", None)
         r["per_detector"] = r.pop("_table")
     out["runs"] = runs
     if "prefect" in runs and "plain" in runs:
@@ -471,7 +610,11 @@ def print_report(out: dict) -> None:
     for mode, r in runs.items():
         parts = ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s_by_process"].items())
         print(f"  CPU s of {mode}: {parts}")
-        print(f"  peak RSS of {mode} without file-backed pages: {r['peak_rss_anon_gib']:.2f} GiB")
+        print(
+            f"  peak memory of {mode}: RSS {r['peak_rss_gib']:.2f} GiB, PSS "
+            f"{r['peak_pss_gib']:.2f} GiB, RSS without file-backed pages "
+            f"{r['peak_rss_anon_gib']:.2f} GiB"
+        )
     if "overhead_fraction" in out:
         print(f"Prefect overhead fraction: {100 * out['overhead_fraction']:.1f} %")
     print()
@@ -502,6 +645,7 @@ def main(argv: list[str]) -> dict:
         "alerts_per_s": round(main_run["alerts_per_s"], 1),
         "peak_rss_gib": round(main_run["peak_rss_gib"], 2),
         "peak_rss_anon_gib": round(main_run["peak_rss_anon_gib"], 2),
+        "peak_pss_gib": round(main_run["peak_pss_gib"], 2),
         "apdb": out["apdb"],
     }
     return out

@@ -127,14 +127,32 @@ def forget_bundles(visit: int | None = None, detectors=None) -> None:
             del _bundles[key]
 
 
+#: Every client :func:`_apdb` has made and not yet closed (for :func:`close_apdbs`).
+_opened: list[Apdb] = []
+
+
 @functools.lru_cache(maxsize=8)
 def _apdb(config: ApdbConfig) -> Apdb:
-    return make_apdb(config)
+    apdb = make_apdb(config)
+    _opened.append(apdb)
+    return apdb
 
 
 def get_apdb(config: PipelineConfig) -> Apdb:
     """The APDB client for this process, built from config (one per URL)."""
     return _apdb(config.apdb)
+
+
+def close_apdbs() -> None:
+    """Close this process's APDB clients; the next :func:`get_apdb` opens a new one.
+
+    For a database replaced under the same URL (a SQLite file restored or copied
+    over: an open connection would go on reading the old, unlinked file).
+    """
+    for apdb in _opened:  # lru_cache does not expose its values
+        apdb.close()
+    _opened.clear()
+    _apdb.cache_clear()
 
 
 @dataclass(frozen=True, eq=False)

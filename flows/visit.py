@@ -571,6 +571,16 @@ def local_cluster_kwargs() -> dict[str, Any]:
     import_extra("distributed", "dask", "The local Dask cluster")
     from distributed.scheduler import DEFAULT_EXTENSIONS
 
+    # Dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536 before it spawns a worker (into
+    # this process's environment too, so every later child inherits it): glibc then
+    # returns freed heap to the system whenever 64 KiB lie free at its top, and the next
+    # allocation faults the pages in again. The stages allocate and free many
+    # multi-megabyte buffers per detector (history frames, stamps, alert bytes); with
+    # that setting a 189-detector visit took ~20 % more CPU (bench/RESULTS.md "visit").
+    # Unset, glibc keeps its default, adaptive threshold. The nanny reads this setting
+    # when it is created, so it is set here, before the cluster starts.
+    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
+
     return {
         "n_workers": max(1, os.cpu_count() or 1),
         "threads_per_worker": 1,

@@ -437,6 +437,22 @@ def _alerting_objects(apdb, visit: int) -> np.ndarray:
         return np.array([r[0] for r in cur.fetchall()], dtype=np.int64)
 
 
+def _return_build_memory() -> None:
+    """Give back the heap a case build in this process freed (glibc ``malloc_trim``).
+
+    This process counts in every run's peak memory: in an invocation that built
+    the PostgreSQL template, the plain runs peaked at 6.3 GiB, against 3.95 GiB
+    in one that found the case built.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
 def _one_run(prepared: Prepared, args, mode: str, runner: str, log) -> dict:
     """One timed run of ``mode``, with its executor started before and closed after the clock.
 
@@ -513,6 +529,7 @@ def run_case(args, *, log=print) -> dict:
     t0 = time.perf_counter()
     prepared = prepare(spec, args.apdb, cache_root=args.cache_root, rebuild=args.rebuild, log=log)
     log(f"case ready in {time.perf_counter() - t0:.1f} s: {prepared.directory}")
+    _return_build_memory()
     warm_files(prepared.bundle_root)
     out: dict = {
         "spec": spec.__dict__,

@@ -24,7 +24,7 @@ therefore takes the one private path this project allows: it reads the
 column's array from pandas' block manager (``df._mgr.iget_values``, ~1 µs),
 and falls back to the public read when a pandas release lacks it or hands
 back something else (:data:`FAST_COLUMN_READS` says which path is taken;
-``tests/test_frames.py`` checks it is the fast one on the installed pandas).
+``tests/core/test_frames.py`` checks it is the fast one on the installed pandas).
 The measured gain is in ``bench/RESULTS.md`` (section "visit").
 """
 

@@ -65,28 +65,26 @@ STAGE_ORDER = (
 )
 
 
-def _file_backed_rss(proc) -> int:
-    """Bytes of ``proc``'s RSS that map files (``RssFile``: code, memory-mapped databases)."""
+def _proc_kib(pid: int, name: str, field: str) -> int:
+    """Bytes of the ``field:`` line (in kB) of ``/proc/<pid>/<name>``; 0 if unreadable."""
     try:
-        with open(f"/proc/{proc.pid}/status") as f:
+        with open(f"/proc/{pid}/{name}") as f:
             for line in f:
-                if line.startswith("RssFile:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def _file_backed_rss(proc) -> int:
+    """Bytes of ``proc``'s RSS that map files (``RssFile``: code, memory-mapped databases)."""
+    return _proc_kib(proc.pid, "status", "RssFile")
 
 
 def _pss(proc) -> int:
     """``proc``'s proportional set size (bytes): each shared page divided among its sharers."""
-    try:
-        with open(f"/proc/{proc.pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_kib(proc.pid, "smaps_rollup", "Pss")
 
 
 class PeakRss:

@@ -33,7 +33,9 @@ from pathlib import Path
 
 # Before anything imports Prefect: no analytics (no internet here), no log shipping
 # to the API (it competes with the task runs for the server), a generous server
-# start-up timeout on a busy machine, and a Prefect home of its own.
+# start-up timeout on a busy machine, and a Prefect home of its own (made by
+# :func:`run_case`: Prefect creates only its last level, and its ephemeral server cannot
+# start without its database's folder, whatever --cache-root says).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
@@ -523,6 +525,7 @@ def run_case(args, *, log=print) -> dict:
     comes first (``--no-warmup`` skips it): the first visits after the case is
     ready ran 15–25 % slower in either mode, whichever came first.
     """
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     spec = HistorySpec(seed=args.seed, prior_visits=args.prior_visits, n_detectors=args.detectors)
     t0 = time.perf_counter()
     prepared = prepare(spec, args.apdb, cache_root=args.cache_root, rebuild=args.rebuild, log=log)

@@ -175,3 +175,22 @@ def test_a_visit_asking_for_kafka_without_its_package_fails_before_any_work(tmp_
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Kafka output needs the 'kafka' extra" in out.stdout, out.stdout + out.stderr[-2000:]
     assert not list((tmp_path / "alerts").glob("*.avro")), "alerts written before the check"
+
+
+def test_forced_photometry_runs_without_numba():
+    """numba is an extra: without it the pixel sums are the numpy gather, with the same fluxes."""
+    code = """
+        import sys
+        sys.modules["numba"] = None  # an install without the 'numba' extra
+        import numpy as np
+        import tasks.forced as forced
+        from tests.tasks.factories import make_exposure, render
+
+        assert forced._psf_sums is forced._psf_sums_numpy
+        x, y = np.array([20.3, 41.8, 0.4]), np.array([25.1, 30.6, 12.0])
+        exp = make_exposure((60, 70), image=render((60, 70), x, y, np.full(3, 500.0)))
+        flux, err, edge = forced.measure_psf_flux(exp, x, y)
+        assert np.allclose(flux[:2] / exp.photo_calib, 500.0, rtol=1e-3), flux
+        assert np.isfinite(err).all() and edge.tolist() == [False, False, True]
+    """
+    assert loaded_after(code) == []

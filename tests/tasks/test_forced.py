@@ -12,6 +12,7 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+import tasks.forced as forced_module
 from apdb import sdm
 from core.bundle import MASK_PLANES
 from core.errors import InputError
@@ -184,7 +185,7 @@ def test_masked_pixels_are_skipped_without_bias():
 
 
 @pytest.mark.parametrize("steps", [32, 0])
-def test_boxes_inside_and_at_the_edge_measure_as_one_at_a_time(steps):
+def test_boxes_inside_and_at_the_edge_measure_as_one_at_a_time(steps, pixel_sums):
     """One call over inside and edge boxes (two gather paths) equals per-object calls."""
     shape = (120, 90)
     rng = np.random.default_rng(4)
@@ -229,7 +230,17 @@ def _reference_sums(exp, x, y, bad_bits):
     return np.array(flux), np.array(err), np.array(edge)
 
 
-def test_compiled_sums_match_a_pixel_by_pixel_reference():
+@pytest.fixture(params=["numba", "numpy"])
+def pixel_sums(request, monkeypatch):
+    """Each implementation of the pixel sums in turn: numba's compiled loop, the numpy gather."""
+    if request.param == "numpy":
+        monkeypatch.setattr(forced_module, "_psf_sums", forced_module._psf_sums_numpy)
+    else:  # the [dev] extra installs numba
+        assert forced_module._psf_sums is not forced_module._psf_sums_numpy, "numba missing"
+    return request.param
+
+
+def test_compiled_sums_match_a_pixel_by_pixel_reference(pixel_sums):
     """NaN values, infinite variances, masked bits, edge boxes; big-endian, strided planes."""
     shape = (60, 70)
     rng = np.random.default_rng(11)

@@ -317,6 +317,11 @@ def test_failure_inside_the_transaction_rolls_everything_back(db, optimized):
             lambda df: df.assign(detector=70000),
             "DiaSource.detector: value 70000 overflows",
         ),
+        (
+            "sources",
+            lambda df: df.assign(psfNdata=1.5),
+            "DiaSource.psfNdata: non-integer value 1.5",
+        ),
         ("forced", lambda df: df.assign(detector=2), "DiaForcedSource.detector"),
         (
             "forced",
@@ -331,6 +336,7 @@ def test_failure_inside_the_transaction_rolls_everything_back(db, optimized):
         "wrong-visit",
         "null-required",
         "overflow",
+        "non-integer",
         "wrong-detector",
         "not-a-number",
     ],

@@ -59,7 +59,7 @@ from core.ids import IdConfig, IdPacker
 from tasks.associate import AssociationConfig
 from tasks.summarise import SummaryConfig, summarise
 
-__all__ = ["HistorySpec", "Prepared", "fresh_apdb", "prepare"]
+__all__ = ["HistorySpec", "Prepared", "adopt", "fresh_apdb", "prepare"]
 
 #: Bump when the build changes what it writes (invalidates every cache).
 BUILD_VERSION = 2
@@ -628,6 +628,33 @@ def prepare(
     stats["frames_s"] = float((frames_dir / "done").read_text())
     stats["bundle_s"] = float(done.read_text())
     return Prepared(spec, directory, str(bundles), spec.visit_number, stats)
+
+
+def adopt(directory: Path, backend: str, *, log=print) -> Prepared:
+    """A case built elsewhere, e.g. by an older diapipe's ``bench history``, as it is.
+
+    ``directory`` holds ``spec.json``, ``history-stats.json``, ``bundles/`` with
+    one visit and ``apdb-template.sqlite3``; the template is upgraded in place
+    to the current layout (:func:`apdb.migrate.migrate`). The timed visit is
+    the bundle's own (an older simulator named its folder by visit index).
+    SQLite only: a PostgreSQL template's name depends on the spec's build key.
+    """
+    from apdb.migrate import migrate
+
+    if backend != "sqlite":
+        raise SystemExit("--case-dir: only an SQLite template can be adopted")
+    directory = Path(directory).resolve()
+    spec = HistorySpec(**json.loads((directory / "spec.json").read_text()))
+    bundles = directory / "bundles"
+    visits = sorted(p for p in bundles.iterdir() if (p / "visit.json").is_file())
+    if len(visits) != 1:
+        raise SystemExit(f"--case-dir: {bundles} must hold one visit, found {len(visits)}")
+    visit = int(json.loads((visits[0] / "visit.json").read_text())["visit"])
+    upgrade = migrate(template_url(directory, backend, spec.key()))
+    if upgrade.steps:
+        log(upgrade.describe())
+    stats = json.loads((directory / "history-stats.json").read_text())
+    return Prepared(spec, directory, str(bundles), visit, stats)
 
 
 def _pg_available() -> bool:

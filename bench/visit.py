@@ -46,6 +46,7 @@ import numpy as np
 from bench.history import (
     HistorySpec,
     Prepared,
+    adopt,
     alert_depths,
     drop_copy,
     fresh_apdb,
@@ -230,6 +231,11 @@ def parser(prog: str = "python -m bench visit") -> argparse.ArgumentParser:
         "--no-warmup", dest="warmup", action="store_false", help="skip the untimed first run"
     )
     p.add_argument("--cache-root", type=Path, default=Path(".bench-cache"))
+    p.add_argument(
+        "--case-dir",
+        type=Path,
+        help="time the case built in this directory as it is (bench.history.adopt; SQLite)",
+    )
     p.add_argument("--profile", type=Path, help="write a pyinstrument HTML profile of plain run")
     return p
 
@@ -528,7 +534,12 @@ def run_case(args, *, log=print) -> dict:
     Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
     spec = HistorySpec(seed=args.seed, prior_visits=args.prior_visits, n_detectors=args.detectors)
     t0 = time.perf_counter()
-    prepared = prepare(spec, args.apdb, cache_root=args.cache_root, rebuild=args.rebuild, log=log)
+    if args.case_dir is not None:
+        prepared = adopt(args.case_dir, args.apdb, log=log)
+    else:
+        prepared = prepare(
+            spec, args.apdb, cache_root=args.cache_root, rebuild=args.rebuild, log=log
+        )
     log(f"case ready in {time.perf_counter() - t0:.1f} s: {prepared.directory}")
     _return_build_memory()
     warm_files(prepared.bundle_root)

@@ -156,3 +156,41 @@ def test_bulk_load_reads_back_like_store(small_frames, tmp_path):
         )
     finally:
         apdb.close()
+
+
+def _old_case(tmp_path, visits=(120,)):
+    """A case folder as an older ``bench history`` left it: bundles named by visit index,
+    a layout-1.0.0 SQLite template (the migration fixture of tests/apdb/data)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    case = tmp_path / "case"
+    for visit in visits:
+        (case / "bundles" / str(visit)).mkdir(parents=True)
+        (case / "bundles" / str(visit) / "visit.json").write_text(json.dumps({"visit": visit}))
+    (case / "spec.json").write_text(json.dumps({"seed": 1, "prior_visits": 120}))
+    (case / "history-stats.json").write_text(json.dumps({"rows": {"DiaObject": 3}}))
+    fixture = Path(__file__).resolve().parents[1] / "apdb" / "data" / "layout-1.0.0.sqlite3"
+    shutil.copyfile(fixture, case / "apdb-template.sqlite3")
+    return case
+
+
+def test_adopt_times_an_older_case_as_it_is_after_upgrading_its_template(tmp_path):
+    from apdb import make_apdb
+    from apdb.sql import IMPLEMENTATION_VERSION
+    from bench.history import adopt
+
+    case = _old_case(tmp_path)
+    lines: list[str] = []
+    prepared = adopt(case, "sqlite", log=lines.append)
+    assert prepared.visit == 120 and prepared.bundle_root == str(case / "bundles")
+    assert prepared.spec == HistorySpec(seed=1, prior_visits=120)
+    assert lines, "the upgrade plan is logged"
+    with make_apdb(str(case / "apdb-template.sqlite3")) as db:
+        assert db.metadata["version:ApdbSql"] == IMPLEMENTATION_VERSION
+
+    with pytest.raises(SystemExit, match="must hold one visit, found 2"):
+        adopt(_old_case(tmp_path / "two", visits=(119, 120)), "sqlite")
+    with pytest.raises(SystemExit, match="only an SQLite template"):
+        adopt(case, "postgresql")

@@ -619,11 +619,7 @@ def prepare(
         marker.write_text(f"{seconds:.1f}\n")
         log(f"  {seconds:.1f} s")
     else:
-        from apdb.migrate import migrate
-
-        upgrade = migrate(url)  # a template of an older layout: upgraded in place
-        if upgrade.steps:
-            log(upgrade.describe())
+        _upgrade_template(url, log)  # a template of an older layout
     stats = {**stats, f"load_{backend}_s": float(marker.read_text())}
     stats["frames_s"] = float((frames_dir / "done").read_text())
     stats["bundle_s"] = float(done.read_text())
@@ -639,8 +635,6 @@ def adopt(directory: Path, backend: str, *, log=print) -> Prepared:
     the bundle's own (an older simulator named its folder by visit index).
     SQLite only: a PostgreSQL template's name depends on the spec's build key.
     """
-    from apdb.migrate import migrate
-
     if backend != "sqlite":
         raise SystemExit("--case-dir: only an SQLite template can be adopted")
     directory = Path(directory).resolve()
@@ -650,11 +644,18 @@ def adopt(directory: Path, backend: str, *, log=print) -> Prepared:
     if len(visits) != 1:
         raise SystemExit(f"--case-dir: {bundles} must hold one visit, found {len(visits)}")
     visit = int(json.loads((visits[0] / "visit.json").read_text())["visit"])
-    upgrade = migrate(template_url(directory, backend, spec.key()))
-    if upgrade.steps:
-        log(upgrade.describe())
+    _upgrade_template(template_url(directory, backend, spec.key()), log)
     stats = json.loads((directory / "history-stats.json").read_text())
     return Prepared(spec, directory, str(bundles), visit, stats)
+
+
+def _upgrade_template(url: str, log) -> None:
+    """Upgrade the APDB template at ``url`` in place to the current layout, logging the plan."""
+    from apdb.migrate import migrate
+
+    upgrade = migrate(url)
+    if upgrade.steps:
+        log(upgrade.describe())
 
 
 def _pg_available() -> bool:

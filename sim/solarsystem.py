@@ -19,9 +19,14 @@ apparent (astrometric) direction is corrected for light time.
 Most bodies are *known*: :meth:`SolarSystem.ephemerides` gives, per visit,
 what an upstream prediction service (Rubin: MPSky) returns for the bodies in
 the field: predicted RA/Dec computed from the *published* orbit — the true
-orbit with its mean anomaly, inclination and node perturbed by the orbit's
+orbit with its mean anomaly perturbed (an along-track error) and its plane
+tilted (inclination and node perturbed, the argument of perihelion taking back
+the node's turn along the orbit: a cross-track error) by the orbit's
 uncertainty, so the prediction misses the true position by a realistic
-along-track (larger) and cross-track (smaller) offset — its 1σ uncertainty,
+along-track (larger) and cross-track (smaller) offset — its 1σ uncertainty
+(per axis, the RMS of the two: the mean-anomaly error times the along-track
+arm ``v/n``, the tilt times ``r``, over the distance Δ; the offsets drawn
+follow it, ``tests/sim/test_solarsystem.py``),
 the apparent rates, the geometry columns of the alert schema's ``ssSource``
 and the published orbit in the columns of ``mpc_orbits``. The other bodies
 are *unknown*: no ephemeris, they stay ordinary transients for association.
@@ -458,16 +463,23 @@ class SolarSystem:
         k = np.where(self.near_earth, 1, 0)
         s_al = np.asarray(cfg.sigma_along_arcsec)[k] * np.exp(rng.normal(0, 0.5, n))
         s_cr = np.asarray(cfg.sigma_cross_arcsec)[k] * np.exp(rng.normal(0, 0.5, n))
-        scale = np.radians(1 / 3600.0) * geo["topoRange"] / geo["helioRange"]
+        # a mean-anomaly error dM moves the body dM·|dr/dM| = dM·v/n along its orbit (r on a
+        # circle, up to ~2r near an eccentric perihelion); a plane tilt moves it r·di across
+        arm = _along_arm(self.orbits.a, geo["helioRange"])
+        scale = np.radians(1 / 3600.0) * geo["topoRange"]
         self.sigma_along, self.sigma_cross = s_al, s_cr
-        self.sigma_mean_anomaly = s_al * scale
-        self.sigma_plane = s_cr * scale
+        self.sigma_mean_anomaly = s_al * scale / arm
+        self.sigma_plane = s_cr * scale / geo["helioRange"]
         dm = rng.normal(0, 1, n) * self.sigma_mean_anomaly
         di = rng.normal(0, 1, n) * self.sigma_plane
         dnode = rng.normal(0, 1, n) * self.sigma_plane / np.maximum(np.sin(self.orbits.i), 0.05)
         o = self.orbits
+        # a node shift at fixed argument of perihelion also turns the body along its orbit by
+        # dnode·cos i (at low inclination, all of dnode); taking that back from the argument
+        # of perihelion leaves (di, dnode) a tilt of the plane, the cross-track error quoted
+        dargperi = -np.cos(o.i) * dnode
         self.published = Orbits(
-            o.a, o.e, o.i + di, o.node + dnode, o.argperi, o.mean_anomaly + dm, o.epoch
+            o.a, o.e, o.i + di, o.node + dnode, o.argperi + dargperi, o.mean_anomaly + dm, o.epoch
         )
         self.designation = np.empty(n, dtype=object)
         for j in range(n):
@@ -527,9 +539,12 @@ class SolarSystem:
         )
         rows = known[sel]
         g = {k: v[sel] for k, v in geo.items()}
-        # the orbit's 1σ, seen from here: element errors scale with r/Δ on the sky
-        grow = (g["helioRange"] / g["topoRange"]) / (1 / 3600.0 * np.pi / 180.0)
-        err_al, err_cr = self.sigma_mean_anomaly[rows] * grow, self.sigma_plane[rows] * grow
+        # the orbit's 1σ, seen from here: the along-track arm v/n and the cross-track arm r,
+        # over the distance Δ (an upper bound: the part of the motion along the line of sight
+        # does not show on the sky)
+        to_arcsec = 1 / g["topoRange"] / (1 / 3600.0 * np.pi / 180.0)
+        err_al = self.sigma_mean_anomaly[rows] * _along_arm(pub.a[sel], g["helioRange"]) * to_arcsec
+        err_cr = self.sigma_plane[rows] * g["helioRange"] * to_arcsec
         err = np.hypot(err_al, err_cr) / np.sqrt(2)
         cols = {
             "ssObjectId": self.ss_object_id[rows],
@@ -579,6 +594,16 @@ class SolarSystem:
             "i_unc": np.degrees(self.sigma_plane[rows]),
             "node_unc": np.degrees(self.sigma_plane[rows]),
         }
+
+
+def _along_arm(a, r) -> np.ndarray:
+    """``|dr/dM| = v/n`` (AU per radian of mean anomaly) at distance ``r`` on an orbit of ``a``.
+
+    From the vis-viva speed ``v² = GM(2/r − 1/a)`` and the mean motion
+    ``n² = GM/a³``: ``a^{3/2}·sqrt(2/r − 1/a)``, which is ``r`` on a circle.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    return a**1.5 * np.sqrt(np.maximum(2.0 / np.asarray(r, dtype=np.float64) - 1.0 / a, 0.0))
 
 
 def _separation(ra, dec, ra0, dec0) -> np.ndarray:

@@ -62,7 +62,7 @@ from tasks.summarise import SummaryConfig, summarise
 __all__ = ["HistorySpec", "Prepared", "adopt", "fresh_apdb", "prepare"]
 
 #: Bump when the build changes what it writes (invalidates every cache).
-BUILD_VERSION = 2
+BUILD_VERSION = 3
 PG_SERVER = "postgresql://postgres@127.0.0.1:5432"
 _FLAG_COLUMNS = (
     "isDipole",

@@ -156,6 +156,14 @@ class SurveyConfig(BaseModel, frozen=True, extra="forbid"):
         "astrometric calibration, template registration and PSF-model residuals. Drawn "
         "independently per detection and included in the quoted xErr/yErr.",
     )
+    peak_merge_sigma: float = Field(
+        2.0,
+        ge=0,
+        description="Detections whose fitted centroids end closer than this many PSF σ are one "
+        "peak and make one DiaSource, attributed to the true source contributing most flux (a "
+        "blend): the sum of two equal Gaussian profiles has a single maximum below a "
+        "separation of 2σ, and an unequal pair below a larger one. 0 keeps every fit.",
+    )
     dcr_arcsec_per_mag: tuple[float, float, float, float, float, float] = Field(
         (0.30, 0.15, 0.05, 0.02, 0.01, 0.01),
         description="Chromatic (differential-refraction-like) centroid offset per band u g r i "

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from astropy.io import fits
 from astropy.wcs import WCS
+from scipy.spatial import cKDTree
 from scipy.special import ndtr
 
 from core.bundle import MASK_PLANES, VisitInfo, detector_path, visit_path
@@ -756,11 +757,13 @@ class Survey:
         y = np.where(failed, np.round(cand["y"]), y)
         xerr = np.where(failed, 0.5, xerr)
         yerr = np.where(failed, 0.5, yerr)
+        fit_x, fit_y = x, y
         x, y, xerr, yerr = self._astrometric_floor(sc, x, y, xerr, yerr)
         f, fe, edge = psf_photometry(d["image"], d["variance"], psf, x, y)
         with np.errstate(invalid="ignore", divide="ignore"):
             snr = np.abs(f) / fe
         keep = np.isfinite(snr) & (snr >= cfg.detection_threshold)
+        keep &= ~self._blended(cand, fit_x, fit_y, keep, psf.sigma)
         s = images["science"]
         t = images["template"]
         sf, sfe, sedge = psf_photometry(s["image"], s["variance"], psf, x, y)
@@ -788,6 +791,41 @@ class Survey:
             **self._flags(d["mask"], x, y, psf.fwhm),
         }
         return self._finish(sc, cand, meas, keep, frames=frames)
+
+    def _blended(self, cand: dict, x, y, detected, psf_sigma: float) -> np.ndarray:
+        """Detections that share a brighter detection's peak (``peak_merge_sigma``).
+
+        One peak makes one DiaSource, as a detection step that finds peaks
+        does: of the detections whose fitted centroids lie within
+        ``peak_merge_sigma`` PSF σ of each other, the one whose true source contributes
+        most flux is kept (its measurement already holds the others' flux,
+        rendered in the same pixels) and the rest are marked, so they leave
+        the catalogue and their objects count as undetected in that visit.
+        Returns a boolean mask over the candidates.
+        """
+        out = np.zeros(np.size(x), dtype=bool)
+        r = self.config.peak_merge_sigma * psf_sigma
+        idx = np.flatnonzero(detected)
+        if r == 0 or idx.size < 2:
+            return out
+        pairs = cKDTree(np.column_stack([x[idx], y[idx]])).query_pairs(r, output_type="ndarray")
+        if not len(pairs):
+            return out
+        dip = cand["kind"] == "bogus_dipole"
+        # a dipole's detected lobe carries the misregistered star's flux, not a difference
+        weight = np.abs(np.where(dip, cand["sci"], cand["diff"]))[idx]
+        # strongest first: each detection absorbs the weaker ones on its peak
+        rank = np.empty(idx.size, dtype=np.int64)
+        rank[np.argsort(-weight, kind="stable")] = np.arange(idx.size)
+        lo, hi = np.sort(rank[pairs], axis=1).T
+        order = np.argsort(lo, kind="stable")
+        by_rank = np.argsort(rank)
+        gone = np.zeros(idx.size, dtype=bool)
+        for a, b in zip(lo[order], hi[order], strict=True):
+            if not gone[by_rank[a]]:
+                gone[by_rank[b]] = True
+        out[idx[gone]] = True
+        return out
 
     def _astrometric_floor(self, sc: Scene, x, y, xerr, yerr):
         """Add the systematic centroid scatter (``astrometric_floor_arcsec``) and quote it.

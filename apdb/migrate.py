@@ -113,13 +113,46 @@ def _layout_2_1_0(dialect: str) -> list[str]:
     d = _dialect(dialect)
     statements = []
     for table, old in _REPLACED_2_1_0.items():
-        index = apdb_sql.build_metadata(dialect).tables[table].indexes
-        (new,) = (ix for ix in index if ix.name == apdb_sql.COVERING_INDEXES[table][0])
+        # the index of layout 2.1.0, bound to a stand-in table of the columns it names
+        # (a later layout may declare the table differently)
+        new = apdb_sql.covering_index(table, dialect)
+        names = [str(c) for c in new.expressions] + list(
+            new.dialect_options["postgresql"]["include"] or ()
+        )
+        sa.Table(table, sa.MetaData(), *(sa.Column(n, sa.Text) for n in names), new)
         statements.append(str(CreateIndex(new).compile(dialect=d)).strip())
         statements.append(f'DROP INDEX "{old}"')
     if dialect == "sqlite":
         statements.append("ANALYZE")
     return statements
+
+
+def _layout_2_2_0(dialect: str) -> list[str]:
+    """SQLite: DiaForcedSource rebuilt keyed (diaObjectId, midpointMjdTai, visit, detector).
+
+    The rows are copied in key order into a new ``WITHOUT ROWID`` table, the
+    old table (and its covering index) dropped, the new one renamed and its
+    indexes made. PostgreSQL keeps its layout (a heap and an ``INCLUDE``
+    index: the index-only scan already reads one object's rows together).
+    """
+    if dialect != "sqlite":
+        return []
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    d = _dialect(dialect)
+    temp = "DiaForcedSource_2_2_0"
+    copy = apdb_sql.forced_source_table(sa.MetaData(), dialect, name=temp)
+    table = apdb_sql.forced_source_table(sa.MetaData(), dialect)
+    cols = ", ".join(f'"{c.name}"' for c in table.columns)
+    key = ", ".join(f'"{c}"' for c in apdb_sql.SQLITE_FORCED_KEY)
+    return [
+        str(CreateTable(copy).compile(dialect=d)).strip(),
+        f'INSERT INTO "{temp}" ({cols}) SELECT {cols} FROM "DiaForcedSource" ORDER BY {key}',
+        'DROP TABLE "DiaForcedSource"',
+        f'ALTER TABLE "{temp}" RENAME TO "DiaForcedSource"',
+        *(str(CreateIndex(ix).compile(dialect=d)).strip() for ix in sorted(table.indexes, key=str)),
+        "ANALYZE",
+    ]
 
 
 #: Every upgrade, oldest first.
@@ -145,6 +178,16 @@ STEPS: tuple[Step, ...] = (
         tuple(name for name, _ in apdb_sql.COVERING_INDEXES.values()),
         _layout_2_1_0,
         vacuum=(apdb_sql.LAST_TABLE, "DiaSource", "DiaForcedSource"),
+    ),
+    Step(
+        "2.1.0",
+        "2.2.0",
+        "SQLite: DiaForcedSource keyed (diaObjectId, midpointMjdTai, visit, detector) "
+        "in a WITHOUT ROWID table, so the history read seeks in the table itself and "
+        "its covering index (a second copy of every row) is dropped; a small unique "
+        "index keeps the SDM key (diaObjectId, visit, detector). PostgreSQL: unchanged",
+        (apdb_sql.SQLITE_FORCED_SDM_KEY,),
+        _layout_2_2_0,
     ),
 )
 

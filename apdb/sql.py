@@ -127,7 +127,7 @@ __all__ = ["IMPLEMENTATION_VERSION", "ApdbSql"]
 _LOG = logging.getLogger(__name__)
 
 #: Version of this table layout; a different major version cannot be opened.
-IMPLEMENTATION_VERSION = "2.1.0"
+IMPLEMENTATION_VERSION = "2.2.0"
 
 MARKER_TABLE = "ApdbVisitDetector"
 LAST_TABLE = "DiaObjectLast"
@@ -215,6 +215,50 @@ COVERING_INDEXES = {
 }
 
 
+#: SQLite stores DiaForcedSource as a ``WITHOUT ROWID`` table whose key is the
+#: history read's (diaObjectId, midpointMjdTai), then the SDM key: one object's
+#: rows are contiguous and in time order in the table itself, so the read
+#: seeks to each object's window start in the table and the payload is stored
+#: once (a covering index would be a second copy of every row). A small unique
+#: index keeps the SDM primary key (diaObjectId, visit, detector) enforced.
+SQLITE_FORCED_KEY = ("diaObjectId", "midpointMjdTai", "visit", "detector")
+SQLITE_FORCED_SDM_KEY = "IDX_DiaForcedSource_sdmKey"
+
+
+def read_index(table: str, dialect: str) -> str | None:
+    """The covering index a packed read of ``table`` scans; None: the table's own key."""
+    if table == "DiaForcedSource" and dialect == "sqlite":
+        return None
+    return COVERING_INDEXES[table][0]
+
+
+def forced_source_table(md: sa.MetaData, dialect: str, name: str = "DiaForcedSource") -> sa.Table:
+    """The ``DiaForcedSource`` table for ``dialect`` (:data:`SQLITE_FORCED_KEY` on SQLite).
+
+    ``name`` other than the default is for a migration's copy of the table
+    (its indexes keep their names: they are created after the rename).
+    """
+    if dialect == "sqlite":
+        keys: tuple = (
+            sa.PrimaryKeyConstraint(*SQLITE_FORCED_KEY),
+            sa.Index(SQLITE_FORCED_SDM_KEY, *sdm.primary_key("DiaForcedSource"), unique=True),
+        )
+    else:
+        keys = (
+            sa.PrimaryKeyConstraint(*sdm.primary_key("DiaForcedSource")),
+            covering_index("DiaForcedSource", dialect),
+        )
+    return sa.Table(
+        name,
+        md,
+        *_sdm_columns("DiaForcedSource"),
+        sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
+        *keys,
+        sa.Index("IDX_DiaForcedSource_visitDetector", "visit", "detector"),
+        sqlite_with_rowid=False,
+    )
+
+
 def covering_index(table: str, dialect: str) -> sa.Index:
     """The covering index of a packed table (:data:`COVERING_INDEXES`) for ``dialect``.
 
@@ -264,16 +308,7 @@ def build_metadata(dialect: str = "sqlite") -> sa.MetaData:
         sa.Index("IDX_DiaSource_visitDetector", "visit", "detector"),
         covering_index("DiaSource", dialect),
     )
-    sa.Table(
-        "DiaForcedSource",
-        md,
-        *_sdm_columns("DiaForcedSource"),
-        sa.Column(PAYLOAD_COLUMN, sa.LargeBinary, nullable=False),
-        sa.PrimaryKeyConstraint(*sdm.primary_key("DiaForcedSource")),
-        sa.Index("IDX_DiaForcedSource_visitDetector", "visit", "detector"),
-        covering_index("DiaForcedSource", dialect),
-        sqlite_with_rowid=False,
-    )
+    forced_source_table(md, dialect)
     sa.Table(
         "SSSource",
         md,

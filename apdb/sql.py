@@ -28,8 +28,9 @@ Layout
     index on ``pixelId``, decodes the payloads and then filters exactly.
 ``DiaSource``, ``DiaForcedSource``
     SDM columns plus ``payload``; primary keys ``diaSourceId`` and the SDM
-    ``(diaObjectId, visit, detector)`` (DiaForcedSource, stored in key order on
-    SQLite). The history read goes through a covering index on
+    ``(diaObjectId, visit, detector)`` (DiaForcedSource; on SQLite the table is
+    keyed :data:`SQLITE_FORCED_KEY` instead and read by that key, the SDM key
+    kept by a unique index). The history read goes through a covering index on
     ``(diaObjectId, midpointMjdTai)`` that also holds the string columns and the
     payload: it seeks to the window start of each object and reads that
     object's rows one after another from the index, never the table, whose

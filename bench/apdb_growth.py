@@ -30,9 +30,14 @@ For each of the 9 core footprints the benchmark times what a detector does:
 load its DiaObjects (``get_objects`` on the footprint), their DiaSources and
 DiaForcedSources since ``history_start`` (the pipeline's three loads), then a
 store of 50 new DiaSources (half on loaded objects), their DiaObjects and 50
-forced sources as a new (visit, detector). ``ANALYZE`` runs after the build.
-``--passes`` passes go over the 9 footprints; the first warms the caches and is
-not counted; the figure is the median over the remaining passes and footprints.
+forced sources as a new (visit, detector).
+After the build, :meth:`ApdbSql.optimize` settles the database as a database in
+service is (planner statistics; on SQLite the build's write-ahead log folded in
+and truncated, on PostgreSQL ``VACUUM (ANALYZE)``). Each case is built and
+measured in a process of its own, so that one case's build (its heap, its
+connections) cannot slow the next case's reads. ``--passes`` passes go over the
+9 footprints; the first warms the caches and is not counted; the figure is the
+median over the remaining passes and footprints.
 
 Headline per backend: ``growth_time_4x`` and ``growth_sky_16x`` = median
 (load + store) wall time at 4x-time / 16x-sky over the time at 1x; the
@@ -43,14 +48,15 @@ busy machine disturbs less (on PostgreSQL they leave out the server's work).
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import statistics
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import sqlalchemy as sa
 
 from apdb import sdm
 from apdb.config import ApdbConfig
@@ -189,15 +195,6 @@ def build(db: ApdbSql, case: str, n_per_cell: int, seed: int) -> dict:
     }
 
 
-def _analyze(url: str) -> None:
-    engine = sa.create_engine(url)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("ANALYZE")
-    finally:
-        engine.dispose()
-
-
 def _new_rows(loaded: pd.DataFrame, cell: tuple[int, int], rep: int, seed: int) -> dict:
     """One detector's store: N_NEW sources, half on loaded objects, their objects and forced."""
     rng = np.random.default_rng([seed, *cell, 2, rep])
@@ -278,7 +275,7 @@ def run(backend: str, case: str, tmp: Path, n_per_cell: int, passes: int, seed: 
         db = ApdbSql.create(ApdbConfig(url=url), drop=True)
         try:
             built = build(db, case, n_per_cell, seed)
-            _analyze(url)
+            db.optimize()
             figures = measure(db, passes, seed)
         finally:
             db.close()
@@ -306,12 +303,20 @@ def main(argv: list[str]) -> dict:
             print(f"PostgreSQL skipped: {why}")
 
     results = []
+    spawn = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="bench-growth-") as tmpdir:
         for backend in backends:
             for case in CASES:
-                r = run(
-                    backend, case, Path(tmpdir), args.objects_per_detector, args.passes, args.seed
-                )
+                with ProcessPoolExecutor(1, mp_context=spawn) as one:
+                    r = one.submit(
+                        run,
+                        backend,
+                        case,
+                        Path(tmpdir),
+                        args.objects_per_detector,
+                        args.passes,
+                        args.seed,
+                    ).result()
                 results.append(r)
                 print(
                     f"  {backend:10s} {case:8s} rows {r['sources']:>9,d} src {r['forced']:>9,d} frc  "

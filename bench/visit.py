@@ -10,7 +10,9 @@ Timed, from the bundle on disk to the alerts on disk and the APDB committed:
 1. the Prefect flow (:func:`flows.visit.run_visit`, task runner from
    ``--runner``), after a warm-up flow so that the ephemeral API server's
    start-up is not counted;
-2. the same stages without Prefect (:func:`flows.visit.run_visit_plain`).
+2. the same stages without Prefect (:func:`flows.visit.run_visit_plain`);
+3. with ``--dask-plain`` (and ``--runner dask``), the plain runner's groups on a
+   standing Dask cluster: Dask without Prefect, to tell the two apart.
 
 Each run starts from its own copy of the built APDB (SQLite file copy,
 PostgreSQL ``CREATE DATABASE ... TEMPLATE``), so both see the same state.
@@ -224,6 +226,12 @@ def parser(prog: str = "python -m bench visit") -> argparse.ArgumentParser:
     p.add_argument("--cache", action="store_true", help="Prefect result caching on (default off)")
     p.add_argument("--no-plain", action="store_true", help="skip the run without Prefect")
     p.add_argument("--no-prefect", action="store_true", help="skip the Prefect run")
+    p.add_argument(
+        "--dask-plain",
+        action="store_true",
+        help="with --runner dask: also time the plain runner's groups on a standing Dask "
+        "cluster (mode 'dask-plain': Dask without Prefect)",
+    )
     p.add_argument(
         "--rounds", type=int, default=2, help="timed runs of each mode, orders alternating"
     )
@@ -466,6 +474,18 @@ def _one_run(prepared: Prepared, args, mode: str, runner: str, log) -> dict:
     its plain baseline a two-process pool. Neither exists during the other mode's
     run, so each run's memory and CPU are its own.
     """
+    if mode == "dask-plain":
+        from distributed import Client
+
+        cluster, _ = start_cluster()
+        try:
+            with Client(cluster) as client:
+                row = timed_run(prepared, args.apdb, args, "plain", executor=client.get_executor())
+        finally:
+            cluster.close()
+            _reap_workers()
+        row["mode"] = mode
+        return row
     if mode == "prefect":
         cluster = None
         run_args = args
@@ -551,6 +571,10 @@ def run_case(args, *, log=print) -> dict:
     }
     modes = [m for m, skip in (("prefect", args.no_prefect), ("plain", args.no_plain)) if not skip]
     runner = "dask" if args.runner == "dask" else args.runner
+    if args.dask_plain:
+        if runner != "dask":
+            raise SystemExit("--dask-plain needs --runner dask")
+        modes.append("dask-plain")
     if "prefect" in modes:
         out["prefect_warmup_s"] = warm_prefect()
     if args.warmup and modes:
@@ -627,12 +651,12 @@ def print_report(out: dict) -> None:
         )
     print()
     print(
-        f"{'mode':8} {'wall s':>8} {'alerts':>7} {'alerts/s':>9} {'peak GiB':>9} "
+        f"{'mode':10} {'wall s':>8} {'alerts':>7} {'alerts/s':>9} {'peak GiB':>9} "
         f"{'APDB dets':>9} {'failed':>6} {'CPU s':>7} {'load':>5}"
     )
     for mode, r in runs.items():
         print(
-            f"{mode:8} {r['wall_s']:8.2f} {r['alerts']:7d} {r['alerts_per_s']:9.0f} "
+            f"{mode:10} {r['wall_s']:8.2f} {r['alerts']:7d} {r['alerts_per_s']:9.0f} "
             f"{r['peak_rss_gib']:9.2f} {r['apdb_detectors_committed']:9d} {r['detectors_failed']:6d} "
             f"{r['cpu_s']:7.1f} {r['load_avg_1min']:5.1f}"
         )

@@ -494,7 +494,12 @@ class _Packing:
             elif dtype == "bool":
                 data[name] = rec[name].astype(bool)
             else:
-                data[name] = rec[name].astype(dtype)
+                # the field's strided view of ``buf`` when it has the column's dtype
+                # (little-endian machines): the DataFrame copies every column into its
+                # blocks (a dict's arrays are always copied), so a cast here would copy
+                # the values twice
+                view = rec[name]
+                data[name] = view if view.dtype == dtype else view.astype(dtype)
         return pd.DataFrame(data)
 
 

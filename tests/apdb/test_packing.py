@@ -55,3 +55,24 @@ def test_unpack_gives_the_input_conformed(table, n):
     got = packing.unpack(buf, n, text)
     pd.testing.assert_frame_equal(got, sdm.conform(frame, table), check_exact=True)
     assert list(got.columns) == list(sdm.dtypes(table))
+
+
+@pytest.mark.parametrize("table", ["DiaObject", "DiaSource", "DiaForcedSource"])
+def test_unpacked_frames_own_their_values(table):
+    """A loaded frame is the stages' to modify: no column is a read-only view of the payload."""
+    frame = _frames(20)[table]
+    packing = _Packing(table)
+    cols = _Columns(frame, table)
+    buf = b"".join(packing.pack(cols.arrays, cols.n))
+    text = {name: list(cols.arrays[name]) for name in packing.text}
+    got = packing.unpack(buf, 20, text)
+    raw = np.frombuffer(buf, dtype=np.uint8)
+    for name in got.columns:
+        values = got[name].to_numpy()
+        if values.dtype == object:
+            continue
+        assert not np.shares_memory(values, raw), name
+    numeric = [c for c in got.columns if got[c].dtype.kind == "f"]
+    got.loc[0, numeric[0]] = -1.0  # writable, and the buffer unchanged
+    again = packing.unpack(buf, 20, text)
+    assert again.loc[0, numeric[0]] != -1.0

@@ -258,12 +258,24 @@ def load_detector(root: str, visit: VisitInfo, detector: int, config: PipelineCo
     t = visit.midpointMjdTai
     return Loaded(
         objects=objects,
-        sources=sources[sources["midpointMjdTai"].to_numpy() < t].reset_index(drop=True),
-        forced=forced[forced["midpointMjdTai"].to_numpy() < t].reset_index(drop=True),
+        sources=_before(sources, t),
+        forced=_before(forced, t),
         n_in_region=n_region,
         n_outside_bbox=int(n_region - keep.sum()),
         guard=guard,
     )
+
+
+def _before(history: pd.DataFrame, t: float) -> pd.DataFrame:
+    """The rows of ``history`` with ``midpointMjdTai < t``; the frame itself when that is all.
+
+    A load's history ends before its visit, so the copy of a ~100-column frame that
+    a selection makes is only paid when a row is dropped.
+    """
+    keep = history["midpointMjdTai"].to_numpy() < t
+    if keep.all():
+        return history
+    return history[keep].reset_index(drop=True)
 
 
 def _refuse_later_visits(

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import importlib.util
 import io
+import threading
 
 import numpy as np
 
 from core.extras import import_extra
 from flows.stages import STAGES
 
-__all__ = ["FILTER_COUNTS", "filter_totals", "png_data_uri", "visit_figure_png"]
+__all__ = [
+    "FILTER_COUNTS",
+    "filter_totals",
+    "import_picture_modules",
+    "png_data_uri",
+    "visit_figure_png",
+]
 
 #: Per-detector result columns that count the sources each filter took out of the
 #: alert stream, and the visit total's name for each (docs/solar-system.md).
@@ -35,6 +44,31 @@ def filter_totals(rows: list[dict]) -> dict[str, int]:
     return {
         name: int(sum(int(r.get(col, 0) or 0) for r in rows)) for col, name in FILTER_COUNTS.items()
     }
+
+
+def _import_matplotlib() -> None:
+    with contextlib.suppress(Exception):  # the picture's own import reports any failure
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.backends.backend_agg
+        import matplotlib.collections
+        import matplotlib.figure
+
+
+def import_picture_modules() -> threading.Thread | None:
+    """Import matplotlib in a background thread; None when it is not installed.
+
+    The flow starts this while the detectors run, so that the picture drawn
+    after them does not wait for the import (~0.4 s in a fresh process, which
+    every deployment run is). An import the picture then makes waits for this
+    one to finish (Python's per-module import lock).
+    """
+    if importlib.util.find_spec("matplotlib") is None:
+        return None
+    thread = threading.Thread(target=_import_matplotlib, name="picture-import", daemon=True)
+    thread.start()
+    return thread
 
 
 def visit_figure_png(result: dict) -> bytes:
@@ -79,7 +113,9 @@ def visit_figure_png(result: dict) -> bytes:
     ax2.set_xlabel("alerts per detector")
     ax2.set_ylabel("detectors")
     ax2.set_title(f"{result['alerts']} alerts")
-    fig.tight_layout()
+    # fixed margins for the fixed figure size: tight_layout measures every tick label
+    # first (~40 % of the figure's time)
+    fig.subplots_adjust(left=0.06, right=0.985, bottom=0.12, top=0.92, wspace=0.16)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()

@@ -35,7 +35,13 @@ from flows import detector as D
 from flows.config import OrchestrationConfig, PipelineConfig
 from flows.order import wait_for_earlier_visits
 from flows.produce import finished_detectors, record_visit
-from flows.report import FILTER_COUNTS, filter_totals, png_data_uri, visit_figure_png
+from flows.report import (
+    FILTER_COUNTS,
+    filter_totals,
+    import_picture_modules,
+    png_data_uri,
+    visit_figure_png,
+)
 from flows.stages import (
     STAGES,
     TABLES,
@@ -238,6 +244,8 @@ def process_visit(
     for i, (table, g) in enumerate(groups):
         with place(i):
             futures.append(group_task.submit(table, info.visit, g, ctx))
+    if futures:
+        import_picture_modules()  # for the picture drawn after the groups
     if show_progress and futures:
         _progress(futures, len(todo) + len(recover), [g for _, g in groups])
     wait(futures)

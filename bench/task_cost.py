@@ -26,9 +26,9 @@ import statistics
 import time
 from pathlib import Path
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
-os.environ.setdefault("PREFECT_HOME", str(Path(".bench-cache/prefect-home").resolve()))
+# bench.visit sets the Prefect environment of the benchmarks (no analytics, no log
+# shipping, a Prefect home of its own) before anything imports Prefect
+from bench.visit import PeakRss
 
 __all__ = ["main"]
 
@@ -57,17 +57,8 @@ def _group(n: int, nested: bool) -> tuple[float, float, float]:
 
 
 def _server_cpu() -> float:
-    import psutil
-
-    total = 0.0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if "uvicorn" in " ".join(child.cmdline()):
-                t = child.cpu_times()
-                total += t.user + t.system
-        except psutil.Error:
-            continue
-    return total
+    """CPU seconds so far of this process's Prefect API server."""
+    return PeakRss().cpu_by_process().get("Prefect API server", 0.0)
 
 
 def main(argv: list[str]) -> dict:
